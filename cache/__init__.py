@@ -1,0 +1,1 @@
+"""The HDF5 feature cache: format, writer, reader and fingerprints."""

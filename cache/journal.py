@@ -1,0 +1,77 @@
+"""Crash-safe progress for one extraction: one small file per finished batch.
+
+Layout beside the cache: ``CACHE.h5.parts/manifest.json`` (the fingerprint the parts belong to) and
+``part-<batch index>.npz`` (keys, features, skipped reasons). Each part is written under a
+temporary name and renamed, so after a SIGKILL every part present is whole; a re-run with the same
+fingerprint and the same batch keys reuses it instead of running the backbone again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Part:
+    keys: list[str]  # "relpath\0size\0mtime_ns[\0sha256]" of each image in the batch
+    features: np.ndarray  # (n_ok, D) float32, rows for keys whose reason is ""
+    reasons: list[str]  # "" for a usable image, else why it was skipped
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class Journal:
+    def __init__(self, cache_path: str | Path, fingerprint: str):
+        self.dir = Path(f"{cache_path}.parts")
+        self.fingerprint = fingerprint
+
+    def open(self) -> None:
+        """Start or continue a journal; parts made under another fingerprint are discarded."""
+        manifest = self.dir / MANIFEST
+        if self.dir.exists():
+            try:
+                same = json.loads(manifest.read_text())["fingerprint"] == self.fingerprint
+            except (OSError, ValueError, KeyError):
+                same = False
+            if not same:
+                shutil.rmtree(self.dir)
+        self.dir.mkdir(exist_ok=True)
+        if not manifest.exists():
+            _atomic_write(manifest, lambda fh: fh.write(json.dumps({"fingerprint": self.fingerprint}).encode()))
+
+    def _path(self, index: int) -> Path:
+        return self.dir / f"part-{index:08d}.npz"
+
+    def load(self, index: int, keys: list[str]) -> Part | None:
+        """The committed part for batch ``index`` if it holds exactly ``keys``, else None."""
+        path = self._path(index)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                part = Part([str(k) for k in z["keys"]], z["features"], [str(r) for r in z["reasons"]])
+        except (OSError, ValueError, KeyError):
+            return None
+        return part if part.keys == keys else None
+
+    def save(self, index: int, part: Part) -> None:
+        _atomic_write(self._path(index), lambda fh: np.savez(
+            fh, keys=np.array(part.keys, dtype=str), features=part.features.astype(np.float32),
+            reasons=np.array(part.reasons, dtype=str)))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,28 @@
+"""An exclusive, non-blocking lock per cache path, so two extracts never write one cache."""
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.errors import FeatcacheError
+
+
+@contextmanager
+def cache_lock(cache_path: str | Path):
+    """Hold ``CACHE.lock`` (flock) for the block. The kernel drops it if the process dies."""
+    lock_path = Path(f"{cache_path}.lock")
+    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FeatcacheError(
+                f"another featcache extract is writing {cache_path} (lock {lock_path} is held); wait for it to finish"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,193 @@
+"""The HDF5 cache file: schema, an atomic writer and a validating reader.
+
+Schema version 1 (one row per usable image, rows aligned across datasets):
+  /features       (N, D) float32|float16, chunked by rows
+  /labels         (N,)   int64, -1 = unlabeled
+  /paths          (N,)   UTF-8, relative to the image folder
+  /split          (N,)   UTF-8: train | val | test
+  /file_size      (N,)   int64 bytes   \
+  /file_mtime_ns  (N,)   int64         } what incremental extraction compares
+  /file_sha256    (N,)   UTF-8 hex, empty unless --verify-content
+  /skipped        (M,)   compound {path, reason}: files that could not be used
+  attrs: format, schema_version, complete, fingerprint, class_names, backbone, weights, layer,
+         pool, preprocess, image_policy, dtype, feature_dim, n_images, torch_version,
+         torchvision_version, created, config (JSON of ExtractConfig)
+A file is written under a temporary name and renamed into place only when complete, so the final
+path always holds either the previous complete cache or the new complete one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.errors import FeatcacheError
+
+FORMAT = "featcache"
+SCHEMA_VERSION = 1
+STR = h5py.string_dtype("utf-8")
+SKIPPED_DTYPE = np.dtype([("path", STR), ("reason", STR)])
+ROW_COLUMNS = ("labels", "paths", "split", "file_size", "file_mtime_ns", "file_sha256")
+CHUNK_BYTES = 1 << 20  # ~1 MiB row-aligned chunks: whole rows per read, fits h5py's default chunk cache
+
+
+def rows_per_chunk(feature_dim: int, itemsize: int, n_rows: int) -> int:
+    return max(1, min(max(n_rows, 1), CHUNK_BYTES // max(1, feature_dim * itemsize)))
+
+
+class CacheWriter:
+    """Write a complete cache to ``tmp_path`` and atomically rename it to ``final_path``."""
+
+    def __init__(self, final_path: str | Path, n_rows: int, feature_dim: int, dtype: str):
+        self.final_path = Path(final_path)
+        self.tmp_path = self.final_path.with_name(f"{self.final_path.name}.tmp-{os.getpid()}")
+        self.f = h5py.File(self.tmp_path, "w")
+        itemsize = np.dtype(dtype).itemsize
+        self.f.create_dataset(
+            "features", shape=(n_rows, feature_dim), dtype=dtype,
+            chunks=(rows_per_chunk(feature_dim, itemsize, n_rows), feature_dim) if n_rows else None,
+        )
+        for name, dt in (("labels", np.int64), ("paths", STR), ("split", STR), ("file_size", np.int64),
+                         ("file_mtime_ns", np.int64), ("file_sha256", STR)):
+            self.f.create_dataset(name, shape=(n_rows,), dtype=dt)
+        self.f.attrs["format"] = FORMAT
+        self.f.attrs["schema_version"] = SCHEMA_VERSION
+        self.f.attrs["complete"] = False
+
+    def write_features(self, rows: np.ndarray, features: np.ndarray) -> None:
+        """Write features (len(rows), D) at sorted row indices ``rows``."""
+        if len(rows) == 0:
+            return
+        rows = np.asarray(rows)
+        if np.all(np.diff(rows) == 1):  # contiguous: one slab write
+            self.f["features"][rows[0]: rows[-1] + 1] = features
+        else:
+            self.f["features"][rows] = features
+
+    def write_columns(self, columns: dict[str, list | np.ndarray]) -> None:
+        for name in ROW_COLUMNS:
+            self.f[name][...] = np.asarray(columns[name], dtype=object if self.f[name].dtype == STR else None)
+
+    def finish(self, attrs: dict, skipped: list[tuple[str, str]]) -> None:
+        self.f.create_dataset("skipped", data=np.array(skipped, dtype=SKIPPED_DTYPE), dtype=SKIPPED_DTYPE)
+        json_keys = [k for k, v in attrs.items() if not isinstance(v, (str, int, float, bool))]
+        for key, value in attrs.items():
+            # str() turns str subclasses (torch.__version__ is a TorchVersion) into plain strings
+            self.f.attrs[key] = json.dumps(value) if key in json_keys else (str(value) if isinstance(value, str) else value)
+        self.f.attrs["json_attrs"] = json.dumps(json_keys)
+        self.f.attrs["complete"] = True
+        self.f.flush()
+        self.f.close()
+        with open(self.tmp_path, "rb+") as fh:  # data on disk before the rename makes it visible
+            os.fsync(fh.fileno())
+        os.replace(self.tmp_path, self.final_path)
+
+    def abort(self) -> None:
+        try:
+            self.f.close()
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
+
+
+@dataclass
+class FeatureCache:
+    """A cache loaded into memory (features optional)."""
+
+    path: Path
+    attrs: dict
+    labels: np.ndarray
+    paths: list[str]
+    split: np.ndarray  # (N,) str
+    features: np.ndarray | None = None
+    file_size: np.ndarray | None = None
+    file_mtime_ns: np.ndarray | None = None
+    file_sha256: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.attrs["class_names"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.attrs["fingerprint"]
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.paths)
+
+
+def _decode_attrs(raw: h5py.AttributeManager) -> dict:
+    json_keys = set(json.loads(raw.get("json_attrs", "[]")))
+    out = {}
+    for key, value in raw.items():
+        if isinstance(value, bytes):
+            value = value.decode()
+        if isinstance(value, np.generic):
+            value = value.item()
+        out[key] = json.loads(value) if key in json_keys else value
+    out.pop("json_attrs", None)
+    return out
+
+
+def _strs(ds) -> list[str]:
+    return [s.decode() if isinstance(s, bytes) else s for s in ds[...]]
+
+
+def open_checked(path: str | Path) -> h5py.File:
+    """Open a cache for reading, with one-line errors for files that are not complete caches."""
+    path = Path(path)
+    if not path.exists():
+        raise FeatcacheError(f"cache not found: {path}")
+    if path.is_dir():
+        raise FeatcacheError(f"{path} is a folder, not a cache file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise FeatcacheError(f"{path} is not an HDF5 file (not a featcache cache)") from None
+    if f.attrs.get("format") != FORMAT:
+        f.close()
+        raise FeatcacheError(f"{path} is an HDF5 file but not a featcache cache")
+    version = int(f.attrs.get("schema_version", -1))
+    if version != SCHEMA_VERSION:
+        f.close()
+        raise FeatcacheError(f"{path} has cache schema {version}; this featcache reads schema {SCHEMA_VERSION}")
+    if not bool(f.attrs.get("complete", False)):
+        f.close()
+        raise FeatcacheError(f"{path} is an incomplete cache (an extract did not finish); re-run extract")
+    return f
+
+
+def read_cache(path: str | Path, features: bool = True) -> FeatureCache:
+    """Load a cache. Args: features=False skips the (large) feature matrix."""
+    with open_checked(path) as f:
+        skipped = [(s["path"].decode() if isinstance(s["path"], bytes) else s["path"],
+                    s["reason"].decode() if isinstance(s["reason"], bytes) else s["reason"])
+                   for s in f["skipped"][...]]
+        return FeatureCache(
+            path=Path(path),
+            attrs=_decode_attrs(f.attrs),
+            labels=f["labels"][...].astype(np.int64),
+            paths=_strs(f["paths"]),
+            split=np.array(_strs(f["split"]), dtype=object),
+            features=f["features"][...] if features else None,
+            file_size=f["file_size"][...],
+            file_mtime_ns=f["file_mtime_ns"][...],
+            file_sha256=_strs(f["file_sha256"]),
+            skipped=skipped,
+        )
+
+
+def feature_shape(path: str | Path) -> tuple[int, int]:
+    with open_checked(path) as f:
+        return tuple(f["features"].shape)
+
+
+def read_feature_rows(path: str | Path, rows: np.ndarray) -> np.ndarray:
+    """Features at sorted ``rows`` as float32 (used to reuse rows of an earlier cache)."""
+    with open_checked(path) as f:
+        return f["features"][np.asarray(rows)].astype(np.float32) if len(rows) else np.zeros((0, f["features"].shape[1]), np.float32)

@@ -1,0 +1,1 @@
+"""featcache pipeline: files -> images -> tensors -> features -> cache -> heads -> metrics."""

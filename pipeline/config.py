@@ -1,0 +1,46 @@
+"""One frozen dataclass per command: the CLI fills it, the pipeline reads it, the cache records it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    image_dir: str
+    output: str
+    backbone: str = "resnet18"
+    weights: str = "DEFAULT"  # DEFAULT | <enum name> | none | PATH to a state_dict
+    layer: str | None = None  # torchvision graph node; None = input of the classifier
+    pool: str | None = None  # avg | max | flatten; None = flatten for the default layer, avg otherwise
+    batch_size: int = 64
+    device: str = "auto"
+    workers: int | None = None  # None = sized to the cores this process may use
+    dtype: str = "float32"
+    seed: int = 0  # seeds random init for --weights none, so features are reproducible
+    overwrite: bool = False  # replace a cache built with a different configuration
+    verify_content: bool = False  # decide "changed" by sha256 of the bytes, not size + mtime
+    max_skipped: float = 0.5  # fail when more than this fraction of files is unusable
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """fit-head options. Tuple fields hold one value, or several to sweep (grid over all of them)."""
+
+    cache: str
+    output: str
+    head: str = "linear"  # linear | mlp
+    hidden: tuple[tuple[int, ...], ...] = ((512,),)  # architectures tried by mlp; () = linear
+    dropout: tuple[float, ...] = (0.5,)  # on hidden activations (mlp only)
+    weight_decay: tuple[float, ...] = (1e-4,)  # L2 on weight matrices, never on biases or norm params
+    l1: tuple[float, ...] = (0.0,)
+    batchnorm: bool = False
+    optimizer: tuple[str, ...] = ("adam",)  # adam | adamw | sgd
+    lr: tuple[float, ...] = (1e-3,)
+    momentum: tuple[float, ...] = (0.9,)  # sgd only
+    epochs: int = 100
+    batch_size: int = 256
+    patience: int = 10  # epochs without val-loss improvement; <= 0 disables early stopping
+    val_fraction: float = 0.2  # used only when the cache has no val split
+    standardize: bool = True
+    seed: int = 0
+    device: str = "auto"

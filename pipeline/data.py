@@ -1,0 +1,73 @@
+"""Cached features -> training tensors: splits, z-score standardisation, device placement.
+
+Features are read from HDF5 once into one tensor on the training device; every epoch of every
+head then indexes that tensor (no DataLoader over files).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from cache.store import FeatureCache
+from pipeline.errors import FeatcacheError
+
+
+@dataclass
+class Prepared:
+    X: torch.Tensor  # (N, D) float32, standardised with train statistics when asked
+    y: torch.Tensor  # (N,) int64, -1 = unlabeled
+    rows: dict[str, np.ndarray]  # train | val | test -> row indices into X
+    mean: np.ndarray | None  # (D,) float32, None without standardisation
+    scale: np.ndarray | None
+    class_names: list[str]
+    val_source: str  # "cache" (the folder's val/ split) | "held out N% of train" | "none"
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(self.rows[name], device=self.X.device)
+        return self.X[idx], self.y[idx]
+
+
+def make_splits(cache: FeatureCache, val_fraction: float, seed: int) -> tuple[dict[str, np.ndarray], str]:
+    """Use the cache's own val split when it has one, else a stratified, seeded hold-out of train."""
+    labeled = cache.labels >= 0
+    rows = {s: np.flatnonzero((cache.split == s) & labeled) for s in ("train", "val", "test")}
+    if len(rows["val"]):
+        return rows, "cache"
+    if val_fraction <= 0:
+        return rows, "none"
+    train = rows["train"]
+    counts = np.bincount(cache.labels[train])
+    stratify = cache.labels[train] if counts[counts > 0].min() >= 2 else None
+    n_val = int(round(val_fraction * len(train)))
+    if n_val < 1 or n_val >= len(train):
+        raise FeatcacheError(f"--val-fraction {val_fraction} leaves no training or no validation rows ({len(train)} labeled)")
+    if stratify is not None and n_val < len(np.unique(stratify)):
+        stratify = None  # too few validation rows to hold every class
+    tr, va = train_test_split(train, test_size=n_val, stratify=stratify, random_state=seed)
+    rows["train"], rows["val"] = np.sort(tr), np.sort(va)
+    return rows, f"held out {val_fraction:.0%} of train (stratified, seed {seed})" if stratify is not None else f"held out {val_fraction:.0%} of train (seed {seed})"
+
+
+def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bool, device: torch.device) -> Prepared:
+    if not 0.0 <= val_fraction < 1.0:
+        raise FeatcacheError("--val-fraction must be in [0, 1)")
+    rows, val_source = make_splits(cache, val_fraction, seed)
+    train_classes = np.unique(cache.labels[rows["train"]])
+    if len(train_classes) < 2:
+        raise FeatcacheError(
+            f"fit-head needs labeled training images of at least two classes; {cache.path} has "
+            f"{len(train_classes)} ({', '.join(cache.class_names) or 'no class folders'})"
+        )
+    X = cache.features.astype(np.float32, copy=False)
+    mean = scale = None
+    if standardize:
+        tr = X[rows["train"]].astype(np.float64)
+        mean = tr.mean(0).astype(np.float32)
+        scale = tr.std(0).astype(np.float32)
+        scale[scale < 1e-6] = 1.0  # constant features (dead ReLUs) stay at zero instead of exploding
+        X = (X - mean) / scale
+    return Prepared(torch.from_numpy(np.ascontiguousarray(X)).to(device), torch.from_numpy(cache.labels).to(device),
+                    rows, mean, scale, cache.class_names, val_source)

@@ -1,0 +1,57 @@
+"""head.pt: a plain state_dict plus JSON-serialisable metadata, loaded only with weights_only=True."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.errors import FeatcacheError
+from pipeline.heads import build_sequential
+
+HEAD_FORMAT = "featcache-head"
+HEAD_VERSION = 1
+
+
+def save_head(path: str | Path, head: nn.Sequential, metadata: dict) -> None:
+    """metadata must hold in_dim, n_classes, hidden, batchnorm, dropout, class_names, standardize."""
+    state = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+    torch.save({"format": HEAD_FORMAT, "version": HEAD_VERSION, "state_dict": state, "metadata": metadata}, path)
+
+
+def load_head(path: str | Path) -> tuple[nn.Sequential, dict]:
+    """Rebuild a saved head. Refuses anything that is not a featcache head (and never unpickles code)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "head.pt"
+    if not path.exists():
+        raise FeatcacheError(f"head file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FeatcacheError(f"refusing to load {path}: not a featcache head ({first})") from None
+    if not isinstance(obj, dict) or obj.get("format") != HEAD_FORMAT:
+        raise FeatcacheError(f"{path} is not a featcache head file")
+    meta = obj["metadata"]
+    head = build_sequential(meta["in_dim"], tuple(meta["hidden"]), meta["n_classes"], meta["batchnorm"], meta["dropout"])
+    try:
+        head.load_state_dict(obj["state_dict"])
+    except RuntimeError as e:
+        raise FeatcacheError(f"{path}: weights do not fit the recorded head shape ({str(e).splitlines()[0]})") from None
+    return head.eval(), meta
+
+
+class StandardizedHead(nn.Module):
+    """(x - mean) / scale followed by the head: raw cached features in, logits out."""
+
+    def __init__(self, head: nn.Module, mean: np.ndarray | None, scale: np.ndarray | None):
+        super().__init__()
+        d = head[0].in_features
+        self.register_buffer("mean", torch.as_tensor(mean if mean is not None else np.zeros(d), dtype=torch.float32))
+        self.register_buffer("scale", torch.as_tensor(scale if scale is not None else np.ones(d), dtype=torch.float32))
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((x - self.mean) / self.scale)

@@ -1,0 +1,84 @@
+"""Decide, per discovered image, whether to reuse a row of the existing cache or run the backbone.
+
+An image is identified by its relative path plus (size, mtime_ns), or plus its sha256 with
+``--verify-content`` (then the bytes decide, and a touched-but-identical file is reused).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.discover import Discovery, ImageRecord
+
+
+@dataclass(frozen=True)
+class FileState:
+    size: int
+    mtime_ns: int
+    sha256: str = ""
+
+
+@dataclass
+class Plan:
+    records: list[ImageRecord]
+    states: list[FileState | None]  # None: could not stat/read the file
+    reuse: dict[int, int]  # record index -> row of the old cache
+    compute: list[int]  # record indices that need the backbone, sorted
+    removed: int  # rows of the old cache whose image is gone
+    stat_errors: dict[int, str] = field(default_factory=dict)
+
+    def key(self, i: int) -> str:
+        s = self.states[i]
+        return "\0".join([self.records[i].path, str(s.size), str(s.mtime_ns), s.sha256])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_states(disc: Discovery, verify_content: bool) -> tuple[list[FileState | None], dict[int, str]]:
+    states: list[FileState | None] = []
+    errors: dict[int, str] = {}
+    for i, rec in enumerate(disc.records):
+        path = disc.root / rec.path
+        try:
+            st = os.stat(path)
+            states.append(FileState(st.st_size, st.st_mtime_ns, _sha256(path) if verify_content else ""))
+        except OSError as e:
+            states.append(None)
+            errors[i] = f"{type(e).__name__}: {e.strerror or e}"
+    return states, errors
+
+
+def make_plan(disc: Discovery, old, verify_content: bool) -> Plan:
+    """Args: old: a FeatureCache (features not loaded) built with the same fingerprint, or None."""
+    states, errors = file_states(disc, verify_content)
+    reuse: dict[int, int] = {}
+    removed = 0
+    if old is not None:
+        old_rows = {p: r for r, p in enumerate(old.paths)}
+        for i, rec in enumerate(disc.records):
+            r = old_rows.get(rec.path)
+            s = states[i]
+            if r is None or s is None or int(old.file_size[r]) != s.size:
+                continue
+            if verify_content and old.file_sha256[r]:
+                same = old.file_sha256[r] == s.sha256
+            else:
+                same = int(old.file_mtime_ns[r]) == s.mtime_ns
+            if same:  # only features are reused; labels and splits come from this discovery
+                reuse[i] = r
+        current = {rec.path for rec in disc.records}
+        removed = sum(1 for p in old.paths if p not in current)
+    compute = [i for i in range(len(disc.records)) if i not in reuse and states[i] is not None]
+    return Plan(list(disc.records), states, reuse, compute, removed, errors)
+
+
+def batches_of(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[k: k + size] for k in range(0, len(indices), size)]
