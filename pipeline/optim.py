@@ -62,8 +62,9 @@ class StackedOptimizer:
                 st["momentum"] = buf
                 p.sub_(lr * buf)
                 continue
-            m = st.setdefault("m", torch.zeros_like(p))
-            v = st.setdefault("v", torch.zeros_like(p))
+            if "m" not in st:
+                st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
+            m, v = st["m"], st["v"]
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             bc1 = 1 - b1 ** self.t
