@@ -33,11 +33,11 @@ class Discovery:
     has_splits: bool
 
 
-def _is_image(name: str) -> bool:
+def is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
-def _walk_images(top: Path) -> list[Path]:
+def walk_images(top: Path) -> list[Path]:
     """All image files under ``top``, sorted, skipping hidden entries and symlink loops."""
     found: list[Path] = []
     seen_dirs: set[str] = set()
@@ -49,7 +49,7 @@ def _walk_images(top: Path) -> list[Path]:
         seen_dirs.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in sorted(filenames):
-            if not f.startswith(".") and _is_image(f):
+            if not f.startswith(".") and is_image(f):
                 found.append(Path(dirpath) / f)
     return found
 
@@ -78,7 +78,7 @@ def discover(root: str | os.PathLike) -> Discovery:
 
     raw: list[tuple[str, str | None, str]] = []  # (relpath, class name or None, split)
     for split, base in groups:
-        for path in _walk_images(base):
+        for path in walk_images(base):
             rel_to_base = path.relative_to(base)
             cls = rel_to_base.parts[0] if len(rel_to_base.parts) > 1 else None
             raw.append((path.relative_to(root).as_posix(), cls, split))

@@ -1,0 +1,60 @@
+"""``featcache export``: backbone + head as one self-contained file that loads without featcache.
+
+``.pt2`` uses torch.export (load with ``torch.export.load(path).module()``); ``.pt`` uses TorchScript
+(``torch.jit.load(path)``). Input: images preprocessed as recorded in the file's ``featcache.json``
+(resize, center crop, scale to [0, 1], normalise), shape (N, 3, S, S); output: class probabilities
+(N, C), equal to what ``featcache predict`` reports.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import FeatcacheError
+from pipeline.model import load_predictor
+
+META_NAME = "featcache.json"
+
+
+class Probabilities(nn.Module):
+    """Classifier -> softmax, with the cache-dtype rounding that predict applies to features."""
+
+    def __init__(self, classifier: nn.Module, feature_dtype: torch.dtype):
+        super().__init__()
+        self.classifier = classifier
+        self.feature_dtype = feature_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.classifier.backbone(x).float()
+        if self.feature_dtype != torch.float32:
+            feats = feats.to(self.feature_dtype).float()
+        return torch.softmax(self.classifier.head(feats), dim=1)
+
+
+def run_export(model_path: str, output: str) -> dict:
+    """Write MODEL as ``output`` (.pt2 or .pt); returns a summary with the recorded metadata."""
+    out = Path(output)
+    if out.suffix not in (".pt2", ".pt"):
+        raise FeatcacheError("export output must end in .pt2 (torch.export) or .pt (TorchScript)")
+    pred = load_predictor(model_path)
+    dtype = (pred.meta.get("extract_config") or {}).get("dtype", "float32")
+    module = Probabilities(pred.model, getattr(torch, dtype)).eval()
+    size = pred.preprocess.crop_size
+    example = torch.randn(2, 3, size, size)
+    meta = {"format": "featcache-export", "class_names": pred.class_names, "preprocess": pred.preprocess.to_dict(),
+            "input": f"float32 (N, 3, {size}, {size}), preprocessed as in 'preprocess'", "output": "probabilities (N, C)",
+            "source": str(model_path), "backbone": pred.meta.get("backbone")}
+    extra = {META_NAME: json.dumps(meta)}
+    with torch.no_grad():
+        if out.suffix == ".pt2":
+            batch = torch.export.Dim("batch", min=1, max=65536)
+            program = torch.export.export(module, (example,), dynamic_shapes={"x": {0: batch}})
+            torch.export.save(program, str(out), extra_files=extra)
+        else:
+            scripted = torch.jit.trace(module, example, check_trace=False)
+            torch.jit.save(scripted, str(out), _extra_files=extra)
+    return {"model": str(model_path), "output": str(out), "format": out.suffix[1:], "classes": pred.class_names,
+            "input_size": size, "bytes": out.stat().st_size}

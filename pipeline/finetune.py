@@ -1,0 +1,230 @@
+"""``featcache finetune``: start from the cached-feature solution (backbone + trained head) and train
+the whole network (or its last N blocks) on the images with augmentation.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision.transforms import InterpolationMode, v2
+from tqdm import tqdm
+
+from pipeline.device import resolve_device
+from pipeline.discover import discover
+from pipeline.errors import FeatcacheError
+from pipeline.loader import ImageFiles
+from pipeline.model import Classifier, load_run, save_finetuned
+from pipeline.preprocess import PreprocessSpec
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    image_dir: str
+    run_dir: str  # --from: a fit-head RUN_DIR
+    output: str
+    unfreeze: str = "all"  # all | N (last N blocks of the backbone)
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-4  # head learning rate; the backbone gets lr * backbone_lr_mult
+    backbone_lr_mult: float = 0.1
+    weight_decay: float = 1e-4  # AdamW, not on biases or norm parameters
+    patience: int = 3
+    val_fraction: float = 0.2
+    workers: int = 0
+    device: str = "auto"
+    seed: int = 0
+
+
+def train_transform(spec: PreprocessSpec) -> v2.Compose:
+    """The default augmentation: RandomResizedCrop to the crop size + horizontal flip, then normalise."""
+    return v2.Compose([
+        v2.RandomResizedCrop(spec.crop_size, interpolation=InterpolationMode(spec.interpolation), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std)),
+    ])
+
+
+def blocks(backbone: nn.Module) -> list[nn.Module]:
+    """Backbone blocks in forward order: top-level children with parameters, containers opened once."""
+    trunk = getattr(backbone, "trunk", backbone)
+    out: list[nn.Module] = []
+    for child in trunk.children():
+        if not any(True for _ in child.parameters()):
+            continue
+        if isinstance(child, (nn.Sequential, nn.ModuleList)):
+            out += [c for c in child.children() if any(True for _ in c.parameters())]
+        else:
+            out.append(child)
+    return out
+
+
+def set_trainable(model: Classifier, unfreeze: str) -> list[nn.Module]:
+    """Freeze the backbone, then unfreeze all of it or its last N blocks; returns the trainable blocks."""
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    all_blocks = blocks(model.backbone)
+    if unfreeze == "all":
+        chosen = all_blocks
+    else:
+        try:
+            n = int(unfreeze)
+        except ValueError:
+            raise FeatcacheError(f"--unfreeze must be 'all' or a number of blocks, got {unfreeze!r}") from None
+        if not 0 <= n <= len(all_blocks):
+            raise FeatcacheError(f"--unfreeze {n}: the backbone has {len(all_blocks)} blocks")
+        chosen = all_blocks[len(all_blocks) - n:] if n else []
+    for b in chosen:
+        for p in b.parameters():
+            p.requires_grad_(True)
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+    return chosen
+
+
+def param_groups(model: Classifier, cfg: FinetuneConfig) -> list[dict]:
+    """Four AdamW groups: {backbone, head} x {decay: weight matrices/kernels, no decay: biases, norms}."""
+    groups = []
+    for module, lr in ((model.backbone, cfg.lr * cfg.backbone_lr_mult), (model.head, cfg.lr)):
+        params = [p for p in module.parameters() if p.requires_grad]
+        groups.append({"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": cfg.weight_decay})
+        groups.append({"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def _splits(disc, class_names: list[str], val_fraction: float, seed: int) -> dict[str, list[int]]:
+    if list(disc.class_names) != list(class_names):
+        raise FeatcacheError(f"class folders {list(disc.class_names)} differ from the head's classes {class_names}")
+    idx = {s: [i for i, r in enumerate(disc.records) if r.split == s and r.label >= 0] for s in ("train", "val", "test")}
+    if not idx["val"] and val_fraction > 0:
+        labels = [disc.records[i].label for i in idx["train"]]
+        strat = labels if min(np.bincount(labels)[np.bincount(labels) > 0]) >= 2 else None
+        tr, va = train_test_split(idx["train"], test_size=val_fraction, stratify=strat, random_state=seed)
+        idx["train"], idx["val"] = sorted(tr), sorted(va)
+    if not idx["train"]:
+        raise FeatcacheError("no labeled training images to fine-tune on")
+    return idx
+
+
+def _collate(items):
+    ok = [(t, i) for i, t, _ in items if t is not None]
+    return (torch.stack([t for t, _ in ok]), torch.tensor([i for _, i in ok])) if ok else (None, None)
+
+
+def _loader(ds: ImageFiles, rows: list[int], labels: torch.Tensor, cfg, shuffle: bool, gen=None):
+    sub = torch.utils.data.Subset(ds, rows)
+    return DataLoader(sub, batch_size=cfg.batch_size, shuffle=shuffle, generator=gen, num_workers=cfg.workers,
+                      collate_fn=functools.partial(_collate_labeled, labels=labels))
+
+
+def _collate_labeled(items, labels: torch.Tensor):
+    """(images (B, 3, S, S), labels (B,)) of the usable items; unreadable files are dropped."""
+    x, idx = _collate(items)
+    return (x, labels[idx]) if x is not None else (None, None)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device, amp) -> dict:
+    model.eval()
+    loss, correct, n = 0.0, 0, 0
+    for x, y in loader:
+        if x is None:
+            continue
+        with amp:
+            logits = model(x.to(device)).float()
+        loss += F.cross_entropy(logits, y.to(device), reduction="sum").item()
+        correct += (logits.argmax(1).cpu() == y).sum().item()
+        n += len(y)
+    return {"loss": loss / n, "accuracy": correct / n} if n else {}
+
+
+def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
+    t0 = time.perf_counter()
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.backbone_lr_mult < 0:
+        raise FeatcacheError("--epochs/--batch-size must be >= 1, --lr > 0, --backbone-lr-mult >= 0")
+    pred = load_run(cfg.run_dir)
+    disc = discover(cfg.image_dir)
+    rows = _splits(disc, pred.class_names, cfg.val_fraction, cfg.seed)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = pred.model.to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    trainable = set_trainable(model, cfg.unfreeze)
+    labels = torch.tensor([r.label for r in disc.records])
+    paths = [r.path for r in disc.records]
+    train_ds = ImageFiles(disc.root, paths, pred.preprocess)
+    train_ds.transform = train_transform(pred.preprocess)
+    eval_ds = ImageFiles(disc.root, paths, pred.preprocess)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_dl = _loader(train_ds, rows["train"], labels, cfg, True, gen)
+    val_dl = _loader(eval_ds, rows["val"], labels, cfg, False) if rows["val"] else None
+    baseline = evaluate(model, val_dl, device, amp) if val_dl else {}
+    opt = torch.optim.AdamW(param_groups(model, cfg))
+    # Epoch 0 (the frozen-feature solution) competes too: fine-tuning never returns a worse model.
+    best = baseline.get("loss", float("inf"))
+    best_state, best_epoch, wait, history = copy.deepcopy(model.state_dict()), 0, 0, []
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        for m in model.backbone.modules():
+            # Batch norm keeps its pretrained running statistics (its affine parameters still train):
+            # re-estimating them from small fine-tuning batches shifts every feature the head relies on.
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        tot, correct, n = 0.0, 0, 0
+        bar = tqdm(train_dl, desc=f"finetune {epoch}/{cfg.epochs}", unit="batch", disable=not progress, file=sys.stderr)
+        for x, y in bar:
+            if x is None:
+                continue
+            x, y = x.to(device, non_blocking=True), y.to(device)
+            if cuda:
+                x = x.to(memory_format=torch.channels_last)
+            with amp:
+                logits = model(x).float()
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            n += len(y)
+        rec = {"epoch": epoch, "train_loss": tot / max(n, 1), "train_accuracy": correct / max(n, 1)}
+        if val_dl:
+            v = evaluate(model, val_dl, device, amp)
+            rec.update(val_loss=v["loss"], val_accuracy=v["accuracy"])
+        history.append(rec)
+        current = rec.get("val_loss", -epoch)  # without val rows the last epoch wins
+        if current < best:
+            best, best_state, best_epoch, wait = current, copy.deepcopy(model.state_dict()), epoch, 0
+        else:
+            wait += 1
+            if val_dl and cfg.patience > 0 and wait >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    model = model.to(memory_format=torch.contiguous_format).cpu().eval()
+    scores = {}
+    for split in ("train", "val", "test"):
+        if rows[split]:
+            scores[split] = evaluate(model, _loader(eval_ds, rows[split], labels, cfg, False), torch.device("cpu"),
+                                     torch.autocast("cpu", enabled=False))
+    meta = {**pred.meta, "preprocess": pred.preprocess.to_dict(), "finetune_config": asdict(cfg)}
+    out = Path(cfg.output)
+    save_finetuned(out, model, meta)
+    metrics = {f"{s}_{k}": v for s, sc in scores.items() for k, v in sc.items()}
+    metrics.update(best_epoch=best_epoch, epochs_run=len(history), history=history, config=asdict(cfg),
+                   frozen_head_val_accuracy=baseline.get("accuracy"), trainable_blocks=len(trainable),
+                   class_names=pred.class_names, device=str(device), seconds=round(time.perf_counter() - t0, 3))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return {"ft_dir": str(out), **{k: v for k, v in metrics.items() if k != "history"}}

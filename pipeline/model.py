@@ -1,0 +1,107 @@
+"""Backbone + head as one image classifier, rebuilt from a fit-head RUN_DIR or a finetune FT_DIR.
+
+A RUN_DIR holds head.pt, whose metadata records the extract configuration and the cache
+fingerprint; the backbone is rebuilt from that configuration and its fingerprint re-computed, so a
+head is never silently paired with a backbone that would produce different features. An FT_DIR
+holds model.pt (a plain state_dict of the whole classifier) and model.json (its metadata).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cache.fingerprint import fingerprint
+from pipeline.backbones import build_backbone, load_state_dict_file
+from pipeline.errors import FeatcacheError
+from pipeline.headio import StandardizedHead, load_head
+from pipeline.heads import build_sequential
+from pipeline.preprocess import PreprocessSpec
+
+FT_WEIGHTS = "model.pt"
+FT_META = "model.json"
+
+
+class Classifier(nn.Module):
+    """Normalised images (N, 3, S, S) -> logits (N, C)."""
+
+    def __init__(self, backbone: nn.Module, head: StandardizedHead):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+@dataclass
+class Predictor:
+    model: Classifier  # eval mode
+    preprocess: PreprocessSpec
+    class_names: list[str]
+    meta: dict  # head metadata (plus extract config); JSON-serialisable
+    kind: str  # "run" (fit-head) | "finetune"
+
+
+def _backbone_from_extract_config(ec: dict, expected_fp: str | None):
+    from pipeline.extract import cache_identity  # deferred: extract imports heavy I/O modules
+
+    bb = build_backbone(ec["backbone"], ec["weights"], ec.get("layer"), ec.get("pool"), ec.get("seed", 0))
+    if expected_fp is not None and fingerprint(cache_identity(bb, ec.get("dtype", "float32"))) != expected_fp:
+        raise FeatcacheError(
+            "the backbone rebuilt from the run's extract settings does not match the cache the head was "
+            "trained on (weights file changed?); re-extract and re-fit"
+        )
+    return bb
+
+
+def classifier_from_head(head: nn.Sequential, meta: dict, backbone: nn.Module) -> Classifier:
+    std = meta.get("standardize") or {}
+    return Classifier(backbone, StandardizedHead(head, std.get("mean"), std.get("scale"))).eval()
+
+
+def load_run(run_dir: str | Path) -> Predictor:
+    """Rebuild backbone + head from a fit-head RUN_DIR (or a head.pt path)."""
+    head, meta = load_head(run_dir)
+    ec = meta.get("extract_config")
+    if not ec:
+        raise FeatcacheError(f"{run_dir}: head metadata lacks the extract configuration; re-run fit-head")
+    bb = _backbone_from_extract_config(ec, meta.get("cache_fingerprint"))
+    if bb.feature_dim != meta["in_dim"]:
+        raise FeatcacheError(f"backbone gives {bb.feature_dim} features, head expects {meta['in_dim']}")
+    return Predictor(classifier_from_head(head, meta, bb.model), bb.preprocess, meta["class_names"], meta, "run")
+
+
+def save_finetuned(ft_dir: Path, model: Classifier, meta: dict) -> None:
+    ft_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, ft_dir / FT_WEIGHTS)
+    (ft_dir / FT_META).write_text(json.dumps(meta, indent=2))
+
+
+def load_finetuned(ft_dir: str | Path) -> Predictor:
+    """Rebuild a fine-tuned classifier: architecture from model.json, every weight from model.pt."""
+    ft_dir = Path(ft_dir)
+    meta = json.loads((ft_dir / FT_META).read_text())
+    ec = {**meta["extract_config"], "weights": "none"}  # all weights come from model.pt
+    bb = build_backbone(ec["backbone"], "none", ec.get("layer"), ec.get("pool"), ec.get("seed", 0))
+    head = build_sequential(meta["in_dim"], tuple(meta["hidden"]), meta["n_classes"], meta["batchnorm"], meta["dropout"])
+    model = classifier_from_head(head, meta, bb.model)
+    try:
+        model.load_state_dict(load_state_dict_file(str(ft_dir / FT_WEIGHTS)))
+    except RuntimeError as e:
+        raise FeatcacheError(f"{ft_dir}: weights do not fit the recorded model ({str(e).splitlines()[0]})") from None
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    return Predictor(model.eval(), spec, meta["class_names"], meta, "finetune")
+
+
+def load_predictor(path: str | Path) -> Predictor:
+    """MODEL argument of predict/export/finetune: an FT_DIR, a RUN_DIR, or a head.pt file."""
+    path = Path(path)
+    if (path / FT_META).exists():
+        return load_finetuned(path)
+    if path.is_file() or (path / "head.pt").exists():
+        return load_run(path)
+    raise FeatcacheError(f"{path} is neither a fit-head run folder (head.pt) nor a finetune folder ({FT_META})")
