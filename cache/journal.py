@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,15 +64,17 @@ class Journal:
             return None
         try:
             with np.load(path, allow_pickle=False) as z:
-                part = Part([str(k) for k in z["keys"]], z["features"], [str(r) for r in z["reasons"]])
-        except (OSError, ValueError, KeyError):
-            return None
+                meta = json.loads(bytes(z["meta"]).decode())
+                part = Part(meta["keys"], z["features"], meta["reasons"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None  # torn or foreign: recompute this batch
         return part if part.keys == keys else None
 
     def save(self, index: int, part: Part) -> None:
-        _atomic_write(self._path(index), lambda fh: np.savez(
-            fh, keys=np.array(part.keys, dtype=str), features=part.features.astype(np.float32),
-            reasons=np.array(part.reasons, dtype=str)))
+        # Keys and reasons go in as JSON bytes: numpy 'U' arrays drop trailing NULs, which would
+        # make a loaded key never equal the computed one.
+        meta = np.frombuffer(json.dumps({"keys": part.keys, "reasons": part.reasons}).encode(), dtype=np.uint8)
+        _atomic_write(self._path(index), lambda fh: np.savez(fh, meta=meta, features=part.features.astype(np.float32)))
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -51,8 +51,9 @@ def emit(summary: dict, as_json: bool, lines: list[str]) -> None:
 
 
 def progress_enabled(as_json: bool) -> bool:
-    """Progress bars go to stderr; under --json only when stderr is a terminal."""
-    return (not as_json) or sys.stderr.isatty()
+    """Progress bars go to stderr, and only when it is a terminal: a log or a pipe gets the
+    summary and, on failure, exactly one error line (``as_json`` changes nothing here)."""
+    return sys.stderr.isatty()
 
 
 def float_list(value: str, name: str) -> tuple[float, ...]:

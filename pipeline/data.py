@@ -39,6 +39,9 @@ def make_splits(cache: FeatureCache, val_fraction: float, seed: int) -> tuple[di
     if val_fraction <= 0:
         return rows, "none"
     train = rows["train"]
+    if len(train) == 0:
+        raise FeatcacheError(f"fit-head needs labeled training images of at least two classes; {cache.path} has "
+                             "none (images must sit in class folders)")
     counts = np.bincount(cache.labels[train])
     stratify = cache.labels[train] if counts[counts > 0].min() >= 2 else None
     n_val = int(round(val_fraction * len(train)))

@@ -37,10 +37,14 @@ def is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
-def walk_images(top: Path) -> list[Path]:
-    """All image files under ``top``, sorted, skipping hidden entries and symlink loops."""
+def walk_images(top: Path, exclude: set[str] | None = None) -> list[Path]:
+    """All image files under ``top``, sorted, skipping hidden entries and symlink loops.
+
+    Args:
+        exclude: real paths of folders never to enter (e.g. the root and the other classes).
+    """
     found: list[Path] = []
-    seen_dirs: set[str] = set()
+    seen_dirs: set[str] = set(exclude or ())
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen_dirs:  # a symlink loop or a second link to the same folder
@@ -78,10 +82,18 @@ def discover(root: str | os.PathLike) -> Discovery:
 
     raw: list[tuple[str, str | None, str]] = []  # (relpath, class name or None, split)
     for split, base in groups:
-        for path in walk_images(base):
-            rel_to_base = path.relative_to(base)
-            cls = rel_to_base.parts[0] if len(rel_to_base.parts) > 1 else None
-            raw.append((path.relative_to(root).as_posix(), cls, split))
+        entries = [e for e in sorted(os.scandir(base), key=lambda e: e.name) if not e.name.startswith(".")]
+        class_dirs = {e.name: os.path.realpath(e.path) for e in entries if e.is_dir()}
+        above = {os.path.realpath(root), os.path.realpath(base)}
+        for entry in entries:
+            if entry.is_dir():
+                # Each class is walked on its own and never enters the root or a sibling class, so a
+                # symlink into another class neither steals nor duplicates that class's images.
+                others = {real for name, real in class_dirs.items() if name != entry.name}
+                for path in walk_images(Path(entry.path), exclude=above | others):
+                    raw.append((path.relative_to(root).as_posix(), entry.name, split))
+            elif is_image(entry.name):
+                raw.append((Path(entry.path).relative_to(root).as_posix(), None, split))
     if not raw:
         raise FeatcacheError(
             f"no images found under {root} (expected {root}/<class>/<image>, "

@@ -66,15 +66,23 @@ class StackedHead(nn.Module):
         """Weight matrices only: no weight decay or L1 on biases and norm parameters."""
         return list(self.weights)
 
+    def _has_bias(self, layer: int) -> bool:
+        # A bias right before batch norm is cancelled by the mean subtraction: its true gradient is
+        # zero, but float noise (~1e-9) would make Adam take full-size steps on it. Leave it out.
+        return not (self.batchnorm and layer < len(self.hidden))
+
     def other_parameters(self) -> list[nn.Parameter]:
-        return [*self.biases, *self.bn_weights, *self.bn_biases]
+        biases = [b for layer, b in enumerate(self.biases) if self._has_bias(layer)]
+        return [*biases, *self.bn_weights, *self.bn_biases]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, D) shared by all heads, or (K, B, D). Returns logits (K, B, C)."""
         h = x
         last = len(self.weights) - 1
         for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
-            h = torch.matmul(h, w) + b[:, None, :]  # (K, B, out)
+            h = torch.matmul(h, w)  # (K, B, out)
+            if self._has_bias(layer):
+                h = h + b[:, None, :]
             if layer == last:
                 break
             if self.batchnorm:
@@ -99,10 +107,11 @@ class StackedHead(nn.Module):
         layers: list[nn.Module] = []
         last = len(self.weights) - 1
         for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
-            lin = nn.Linear(w.shape[1], w.shape[2])
+            lin = nn.Linear(w.shape[1], w.shape[2], bias=self._has_bias(layer))
             with torch.no_grad():
                 lin.weight.copy_(w[k].T)
-                lin.bias.copy_(b[k])
+                if lin.bias is not None:
+                    lin.bias.copy_(b[k])
             layers.append(lin)
             if layer == last:
                 break
@@ -124,7 +133,7 @@ def build_sequential(in_dim: int, hidden: tuple[int, ...], n_classes: int, batch
     layers: list[nn.Module] = []
     dims = [in_dim, *hidden]
     for fan_in, fan_out in zip(dims[:-1], dims[1:]):
-        layers.append(nn.Linear(fan_in, fan_out))
+        layers.append(nn.Linear(fan_in, fan_out, bias=not batchnorm))
         if batchnorm:
             layers.append(nn.BatchNorm1d(fan_out))
         layers += [nn.ReLU(), nn.Dropout(dropout)]

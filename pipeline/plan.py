@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,10 @@ def file_states(disc: Discovery, verify_content: bool) -> tuple[list[FileState |
         path = disc.root / rec.path
         try:
             st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):  # a FIFO or device named *.jpg would block a reader forever
+                states.append(None)
+                errors[i] = "not a regular file"
+                continue
             states.append(FileState(st.st_size, st.st_mtime_ns, _sha256(path) if verify_content else ""))
         except OSError as e:
             states.append(None)
@@ -68,8 +73,8 @@ def make_plan(disc: Discovery, old, verify_content: bool) -> Plan:
             s = states[i]
             if r is None or s is None or int(old.file_size[r]) != s.size:
                 continue
-            if verify_content and old.file_sha256[r]:
-                same = old.file_sha256[r] == s.sha256
+            if verify_content:  # the bytes decide; a row recorded without a hash is re-extracted
+                same = bool(old.file_sha256[r]) and old.file_sha256[r] == s.sha256
             else:
                 same = int(old.file_mtime_ns[r]) == s.mtime_ns
             if same:  # only features are reused; labels and splits come from this discovery
