@@ -21,18 +21,30 @@ def main() -> None:
 @click.option("--pool", type=click.Choice(["avg", "max", "flatten"]), default=None, help="Reduce spatial maps.")
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--workers", default=None, type=int, help="Decoding processes (default: one per spare core).")
+@click.option("--workers", default=None, type=int,
+              help="Decoding processes prefetching during compute; 0 = a thread pool in this process "
+                   "(default: CPU: one thread per core, taking turns with compute; CUDA: a process per spare core).")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for --weights none.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache built with a different configuration.")
 @click.option("--verify-content", is_flag=True, help="Detect changed images by sha256, not size+mtime.")
 @click.option("--max-skipped", default=0.5, show_default=True, type=float, help="Fail above this unusable fraction.")
+@click.option("--optimize/--no-optimize", default=True, show_default=True,
+              help="Fastest faithful backbone (BN folding, channels_last; fp16 autocast on CUDA). "
+                   "--no-optimize runs the reference fp32 eager model.")
+@click.option("--compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="torch.compile the backbone; auto = only for jobs large enough to repay compiling "
+                   "(CPU: 10k+ images).")
+@click.option("--draft/--no-draft", default=True, show_default=True,
+              help="Decode large JPEGs at reduced scale (shorter side >= 2x the resize) before resizing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 def extract(image_dir, output, as_json, **opts) -> None:
     """Run the frozen backbone over IMAGE_DIR once and store features in an HDF5 cache."""
     from pipeline.extract import run_extract
 
     s = run_extract(ExtractConfig(image_dir=image_dir, output=output, **opts), progress=progress_enabled(as_json))
+    if s is None:  # a torchrun rank other than 0: rank 0 reports for everyone
+        return
     emit(s, as_json, [
         f"{s['cache']}: {s['n_images']} images x {s['feature_dim']} features ({s['backbone']}, {s['weights']})",
         f"extracted {s['extracted']}, reused {s['reused']}, removed {s['removed']}, skipped {s['skipped']} "
@@ -54,8 +66,9 @@ def info(cache, as_json) -> None:
 
 @main.command("fit-head")
 @click.argument("cache", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(), help="Run folder for head.pt and metrics.json.")
-@click.option("--head", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(), help="Run folder for head.pt, metrics, leaderboard, plots.")
+@click.option("--head", type=click.Choice(["linear", "mlp", "logreg"]), default="linear", show_default=True,
+              help="logreg = scikit-learn LogisticRegression over --C, the baseline linear probe.")
 @click.option("--hidden", multiple=True, default=["512"], show_default=True,
               help="Hidden sizes of one MLP, e.g. 512,256; repeat to sweep; a list with 0 sweeps widths (0 = linear).")
 @click.option("--dropout", default="0.5", show_default=True, help="Dropout after hidden layers (comma list sweeps).")
@@ -65,16 +78,24 @@ def info(cache, as_json) -> None:
 @click.option("--optimizer", default="adam", show_default=True, help="adam, adamw or sgd (comma list sweeps).")
 @click.option("--lr", default="1e-3", show_default=True)
 @click.option("--momentum", default="0.9", show_default=True, help="SGD momentum.")
+@click.option("--C", "C", default="1e-4,1e-3,1e-2,1e-1,1", show_default=True,
+              help="--head logreg: inverse L2 strength (comma list sweeps).")
+@click.option("--search", type=click.Choice(["grid", "random"]), default="grid", show_default=True,
+              help="grid: every combination; random: --trials samples, each list read as a range "
+                   "(log-uniform for lr/weight-decay/l1/C, uniform for dropout/momentum).")
+@click.option("--trials", default=None, type=int, help="Configurations sampled by --search random [default: 20].")
 @click.option("--epochs", default=100, show_default=True, type=int)
 @click.option("--batch-size", default=256, show_default=True, type=int)
 @click.option("--patience", default=10, show_default=True, type=int, help="Early-stopping patience; 0 disables.")
 @click.option("--val-fraction", default=0.2, show_default=True, type=float, help="Hold-out when the cache has no val split.")
 @click.option("--standardize/--no-standardize", default=True, show_default=True)
+@click.option("--refit", is_flag=True, help="Retrain the winner on train+val (its best epoch count), then test.")
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG curves, confusion and sweep plots.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
-def fit_head(cache, output, hidden, dropout, weight_decay, l1, optimizer, lr, momentum, as_json, **opts) -> None:
-    """Train heads on cached features; keep the best by validation accuracy."""
+def fit_head(cache, output, hidden, dropout, weight_decay, l1, optimizer, lr, momentum, C, as_json, **opts) -> None:
+    """Train heads on cached features (comma lists sweep); keep the best by validation accuracy."""
     from pipeline.fit import run_fit_head
     from pipeline.report import fit_lines, parse_hidden
 
@@ -82,9 +103,91 @@ def fit_head(cache, output, hidden, dropout, weight_decay, l1, optimizer, lr, mo
         cache=cache, output=output, hidden=parse_hidden(hidden), dropout=float_list(dropout, "--dropout"),
         weight_decay=float_list(weight_decay, "--weight-decay"), l1=float_list(l1, "--l1"),
         optimizer=tuple(o.strip() for o in optimizer.split(",") if o.strip()), lr=float_list(lr, "--lr"),
-        momentum=float_list(momentum, "--momentum"), **opts)
+        momentum=float_list(momentum, "--momentum"), C=float_list(C, "--C"), **opts)
     s = run_fit_head(cfg, progress=progress_enabled(as_json))
     emit({k: v for k, v in s.items() if k != "leaderboard" or len(v) > 1}, as_json, fit_lines(s))
+
+
+@main.command()
+@click.argument("experiments_dir", type=click.Path())
+@click.option("--sort", type=click.Choice(["val", "test", "train", "run"]), default="val", show_default=True,
+              help="Order by that accuracy (best first) or by run folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def runs(experiments_dir, sort, as_json) -> None:
+    """Compare every fit-head run below EXPERIMENTS_DIR (backbone, cache, head, accuracies) in one table."""
+    from pipeline.runs import find_runs, runs_lines
+
+    data = find_runs(experiments_dir, sort)
+    emit(data, as_json, runs_lines(data))
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--top-k", default=5, show_default=True, type=int)
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--csv", "csv_path", type=click.Path(), default=None, help="Also write predictions to this CSV file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def predict(model, images, as_json, **opts) -> None:
+    """Classify IMAGES (files or folders) with a fit-head RUN_DIR or a finetune FT_DIR."""
+    from pipeline.predict import PredictConfig, predict_lines, run_predict
+
+    s = run_predict(PredictConfig(model=model, inputs=tuple(images), **opts), progress=progress_enabled(as_json))
+    emit(s, as_json, predict_lines(s))
+
+
+@main.command()
+@click.argument("head", type=click.Path())
+@click.argument("cache", type=click.Path())
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def evaluate(head, cache, device, as_json) -> None:
+    """Score a saved head (RUN_DIR or head.pt) on a cache it was trained for."""
+    from pipeline.evaluate import run_evaluate
+
+    s = run_evaluate(head, cache, device)
+    emit(s, as_json, [f"{k}: {v}" for k, v in s.items()])
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="model.pt2 (torch.export) or model.pt (TorchScript).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def export(model, output, as_json) -> None:
+    """Write backbone + head as one file that loads without featcache."""
+    from pipeline.export import run_export
+
+    s = run_export(model, output)
+    emit(s, as_json, [f"wrote {s['output']} ({s['format']}, {s['bytes'] / 1e6:.1f} MB): input (N, 3, {s['input_size']}, "
+                      f"{s['input_size']}) preprocessed as recorded in featcache.json, output probabilities over "
+                      f"{len(s['classes'])} classes"])
+
+
+@main.command()
+@click.argument("image_dir", type=click.Path())
+@click.option("--from", "run_dir", required=True, type=click.Path(), help="fit-head RUN_DIR to start from.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Folder for model.pt, model.json, metrics.json.")
+@click.option("--unfreeze", default="all", show_default=True, help="all, or the number of last backbone blocks to train.")
+@click.option("--epochs", default=10, show_default=True, type=int)
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--lr", default=1e-4, show_default=True, type=float, help="Head learning rate (AdamW).")
+@click.option("--backbone-lr-mult", default=0.1, show_default=True, type=float, help="Backbone lr = lr x this.")
+@click.option("--weight-decay", default=1e-4, show_default=True, type=float, help="Not on biases or norm parameters.")
+@click.option("--patience", default=3, show_default=True, type=int)
+@click.option("--val-fraction", default=0.2, show_default=True, type=float)
+@click.option("--workers", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
+def finetune(image_dir, run_dir, output, as_json, **opts) -> None:
+    """Fine-tune backbone + trained head on IMAGE_DIR, starting from the cached-feature solution."""
+    from pipeline.finetune import FinetuneConfig, run_finetune
+
+    s = run_finetune(FinetuneConfig(image_dir=image_dir, run_dir=run_dir, output=output, **opts),
+                     progress=progress_enabled(as_json))
+    emit(s, as_json, [f"frozen-head val accuracy {s['frozen_head_val_accuracy']}, fine-tuned val accuracy "
+                      f"{s.get('val_accuracy')} (best epoch {s['best_epoch']} of {s['epochs_run']}); saved {s['ft_dir']}"])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ preprocessing that belongs to its weights, and a JSON-able description that the 
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from dataclasses import dataclass
@@ -57,6 +58,24 @@ class FeatureModel(nn.Module):
         if out.ndim == 3 and self.pool in ("avg", "max"):  # tokens (N, L, C) -> (N, C)
             return out.mean(dim=1) if self.pool == "avg" else out.amax(dim=1)
         return out.flatten(1)
+
+
+def feature_dim(model: nn.Module, crop_size: int) -> int:
+    """Width D of ``model``'s (N, D) output for one (3, crop, crop) image.
+
+    Found from shapes alone on the meta device (no arithmetic, no kernel set-up: a real CPU
+    forward spends most of a second creating oneDNN kernels it never reuses); a real forward
+    when some operator has no meta implementation.
+    """
+    x = torch.zeros(1, 3, crop_size, crop_size)
+    try:
+        # deepcopy of an fx GraphModule resets its submodules to training mode: eval() again
+        meta = copy.deepcopy(model).to("meta").eval()
+        with torch.inference_mode():
+            return int(meta(x.to("meta")).shape[1])
+    except Exception:  # an op without a meta kernel: compute it for real
+        with torch.inference_mode():
+            return int(model(x).shape[1])
 
 
 def file_sha256(path: str) -> str:
@@ -198,8 +217,7 @@ def build_backbone(name: str, weights: str = "DEFAULT", layer: str | None = None
     fm = FeatureModel(trunk, pool).eval()
     for p in fm.parameters():
         p.requires_grad_(False)
-    with torch.inference_mode():
-        dim = fm(torch.zeros(1, 3, spec.crop_size, spec.crop_size)).shape[1]
+    dim = feature_dim(fm, spec.crop_size)
     desc = {"backbone": name, "weights": identity, "layer": layer_desc, "pool": pool, "init_seed": seed}
     if name == LITE0:
         desc["architecture"] = f"timm:{LITE0_TIMM_ARCH}"

@@ -20,6 +20,9 @@ class ExtractConfig:
     overwrite: bool = False  # replace a cache built with a different configuration
     verify_content: bool = False  # decide "changed" by sha256 of the bytes, not size + mtime
     max_skipped: float = 0.5  # fail when more than this fraction of files is unusable
+    optimize: bool = True  # fastest faithful form (BN folding, channels_last, CUDA fp16); False = reference eager fp32
+    compile: str = "auto"  # torch.compile: auto (when the job repays compiling) | on | off
+    draft: bool = True  # JPEGs decoded at reduced scale (shorter side >= 2x resize) when large enough
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class HeadConfig:
 
     cache: str
     output: str
-    head: str = "linear"  # linear | mlp
+    head: str = "linear"  # linear | mlp | logreg (scikit-learn LogisticRegression over C)
     hidden: tuple[tuple[int, ...], ...] = ((512,),)  # architectures tried by mlp; () = linear
     dropout: tuple[float, ...] = (0.5,)  # on hidden activations (mlp only)
     weight_decay: tuple[float, ...] = (1e-4,)  # L2 on weight matrices, never on biases or norm params
@@ -44,3 +47,8 @@ class HeadConfig:
     standardize: bool = True
     seed: int = 0
     device: str = "auto"
+    C: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # logreg only: inverse L2 strength (sklearn's C)
+    search: str = "grid"  # grid: every combination | random: --trials samples, lists read as ranges
+    trials: int | None = None  # random search only; None = 20
+    refit: bool = False  # retrain the winner on train+val (its best epoch count) before testing
+    plots: bool = True  # PNG curves, weight norms, confusion matrix and sweep plot beside metrics.json

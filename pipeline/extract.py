@@ -1,8 +1,10 @@
 """``featcache extract``: discover -> plan -> run the frozen backbone on new images -> assemble the cache."""
 from __future__ import annotations
 
+import glob
 import os
 import sys
+from contextlib import nullcontext
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -17,18 +19,22 @@ from tqdm import tqdm
 from cache.fingerprint import fingerprint
 from cache.journal import Journal, Part
 from cache.lock import cache_lock
-from cache.store import SCHEMA_VERSION, CacheWriter, open_checked, read_cache
+from cache.store import SCHEMA_VERSION, CacheWriter, read_cache
+from pipeline.accel import COMPILE_MODES, Runner, compile_wanted, heap_reuse
 from pipeline.backbones import Backbone, build_backbone
 from pipeline.config import ExtractConfig
-from pipeline.device import resolve_device, usable_cores
+from pipeline.device import compute_threads, decode_layout, resolve_device
 from pipeline.discover import discover
+from pipeline.distributed import DistContext, barrier, gather, shutdown
+from pipeline.distributed import init as dist_init
 from pipeline.errors import FeatcacheError
+from pipeline.featwrite import write_feature_rows
 from pipeline.images import IMAGE_POLICY
-from pipeline.loader import ImageFiles, make_loader
+from pipeline.loader import ImageFiles, decode_batches, draft_min_side
 from pipeline.plan import Plan, batches_of, make_plan
+from pipeline.saver import PartSaver
 
 DTYPES = ("float32", "float16")
-REUSE_BLOCK = 4096  # rows copied from the previous cache per read
 
 
 def _check(cfg: ExtractConfig) -> None:
@@ -38,17 +44,27 @@ def _check(cfg: ExtractConfig) -> None:
         raise FeatcacheError("--batch-size must be at least 1")
     if cfg.workers is not None and cfg.workers < 0:
         raise FeatcacheError("--workers must be 0 or more")
+    if cfg.compile not in COMPILE_MODES:
+        raise FeatcacheError(f"unknown compile mode {cfg.compile!r}: choose auto, on or off")
     if not 0.0 <= cfg.max_skipped <= 1.0:
         raise FeatcacheError("--max-skipped must be a fraction between 0 and 1")
+    if Path(cfg.output).is_dir():
+        raise FeatcacheError(f"output {cfg.output} is a folder; give a cache file path such as {cfg.output}/cache.h5")
     parent = Path(cfg.output).resolve().parent
     if not parent.is_dir():
         raise FeatcacheError(f"output folder does not exist: {parent}")
 
 
-def cache_identity(bb: Backbone, dtype: str) -> dict:
-    """Everything that determines feature values; its hash is the cache fingerprint."""
+def cache_identity(bb: Backbone, dtype: str, draft: bool = True) -> dict:
+    """Everything that determines feature values; its hash is the cache fingerprint.
+
+    ``jpeg_draft_min_side``: JPEGs whose shorter side is at least twice this were decoded at a
+    reduced scale (null: always fully decoded); it changes the pixels the backbone sees.
+    Speed-only choices (--optimize, --compile, --workers, --batch-size) are not part of it.
+    """
     return {**bb.description, "preprocess": bb.preprocess.to_dict(), "image_policy": IMAGE_POLICY,
-            "dtype": dtype, "schema_version": SCHEMA_VERSION}
+            "jpeg_draft_min_side": draft_min_side(bb.preprocess, draft), "dtype": dtype,
+            "schema_version": SCHEMA_VERSION}
 
 
 def _previous_cache(cfg: ExtractConfig, fp: str):
@@ -73,13 +89,12 @@ def _previous_cache(cfg: ExtractConfig, fp: str):
     return old
 
 
-def _workers(cfg: ExtractConfig) -> int:
-    # One decoding worker per spare core; the main process runs the backbone on the rest.
-    return cfg.workers if cfg.workers is not None else max(0, min(8, usable_cores() - 1))
+def _run_backbone(cfg, bb, device, disc, plan, journal, progress, ctx: DistContext) -> tuple[dict, int, dict]:
+    """Run the backbone on every planned batch not already in the journal (under torchrun: only
+    this rank's batches, b % world_size == rank; rank 0 then collects everyone's parts).
 
-
-def _run_backbone(cfg, bb, device, disc, plan, journal, progress) -> tuple[dict[int, Part], int]:
-    """Run the backbone on every planned batch not already in the journal."""
+    Returns ({record index: (part, position)}, batches resumed from the journal, speed facts).
+    """
     batches = batches_of(plan.compute, cfg.batch_size)
     keys = [[plan.key(i) for i in b] for b in batches]
     parts: dict[int, Part] = {}
@@ -87,27 +102,48 @@ def _run_backbone(cfg, bb, device, disc, plan, journal, progress) -> tuple[dict[
         part = journal.load(b, k)
         if part is not None:
             parts[b] = part
-    pending = [b for b in range(len(batches)) if b not in parts]
+    pending = [b for b in range(len(batches)) if b not in parts and ctx.owns(b)]
     resumed = len(parts)
-    dataset = ImageFiles(disc.root, [r.path for r in disc.records], bb.preprocess)
-    loader = make_loader(dataset, [batches[b] for b in pending], _workers(cfg), device.type == "cuda")
-    model = bb.model.to(device)
+    # Decided from the whole planned job, not from what is left of it, so a resumed run computes
+    # with the same form as an uninterrupted one (identical features).
+    compile_model = bool(pending) and compile_wanted(cfg.compile, device, len(plan.compute))
+    runner = Runner(bb.model, bb.preprocess, device, cfg.optimize, compile_model, cfg.batch_size,
+                    compile_fallback=cfg.compile == "auto")
+    layout = decode_layout(device, cfg.workers)
+    dataset = ImageFiles(disc.root, [r.path for r in disc.records], bb.preprocess, cfg.draft)
+    loader = decode_batches(dataset, [batches[b] for b in pending], layout.processes, layout.threads,
+                            pin_memory=device.type == "cuda", prefetch=layout.prefetch)
     bar = tqdm(total=sum(len(batches[b]) for b in pending), unit="img", desc="extract",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     crash_after = int(os.environ.get("FEATCACHE_TEST_CRASH_AFTER_BATCHES", "-1"))  # fault-injection tests
-    with torch.inference_mode():
-        for n, (b, (_, x, reasons)) in enumerate(zip(pending, loader)):
-            if x is not None:
-                feats = model(x.to(device, non_blocking=True)).float().cpu().numpy()
-            else:
-                feats = np.zeros((0, bb.feature_dim), np.float32)
-            parts[b] = Part(keys[b], feats, reasons)
-            journal.save(b, parts[b])
-            bar.update(len(reasons))
-            if n + 1 == crash_after:
-                os.kill(os.getpid(), 9)
-    bar.close()
-    return {i: (parts[b], j) for b, batch in enumerate(batches) for j, i in enumerate(batch)}, resumed
+    saver = PartSaver(journal)  # journal parts are written (and fsynced) off the compute path
+    finished = False
+    try:
+        with torch.inference_mode(), heap_reuse(cfg.optimize and device.type == "cpu"):
+            for n, (b, (_, x, reasons)) in enumerate(zip(pending, loader)):
+                feats = runner(x) if x is not None else np.zeros((0, bb.feature_dim), np.float32)
+                parts[b] = Part(keys[b], feats, reasons)
+                saver.save(b, parts[b])
+                bar.update(len(reasons))
+                if n + 1 == crash_after and os.environ.get("FEATCACHE_TEST_CRASH_RANK", str(ctx.rank)) == str(ctx.rank):
+                    saver.close()  # exactly n + 1 parts committed, as when they were saved inline
+                    os.kill(os.getpid(), 9)
+        finished = True
+    finally:
+        getattr(loader, "close", lambda: None)()  # stop decoding threads now, not at garbage collection
+        saver.close(raise_errors=finished)  # commit what was computed; never mask the error in flight
+        bar.close()
+    if ctx.enabled:
+        barrier(ctx)  # every rank has committed its parts
+        for b, k in enumerate(keys):
+            if b not in parts and ctx.is_main:
+                parts[b] = journal.load(b, k)
+                if parts[b] is None:
+                    raise FeatcacheError(f"batch {b} is missing from {journal.dir} after every rank finished")
+    speed = {"ran_here": sum(len(batches[b]) for b in pending), "inference": runner.accel.describe(), "compile_seconds": round(runner.accel.compile_seconds, 2),
+             "decode": layout.describe()}
+    return ({i: (parts[b], j) for b, batch in enumerate(batches) if b in parts for j, i in enumerate(batch)},
+            resumed, speed)
 
 
 def _assemble(cfg, bb, disc, plan, old, computed, identity, fp) -> dict:
@@ -131,21 +167,13 @@ def _assemble(cfg, bb, disc, plan, old, computed, identity, fp) -> dict:
         )
     writer = CacheWriter(cfg.output, len(row_of), bb.feature_dim, cfg.dtype)
     try:
-        if plan.reuse:  # both caches are sorted by path, so reused rows are increasing on both sides
-            pairs = sorted((row_of[i], r) for i, r in plan.reuse.items())
-            with open_checked(cfg.output) as f_old:
-                for k in range(0, len(pairs), REUSE_BLOCK):
-                    block = pairs[k: k + REUSE_BLOCK]
-                    writer.write_features([p[0] for p in block], f_old["features"][[p[1] for p in block]])
         # A part's features hold only its usable images: position j maps to feature row pos[j].
-        by_part: dict[int, tuple] = {}
-        for i, (part, j) in computed.items():
-            if i in row_of:
-                entry = by_part.setdefault(id(part), (part, [], [], np.cumsum([r == "" for r in part.reasons]) - 1))
-                entry[1].append(row_of[i])
-                entry[2].append(int(entry[3][j]))
-        for part, rows, feat_idx, _ in by_part.values():
-            writer.write_features(rows, part.features[feat_idx].astype(cfg.dtype))
+        parts = {id(p): p for p, _ in computed.values()}
+        usable_pos = {k: np.cumsum([r == "" for r in p.reasons]) - 1 for k, p in parts.items()}
+        new_rows = {row_of[i]: (part.features, int(usable_pos[id(part)][j]))
+                    for i, (part, j) in computed.items() if i in row_of}
+        write_feature_rows(writer, len(row_of), bb.feature_dim, cfg.dtype, new_rows,
+                           {row_of[i]: r for i, r in plan.reuse.items()}, cfg.output if plan.reuse else None)
         order = sorted(row_of, key=row_of.get)
         states = [plan.states[i] for i in order]
         writer.write_columns({
@@ -174,28 +202,49 @@ def _assemble(cfg, bb, disc, plan, old, computed, identity, fp) -> dict:
             "splits": {s: splits.count(s) for s in ("train", "val", "test") if s in splits}}
 
 
-def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict:
-    """Run or update an extraction and return its summary (what ``--json`` prints)."""
+def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict | None:
+    """Run or update an extraction and return its summary (what ``--json`` prints).
+
+    Under torchrun every rank calls this; rank 0 returns the summary, the others None.
+    """
     t0 = time.perf_counter()
     _check(cfg)
     disc = discover(cfg.image_dir)
     device = resolve_device(cfg.device)
-    if device.type == "cpu":
-        torch.set_num_threads(usable_cores())
+    ctx = dist_init(device.type)
+    try:
+        return _extract(cfg, disc, device, ctx, progress and ctx.is_main, t0)
+    finally:
+        shutdown(ctx)
+
+
+def _extract(cfg: ExtractConfig, disc, device, ctx: DistContext, progress: bool, t0: float) -> dict | None:
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)  # each rank pins its own GPU
+    threads = compute_threads(device)
+    if threads is not None:  # ranks on one node share its cores
+        torch.set_num_threads(max(1, threads // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     bb = build_backbone(cfg.backbone, cfg.weights, cfg.layer, cfg.pool, cfg.seed)
-    identity = cache_identity(bb, cfg.dtype)
+    identity = cache_identity(bb, cfg.dtype, cfg.draft)
     fp = fingerprint(identity)
     out = Path(cfg.output)
-    with cache_lock(out):
-        for stale in out.parent.glob(f"{out.name}.tmp-*"):  # left by a killed run; we hold the lock
-            stale.unlink(missing_ok=True)
+    # Only rank 0 locks and assembles; the other ranks are held together by barriers.
+    with cache_lock(out) if ctx.is_main else nullcontext():
+        if ctx.is_main:
+            for stale in out.parent.glob(f"{glob.escape(out.name)}.tmp-*"):  # left by a killed run; we hold the lock
+                stale.unlink(missing_ok=True)
         old = _previous_cache(cfg, fp)
         plan = make_plan(disc, old, cfg.verify_content)
         journal = Journal(out, fp)
-        journal.open()
+        if ctx.is_main:
+            journal.open()
+        barrier(ctx)  # the journal exists before any rank writes to it
         t1 = time.perf_counter()
-        computed, resumed = _run_backbone(cfg, bb, device, disc, plan, journal, progress)
+        computed, resumed, speed = _run_backbone(cfg, bb, device, disc, plan, journal, progress, ctx)
         compute_s = time.perf_counter() - t1
+        ranks = gather(ctx, {"rank": ctx.rank, "extracted": speed.pop("ran_here"), "device": str(device)})
+        if not ctx.is_main:
+            return None
         result = _assemble(cfg, bb, disc, plan, old, computed, identity, fp)
         journal.remove()
     n_new = len(plan.compute)  # files sent to the backbone (this run or a resumed one)
@@ -205,7 +254,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict:
         "pool": bb.description["pool"], "dtype": cfg.dtype, "device": str(device),
         "classes": list(disc.class_names), "extracted": result["n_images"] - len(plan.reuse), "reused": len(plan.reuse),
         "removed": plan.removed, "skipped": result["skipped"], "skipped_files": result["skipped_files"],
-        "resumed_batches": resumed, "fingerprint": fp,
+        "resumed_batches": resumed, "fingerprint": fp, **speed,
         "images_per_second": round(n_new / compute_s, 2) if n_new and compute_s > 0 else None,
         "seconds": round(time.perf_counter() - t0, 3),
+        **({"world_size": ctx.world_size, "ranks": ranks} if ctx.enabled else {}),
     }

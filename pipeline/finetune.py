@@ -23,6 +23,7 @@ from tqdm import tqdm
 from pipeline.device import resolve_device
 from pipeline.discover import discover
 from pipeline.errors import FeatcacheError
+from pipeline.images import UnreadableImage, load_rgb
 from pipeline.loader import ImageFiles
 from pipeline.model import Classifier, load_run, save_finetuned
 from pipeline.preprocess import PreprocessSpec
@@ -53,6 +54,20 @@ def train_transform(spec: PreprocessSpec) -> v2.Compose:
         v2.RandomHorizontalFlip(),
         v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std)),
     ])
+
+
+class TransformedFiles(ImageFiles):
+    """Item i -> (i, float tensor (3, S, S) through ``transform`` or None, reason)."""
+
+    def __init__(self, root, rel_paths: list[str], spec: PreprocessSpec, transform):
+        super().__init__(root, rel_paths, spec, draft=False)
+        self.transform = transform
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(load_rgb(str(self.root / self.rel_paths[i]))), ""
+        except UnreadableImage as e:
+            return i, None, str(e) or "unreadable"
 
 
 def blocks(backbone: nn.Module) -> list[nn.Module]:
@@ -165,9 +180,8 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     trainable = set_trainable(model, cfg.unfreeze)
     labels = torch.tensor([r.label for r in disc.records])
     paths = [r.path for r in disc.records]
-    train_ds = ImageFiles(disc.root, paths, pred.preprocess)
-    train_ds.transform = train_transform(pred.preprocess)
-    eval_ds = ImageFiles(disc.root, paths, pred.preprocess)
+    train_ds = TransformedFiles(disc.root, paths, pred.preprocess, train_transform(pred.preprocess))
+    eval_ds = TransformedFiles(disc.root, paths, pred.preprocess, pred.preprocess.transform())
     gen = torch.Generator().manual_seed(cfg.seed)
     train_dl = _loader(train_ds, rows["train"], labels, cfg, True, gen)
     val_dl = _loader(eval_ds, rows["val"], labels, cfg, False) if rows["val"] else None

@@ -1,13 +1,18 @@
-"""``featcache fit-head``: cache -> configurations -> stacked training -> best head, metrics, files."""
+"""``featcache fit-head``: cache -> configurations -> stacked training -> best head, metrics, files.
+
+RUN_DIR receives head.pt (the winner, or its refit), metrics.json, leaderboard.json/.csv (every
+configuration, best first) and the PNG plots of pipeline/plots.py.
+"""
 from __future__ import annotations
 
-import itertools
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
 
 from cache.store import read_cache
 from pipeline.config import HeadConfig
@@ -15,74 +20,141 @@ from pipeline.data import Prepared, prepare
 from pipeline.device import resolve_device
 from pipeline.errors import FeatcacheError
 from pipeline.headio import save_head
+from pipeline.leaderboard import logreg_row, rank, rank_key, torch_row, write_leaderboard
+from pipeline.logreg import fit_logreg
 from pipeline.metrics import score
 from pipeline.optim import OPTIMIZERS
-from pipeline.train import FitResult, HeadParams, TrainSettings, train_many
+from pipeline.sweep import c_values, check_search, configurations, expand, swept
+from pipeline.train import HeadParams, TrainSettings, train_many
 
-HEADS = ("linear", "mlp")
+HEADS = ("linear", "mlp", "logreg")
+__all__ = ["HEADS", "check_config", "expand", "rank_key", "run_fit_head"]
+
+
+@dataclass
+class Candidate:
+    """One trained configuration: its leaderboard row, its head and what is needed to retrain it."""
+
+    row: dict
+    head: nn.Sequential
+    history: list[dict] = field(default_factory=list)  # per epoch; empty for logreg
+    params: HeadParams | None = None  # None for logreg (its C is in the row)
 
 
 def check_config(cfg: HeadConfig) -> None:
+    """One-line errors for option values no configuration could train with."""
     if cfg.head not in HEADS:
         raise FeatcacheError(f"unknown head {cfg.head!r}: choose from {', '.join(HEADS)}")
+    check_search(cfg)
     for opt in cfg.optimizer:
         if opt not in OPTIMIZERS:
             raise FeatcacheError(f"unknown optimizer {opt!r}: choose from {', '.join(OPTIMIZERS)}")
     bad = [f"--dropout {d}" for d in cfg.dropout if not 0 <= d < 1] + [f"--lr {v}" for v in cfg.lr if v <= 0]
     bad += [f"--weight-decay {v}" for v in cfg.weight_decay if v < 0] + [f"--l1 {v}" for v in cfg.l1 if v < 0]
-    bad += [f"--momentum {v}" for v in cfg.momentum if not 0 <= v < 1]
+    bad += [f"--momentum {v}" for v in cfg.momentum if not 0 <= v < 1] + [f"--C {v}" for v in cfg.C if v <= 0]
     bad += [f"--hidden {h}" for hs in cfg.hidden for h in hs if h < 1]
     if cfg.epochs < 1 or cfg.batch_size < 1:
         bad.append("--epochs and --batch-size must be at least 1")
     if bad:
         raise FeatcacheError(f"invalid value: {bad[0]}")
-    if not all(len(v) for v in (cfg.dropout, cfg.weight_decay, cfg.l1, cfg.optimizer, cfg.lr, cfg.momentum, cfg.hidden)):
+    lists = (cfg.dropout, cfg.weight_decay, cfg.l1, cfg.optimizer, cfg.lr, cfg.momentum, cfg.hidden, cfg.C)
+    if not all(len(v) for v in lists):
         raise FeatcacheError("every swept option needs at least one value")
 
 
-def expand(cfg: HeadConfig) -> list[HeadParams]:
-    """The grid of configurations; values that cannot matter (dropout of a linear head, momentum
-    of Adam) are normalised so that the grid holds no duplicates."""
-    hiddens = [()] if cfg.head == "linear" else list(dict.fromkeys(cfg.hidden))
-    out: dict[HeadParams, None] = {}
-    for h, d, wd, l1, opt, lr, mom in itertools.product(
-            hiddens, cfg.dropout, cfg.weight_decay, cfg.l1, cfg.optimizer, cfg.lr, cfg.momentum):
-        out[HeadParams(hidden=tuple(h), dropout=d if h else 0.0, batchnorm=cfg.batchnorm and bool(h),
-                       weight_decay=wd, l1=l1, optimizer=opt, lr=lr,
-                       momentum=mom if opt == "sgd" else 0.0, seed=cfg.seed)] = None
-    return list(out)
+def _val(data: Prepared) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    Xv, yv = data.split("val")
+    return (Xv, yv) if len(Xv) else (None, None)
 
 
-def rank_key(r: dict) -> tuple:
-    """Best first: highest val accuracy, then lowest val loss, then the earlier configuration."""
-    return (-(r["val_accuracy"] if r["val_accuracy"] is not None else -1.0),
-            r["val_loss"] if r["val_loss"] is not None else float("inf"), r["index"])
+def _train_torch(cfg: HeadConfig, data: Prepared) -> list[Candidate]:
+    params = configurations(cfg)
+    results = train_many(params, *data.split("train"), *_val(data), len(data.class_names),
+                         TrainSettings(cfg.epochs, cfg.batch_size, cfg.patience))
+    return [Candidate(torch_row(i, r, data), r.head, r.history, r.params) for i, r in enumerate(results)]
 
 
-def summarise(i: int, res: FitResult, data: Prepared) -> dict:
-    """One leaderboard row: hyperparameters, best epoch, train/val/test scores, seconds."""
-    row = {"index": i, **asdict(res.params), "hidden": ",".join(map(str, res.params.hidden)) or "0",
-           "best_epoch": res.best_epoch, "epochs_run": len(res.history), "seconds": round(res.seconds, 4)}
-    for split in ("train", "val", "test"):
-        s = score(res.head, *data.split(split))
-        row[f"{split}_accuracy"] = s.get("accuracy")
-        row[f"{split}_loss"] = s.get("loss")
-    return row
+def _train_logreg(cfg: HeadConfig, data: Prepared) -> list[Candidate]:
+    results = fit_logreg(c_values(cfg), *data.split("train"), len(data.class_names), cfg.seed)
+    return [Candidate(logreg_row(i, r, data, cfg.seed), r.head) for i, r in enumerate(results)]
 
 
-def head_metadata(cfg: HeadConfig, res: FitResult, data: Prepared, cache) -> dict:
+def _refit(cfg: HeadConfig, data: Prepared, best: Candidate) -> tuple[nn.Sequential, dict]:
+    """Retrain the winner's exact configuration on train+val (its best epoch count, no early
+    stopping; logreg: its C) and score it. Standardisation keeps the train-only statistics."""
+    t0 = time.perf_counter()
+    rows = np.sort(np.concatenate([data.rows["train"], data.rows["val"]]))
+    idx = torch.as_tensor(rows, device=data.X.device)
+    X, y = data.X[idx], data.y[idx]
+    n_classes = len(data.class_names)
+    if best.params is None:
+        head = fit_logreg([best.row["C"]], X, y, n_classes, cfg.seed)[0].head
+        epochs = None
+    else:
+        epochs = best.row["best_epoch"]
+        head = train_many([best.params], X, y, None, None, n_classes,
+                          TrainSettings(epochs, cfg.batch_size, patience=0))[0].head
+    fitted, test = score(head, X, y), score(head, *data.split("test"))
+    info = {"n_rows": len(rows), "epochs": epochs, "train_val_accuracy": fitted["accuracy"],
+            "train_val_loss": fitted["loss"], "test_accuracy": test.get("accuracy"), "test_loss": test.get("loss"),
+            "seconds": round(time.perf_counter() - t0, 3)}
+    return head, info
+
+
+def _head_metadata(cfg: HeadConfig, best: Candidate, data: Prepared, cache) -> dict:
+    p = best.params or HeadParams()  # logreg: a linear head without dropout or batch norm
     return {
-        "in_dim": int(data.X.shape[1]), "n_classes": len(data.class_names), "hidden": list(res.params.hidden),
-        "batchnorm": res.params.batchnorm, "dropout": res.params.dropout, "class_names": data.class_names,
+        "in_dim": int(data.X.shape[1]), "n_classes": len(data.class_names), "hidden": list(p.hidden),
+        "batchnorm": p.batchnorm, "dropout": p.dropout, "class_names": data.class_names,
         "standardize": None if data.mean is None else {"mean": data.mean.tolist(), "scale": data.scale.tolist()},
-        "cache": str(cfg.cache), "cache_fingerprint": cache.fingerprint,
-        "backbone": {k: cache.attrs.get(k) for k in ("backbone", "weights", "layer", "pool", "preprocess", "feature_dim")},
-        "config": asdict(cfg), "params": asdict(res.params), "best_epoch": res.best_epoch,
+        "cache": str(cfg.cache), "cache_fingerprint": cache.fingerprint, "backbone": _backbone(cache),
+        "extract_config": cache.attrs.get("config"),  # predict/export/finetune rebuild the backbone from it
+        "config": asdict(cfg), "head_type": cfg.head,
+        "params": asdict(best.params) if best.params else {"C": best.row["C"]},
+        "best_epoch": best.row.get("best_epoch"), "refit": cfg.refit,
     }
 
 
+def _backbone(cache) -> dict:
+    return {k: cache.attrs.get(k) for k in ("backbone", "weights", "layer", "pool", "preprocess", "feature_dim")}
+
+
+def _plots(out: Path, cfg: HeadConfig, ranked: list[dict], by_index: dict[int, Candidate], head: nn.Sequential,
+           data: Prepared) -> list[str]:
+    from pipeline import plots  # matplotlib is imported only when pictures are asked for
+    from pipeline.metrics import confusion
+
+    best = by_index[ranked[0]["index"]]
+    files = []
+    if best.history:
+        files.append(plots.training_curves(best.history, out / "curves.png", f"best head: {_label(best.row)}",
+                                           best.row["best_epoch"]))
+        curves = [(_label(r), by_index[r["index"]].history) for r in ranked]
+        files.append(plots.weight_norm_curves(curves, out / "weight_norm.png"))
+    split = "test" if len(data.rows["test"]) else "val"
+    X, y = data.split(split)
+    if len(X):
+        title = f"{split} split, {'refit of ' if cfg.refit else ''}best head\n{_label(best.row)}"
+        files.append(plots.confusion_plot(confusion(head, X, y, len(data.class_names)), data.class_names,
+                                          out / "confusion.png", title))
+    fields = swept(ranked)
+    if fields:
+        metric = "val_accuracy" if ranked[0].get("val_accuracy") is not None else "train_accuracy"
+        files.append(plots.sweep_plot(ranked, fields, out / "sweep.png", metric))
+    return files
+
+
+def _label(row: dict) -> str:
+    """Short description of a configuration for legends: the swept-looking values."""
+    if row["head"] == "logreg":
+        return f"logreg C={row['C']:g}"
+    arch = "linear" if row["hidden"] == "0" else f"mlp {row['hidden']}"
+    return f"{arch} {row['optimizer']} lr={row['lr']:g} wd={row['weight_decay']:g} l1={row['l1']:g}" + (
+        f" do={row['dropout']:g}" if row["hidden"] != "0" else "")
+
+
 def run_fit_head(cfg: HeadConfig, progress: bool = True) -> dict:
-    """Train every configuration, save the best head and metrics; return the summary."""
+    """Train every configuration, save the best head, metrics, leaderboard and plots; return the summary."""
     t0 = time.perf_counter()
     check_config(cfg)
     out = Path(cfg.output)
@@ -91,25 +163,35 @@ def run_fit_head(cfg: HeadConfig, progress: bool = True) -> dict:
     cache = read_cache(cfg.cache)
     device = resolve_device(cfg.device)
     data = prepare(cache, cfg.val_fraction, cfg.seed, cfg.standardize, device)
-    params = expand(cfg)
-    Xv, yv = data.split("val")
-    results = train_many(params, *data.split("train"), Xv if len(Xv) else None, yv if len(yv) else None,
-                         len(data.class_names), TrainSettings(cfg.epochs, cfg.batch_size, cfg.patience))
-    rows = sorted((summarise(i, r, data) for i, r in enumerate(results)), key=rank_key)
-    best = results[rows[0]["index"]]
+    if cfg.refit and not len(data.rows["val"]):
+        raise FeatcacheError("--refit retrains on train+val, but this run has no validation split (--val-fraction 0)")
+    candidates = _train_logreg(cfg, data) if cfg.head == "logreg" else _train_torch(cfg, data)
+    ranked = rank([c.row for c in candidates])
+    by_index = {c.row["index"]: c for c in candidates}
+    best = by_index[ranked[0]["index"]]
+    win = ranked[0]
+    head, refit = _refit(cfg, data, best) if cfg.refit else (best.head, None)
     out.mkdir(parents=True, exist_ok=True)
-    save_head(out / "head.pt", best.head, head_metadata(cfg, best, data, cache))
+    save_head(out / "head.pt", head, _head_metadata(cfg, best, data, cache))
+    files = ["head.pt", "metrics.json", *write_leaderboard(out, ranked)]
+    if cfg.plots:
+        files += _plots(out, cfg, ranked, by_index, head, data)
     metrics = {
-        **{k: rows[0][k] for k in ("train_accuracy", "val_accuracy", "test_accuracy", "train_loss", "val_loss",
-                                   "test_loss", "best_epoch", "epochs_run")},
-        "history": best.history, "params": asdict(best.params), "config": asdict(cfg),
+        "head": cfg.head, **{k: win.get(k) for k in ("train_accuracy", "val_accuracy", "test_accuracy", "train_loss",
+                                                      "val_loss", "test_loss", "best_epoch", "epochs_run")},
+        "history": best.history, "params": asdict(best.params) if best.params else {"C": win["C"]},
+        "config": asdict(cfg), "search": cfg.search, "n_configs": len(candidates),
         "n_train": len(data.rows["train"]), "n_val": len(data.rows["val"]), "n_test": len(data.rows["test"]),
         "val_source": data.val_source, "class_names": data.class_names, "cache": str(cfg.cache),
         "cache_fingerprint": cache.fingerprint, "backbone": cache.attrs.get("backbone"),
-        "device": str(device), "n_configs": len(params), "seconds": round(time.perf_counter() - t0, 3),
+        "backbone_info": _backbone(cache), "device": str(device), "files": files,
     }
+    if refit is not None:
+        metrics.update(refit=refit, test_accuracy_before_refit=win.get("test_accuracy"),
+                       test_accuracy=refit["test_accuracy"], test_loss=refit["test_loss"])
     if metrics["test_accuracy"] is None:
-        del metrics["test_accuracy"], metrics["test_loss"]
+        for key in ("test_accuracy", "test_loss", "test_accuracy_before_refit"):
+            metrics.pop(key, None)
+    metrics["seconds"] = round(time.perf_counter() - t0, 3)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    summary = {"run_dir": str(out), **{k: v for k, v in metrics.items() if k != "history"}, "leaderboard": rows}
-    return summary
+    return {"run_dir": str(out), **{k: v for k, v in metrics.items() if k != "history"}, "leaderboard": ranked}

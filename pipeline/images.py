@@ -52,13 +52,23 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
-def load_rgb(path: str, draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Open, fully decode, orient and convert one image.
+def _draft(im: Image.Image, min_side: int) -> None:
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT scaling: cheaper than full decoding) as
+    long as the shorter side stays >= ``min_side``. Pillow picks the largest such scale."""
+    w, h = im.size
+    short = min(w, h)
+    if short >= 2 * min_side:  # a scale of at least 1/2 is possible
+        im.draft(None, (-(-w * min_side // short), -(-h * min_side // short)))  # ceil: never below min_side
+
+
+def load_rgb(path: str, draft_min_side: int | None = None) -> Image.Image:
+    """Open, decode, orient and convert one image.
 
     Args:
         path: file to read.
-        draft_size: if given and the file is a JPEG, let libjpeg decode at a reduced scale that
-            still covers this (width, height); used only when the resize that follows is larger.
+        draft_min_side: if given and the file is a JPEG whose shorter side is at least twice this,
+            decode it at a reduced scale whose shorter side is still >= this many pixels
+            (see ``_draft``); otherwise, and for every other format, decode fully.
     Raises:
         UnreadableImage: zero-byte, truncated, not an image, too large, or unreadable.
     """
@@ -67,8 +77,8 @@ def load_rgb(path: str, draft_size: tuple[int, int] | None = None) -> Image.Imag
             # Pillow warns (not raises) between MAX_IMAGE_PIXELS and twice that; treat both as bombs.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                if draft_size is not None and im.format == "JPEG":
-                    im.draft("RGB", draft_size)
+                if draft_min_side and im.format == "JPEG":
+                    _draft(im, draft_min_side)
                 im.load()  # decode now so truncation surfaces here, not later in a worker
                 im = ImageOps.exif_transpose(im)
                 return to_rgb(im)

@@ -1,50 +1,128 @@
-"""Files -> preprocessed tensors, decoded in DataLoader workers so decoding overlaps the backbone."""
+"""Files -> uint8 image batches, decoded in parallel by worker processes or threads.
+
+Decoding stops at uint8 (N, S, S, 3): resize and crop run on the PIL image exactly as in
+``PreprocessSpec.transform()``, and the float conversion + normalisation run once per batch on the
+compute device (accel.Normalizer), bit-identical to the per-image transform. uint8 batches are a
+quarter of the bytes of float ones to pass between processes, pin, or copy to a GPU.
+
+Every source yields exactly the planned batches, in order (fixed composition makes resume exact):
+  * worker processes (torch DataLoader) prefetching while the backbone runs;
+  * a thread pool in this process (Pillow releases the GIL while decoding and resizing), either
+    prefetching or decoding each batch on demand with every thread (device.decode_layout decides);
+  * inline, one image after another (threads=0).
+"""
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode, v2
 
 from pipeline.images import UnreadableImage, load_rgb
 from pipeline.preprocess import PreprocessSpec
 
+DRAFT_FACTOR = 2  # JPEG draft decodes to a shorter side >= 2x the resize target, then resizes as usual
+
+Batch = tuple[list[int], "torch.Tensor | None", list[str]]  # indices, uint8 (n_ok, S, S, 3), reasons
+
+
+def pil_stage(spec: PreprocessSpec) -> v2.Compose:
+    """The PIL part of ``spec.transform()``: resize + center crop (PIL image -> PIL image)."""
+    return v2.Compose([
+        v2.Resize(spec.resize_size, InterpolationMode(spec.interpolation), antialias=spec.antialias),
+        v2.CenterCrop(spec.crop_size),
+    ])
+
+
+def draft_min_side(spec: PreprocessSpec, draft: bool) -> int | None:
+    """The shorter side JPEGs may be draft-decoded down to (None: always full decode)."""
+    return DRAFT_FACTOR * spec.resize_size if draft else None
+
 
 class ImageFiles(Dataset):
-    """Item i -> (i, tensor (3, S, S) or None, reason); a bad file never raises."""
+    """Item i -> (i, uint8 array (S, S, 3) or None, reason); a bad file never raises."""
 
-    def __init__(self, root: str | Path, rel_paths: list[str], spec: PreprocessSpec):
+    def __init__(self, root: str | Path, rel_paths: list[str], spec: PreprocessSpec, draft: bool = True):
         self.root = Path(root)
         self.rel_paths = rel_paths
-        self.transform = spec.transform()
+        self.stage = pil_stage(spec)
+        self.min_side = draft_min_side(spec, draft)
 
     def __len__(self) -> int:
         return len(self.rel_paths)
 
     def __getitem__(self, i: int):
         try:
-            img = load_rgb(str(self.root / self.rel_paths[i]))
-            return i, self.transform(img), ""
+            img = load_rgb(str(self.root / self.rel_paths[i]), draft_min_side=self.min_side)
+            return i, np.asarray(self.stage(img)), ""
         except UnreadableImage as e:
             return i, None, str(e) or "unreadable"
 
 
-def collate(items):
-    """-> (indices, ok mask, stacked tensors of the usable images (n_ok, 3, S, S), reasons)."""
+def collate(items) -> Batch:
+    """-> (indices, uint8 (n_ok, S, S, 3) of the usable images or None, reasons)."""
     indices = [i for i, _, _ in items]
-    tensors = [t for _, t, _ in items if t is not None]
+    arrays = [a for _, a, _ in items if a is not None]
     reasons = [r for _, _, r in items]
-    batch = torch.stack(tensors) if tensors else None
+    batch = torch.from_numpy(np.stack(arrays)) if arrays else None
     return indices, batch, reasons
 
 
 def make_loader(dataset: ImageFiles, batches: list[list[int]], workers: int, pin_memory: bool) -> DataLoader:
-    """Each yielded batch is exactly one of ``batches`` (fixed composition makes resume exact)."""
+    """Decode in ``workers`` processes; each yielded batch is exactly one of ``batches``
+    (fixed composition makes resume exact)."""
     return DataLoader(
         dataset,
         batch_sampler=batches,
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin_memory,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=2 if workers > 0 else None,  # 2 batches per worker: enough to hide jitter
+        persistent_workers=False,
     )
+
+
+def threaded_batches(dataset: ImageFiles, batches: list[list[int]], threads: int, prefetch: int = 2,
+                     pin_memory: bool = False) -> Iterator[Batch]:
+    """Decode with ``threads`` threads in this process, ``prefetch`` batches ahead of the consumer.
+
+    ``threads=0`` decodes each batch in the calling thread when it is asked for; ``prefetch=0``
+    decodes each batch with all threads when it is asked for (no overlap with the consumer).
+    """
+    if threads <= 0:
+        for b in batches:
+            yield _pinned(collate([dataset[i] for i in b]), pin_memory)
+        return
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="featcache-decode")
+    submit = lambda b: [pool.submit(dataset.__getitem__, i) for i in b]  # noqa: E731
+    try:
+        queued: deque = deque(submit(b) for b in batches[: max(1, prefetch)])
+        todo = iter(batches[len(queued):])
+        while queued:
+            if prefetch > 0 and (nxt := next(todo, None)) is not None:
+                queued.append(submit(nxt))  # decoded while the consumer computes
+            batch = _pinned(collate([f.result() for f in queued.popleft()]), pin_memory)
+            yield batch
+            if prefetch == 0 and (nxt := next(todo, None)) is not None:
+                queued.append(submit(nxt))  # decoded only once asked for
+    finally:  # consumer stopped early (error, interrupt): drop queued work, wait for running
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _pinned(batch: Batch, pin: bool) -> Batch:
+    if pin and batch[1] is not None:  # page-locked memory lets the GPU copy run asynchronously
+        return batch[0], batch[1].pin_memory(), batch[2]
+    return batch
+
+
+def decode_batches(dataset: ImageFiles, batches: list[list[int]], workers: int, threads: int,
+                   pin_memory: bool, prefetch: int = 2) -> Iterator[Batch]:
+    """Batches in order: from ``workers`` processes if > 0, else from ``threads`` threads here."""
+    if workers > 0:
+        return iter(make_loader(dataset, batches, workers, pin_memory))
+    return threaded_batches(dataset, batches, threads, prefetch, pin_memory=pin_memory)

@@ -12,7 +12,8 @@ from tqdm import tqdm
 from pipeline.device import resolve_device
 from pipeline.discover import walk_images
 from pipeline.errors import FeatcacheError
-from pipeline.images import UnreadableImage, load_rgb
+from pipeline.accel import Runner
+from pipeline.loader import ImageFiles, collate
 from pipeline.model import Predictor, load_predictor
 
 
@@ -52,24 +53,26 @@ def _round_like_cache(features: torch.Tensor, meta: dict) -> torch.Tensor:
 @torch.inference_mode()
 def predict_files(pred: Predictor, files: list[Path], top_k: int, batch_size: int,
                   device: torch.device, progress: bool = False) -> list[dict]:
-    """One dict per file: {path, label, top: [{class, probability}...]} or {path, error}."""
-    transform = pred.preprocess.transform()
-    model = pred.model.to(device).eval()
+    """One dict per file: {path, label, top: [{class, probability}...]} or {path, error}.
+
+    Images go through extraction's own path (the same decoding, JPEG draft policy, resize/crop
+    stage and backbone form), so predictions on cached images equal the cached-feature ones.
+    """
+    ec = pred.meta.get("extract_config") or {}
+    dataset = ImageFiles("", [str(f) for f in files], pred.preprocess, ec.get("draft", True))
+    runner = Runner(pred.model.backbone, pred.preprocess, device, optimize=ec.get("optimize", True))
+    head = pred.model.head.to(device).eval()
     k = max(1, min(top_k, len(pred.class_names)))
     out: list[dict] = []
     bar = tqdm(total=len(files), unit="img", desc="predict", disable=not progress, file=sys.stderr)
     for s in range(0, len(files), batch_size):
-        chunk, tensors, ok = files[s: s + batch_size], [], []
-        for f in chunk:
-            try:
-                tensors.append(transform(load_rgb(str(f))))
-                ok.append(f)
-            except UnreadableImage as e:
-                out.append({"path": str(f), "error": str(e)})
-        if tensors:
-            feats = _round_like_cache(model.backbone(torch.stack(tensors).to(device)).float(), pred.meta)
-            probs = torch.softmax(model.head(feats), dim=1).cpu()
-            top_p, top_i = probs.topk(k, dim=1)
+        _, x, reasons = collate([dataset[i] for i in range(s, min(s + batch_size, len(files)))])
+        chunk = files[s: s + batch_size]
+        out += [{"path": str(f), "error": r} for f, r in zip(chunk, reasons) if r]
+        if x is not None:
+            feats = _round_like_cache(torch.from_numpy(runner(x)).to(device), pred.meta)
+            top_p, top_i = torch.softmax(head(feats), dim=1).cpu().topk(k, dim=1)
+            ok = [f for f, r in zip(chunk, reasons) if not r]
             for f, ps, idx in zip(ok, top_p.tolist(), top_i.tolist()):
                 out.append({"path": str(f), "label": pred.class_names[idx[0]],
                             "top": [{"class": pred.class_names[i], "probability": p} for p, i in zip(ps, idx)]})
@@ -91,8 +94,8 @@ def write_csv(rows: list[dict], path: str, k: int) -> None:
 def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
     if cfg.top_k < 1 or cfg.batch_size < 1:
         raise FeatcacheError("--top-k and --batch-size must be at least 1")
-    files = collect_files(cfg.inputs)
     pred = load_predictor(cfg.model)
+    files = collect_files(cfg.inputs)
     rows = predict_files(pred, files, cfg.top_k, cfg.batch_size, resolve_device(cfg.device), progress)
     if cfg.csv_path:
         write_csv(rows, cfg.csv_path, min(cfg.top_k, len(pred.class_names)))

@@ -21,32 +21,62 @@ def parse_hidden(values: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
     return tuple(dict.fromkeys(archs))
 
 
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+def fmt(v, col: str = "") -> str:
+    """Scores with 4 decimals, seconds with 2, hyperparameters in short %g form."""
+    if v is None:
+        return "-"
+    if not isinstance(v, float):
+        return str(v)
+    return f"{v:.4f}" if col.endswith(("accuracy", "loss")) else f"{v:.2f}" if col == "seconds" else f"{v:.4g}"
+
+
+def table(header: list[str], rows: list[list[str]], left: tuple[str, ...] = ()) -> list[str]:
+    """Columns two spaces apart: right-aligned (numbers), or left-aligned for the ``left`` names."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    just = [str.ljust if h in left else str.rjust for h in header]
+    return ["  ".join(j(cell, w) for cell, w, j in zip(r, widths, just)).rstrip() for r in [header, *rows]]
 
 
 def leaderboard_lines(rows: list[dict], limit: int = 20) -> list[str]:
-    cols = ["hidden", "dropout", "weight_decay", "l1", "optimizer", "lr", "best_epoch", "train_accuracy",
-            "val_accuracy", "test_accuracy"]
-    table = [cols] + [[_fmt(r.get(c)) for c in cols] for r in rows[:limit]]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in table]
+    """The best ``limit`` configurations: swept hyperparameters, best epoch, scores, seconds."""
+    from pipeline.sweep import swept
+
+    epochs = ["best_epoch"] if rows and rows[0]["head"] != "logreg" else ["n_iter"]
+    scores = [c for c in ("train_accuracy", "val_accuracy", "val_loss", "test_accuracy")
+              if any(r.get(c) is not None for r in rows)]
+    cols = ["rank", *(swept(rows) or (["C"] if epochs == ["n_iter"] else ["lr"])), *epochs, *scores, "seconds"]
+    lines = table(cols, [[fmt(r.get(c), c) for c in cols] for r in rows[:limit]])
     if len(rows) > limit:
         lines.append(f"... {len(rows) - limit} more in leaderboard.csv")
     return lines
 
 
-def fit_lines(s: dict) -> list[str]:
+def _describe(s: dict) -> str:
     p = s["params"]
+    if s["head"] == "logreg":
+        return f"logreg C={p['C']:g} (scikit-learn LogisticRegression)"
     arch = "linear" if not p["hidden"] else "mlp " + "x".join(map(str, p["hidden"]))
+    extra = f" momentum={p['momentum']:g}" if p["optimizer"] == "sgd" else ""
+    return (f"{arch}, {p['optimizer']} lr={p['lr']:g} weight_decay={p['weight_decay']:g} l1={p['l1']:g}"
+            f"{extra}" + (f" dropout={p['dropout']:g}" if p["hidden"] else ""))
+
+
+def fit_lines(s: dict) -> list[str]:
+    """Human summary of a fit-head run: leaderboard (when swept), winner, scores, files."""
     lines = []
     if len(s["leaderboard"]) > 1:
         lines += leaderboard_lines(s["leaderboard"]) + [""]
+    when = f"epoch {s['best_epoch']} of {s['epochs_run']}, " if s.get("best_epoch") is not None else ""
     lines += [
-        f"best head: {arch}, {p['optimizer']} lr={p['lr']} weight_decay={p['weight_decay']} l1={p['l1']} "
-        f"dropout={p['dropout']} (epoch {s['best_epoch']} of {s['epochs_run']}, {s['n_configs']} configuration(s))",
-        f"train accuracy {_fmt(s['train_accuracy'])}  val accuracy {_fmt(s['val_accuracy'])}"
-        + (f"  test accuracy {_fmt(s['test_accuracy'])}" if s.get("test_accuracy") is not None else ""),
-        f"validation: {s['val_source']}; saved {s['run_dir']}/head.pt and metrics.json ({s['seconds']:.1f}s)",
+        f"best head: {_describe(s)} ({when}{s['n_configs']} configuration(s), {s['search']} search)",
+        f"train accuracy {fmt(s['train_accuracy'], 'accuracy')}  val accuracy {fmt(s['val_accuracy'], 'accuracy')}"
+        + (f"  test accuracy {fmt(s.get('test_accuracy_before_refit', s.get('test_accuracy')), 'accuracy')}"
+           if s.get("test_accuracy") is not None else ""),
     ]
+    if s.get("refit"):
+        r = s["refit"]
+        lines.append(f"refit on train+val ({r['n_rows']} rows" + (f", {r['epochs']} epochs" if r["epochs"] else "")
+                     + f"): train+val accuracy {fmt(r['train_val_accuracy'], 'accuracy')}"
+                     + (f"  test accuracy {fmt(r['test_accuracy'], 'accuracy')}" if r["test_accuracy"] is not None else ""))
+    lines.append(f"validation: {s['val_source']}; saved {s['run_dir']}/: {', '.join(s['files'])} ({s['seconds']:.1f}s)")
     return lines

@@ -2,7 +2,9 @@
 
 Configurations that share a shape, an optimizer and a seed train together as one ``StackedHead``:
 each mini-batch is read once for all of them, while every configuration keeps its own learning
-rate, weight decay, L1, momentum, dropout, early stopping and best epoch.
+rate, weight decay, L1, momentum, dropout, early stopping and best epoch. A configuration that
+stops early is dropped from the stack (model and optimizer state), so the survivors do not pay
+for it: a batched sweep does the arithmetic of the sequential one, in fewer, wider operations.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from torch import nn
 from pipeline.heads import StackedHead
 from pipeline.optim import StackedOptimizer
 
-EVAL_CHUNK = 8192  # rows per evaluation forward, bounds (K, rows, C) logits memory
+EVAL_CHUNK = 8192  # rows per evaluation forward, bounds (rows, C, K) logits memory
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,22 @@ class FitResult:
     head: nn.Sequential  # best-epoch weights, CPU, eval mode
     best_epoch: int  # 1-based
     history: list[dict] = field(default_factory=list)  # per epoch, up to this head's own stop
-    seconds: float = 0.0  # this head's share of its group's wall-clock time
+    seconds: float = 0.0  # this head's share of its group's wall-clock time (epoch time / heads alive)
+
+
+def stacked_logits(model: StackedHead, x: torch.Tensor) -> torch.Tensor:
+    """Logits of every head laid out (B, C, K) for a shared input x (B, D).
+
+    A linear stack is computed as one (B, D) @ (D, C*K) GEMM: ``torch.matmul`` would broadcast x to
+    (K, B, D), run K narrow GEMMs and materialise that copy again in backward. The (B, C, K) layout
+    lets cross-entropy run over dim 1 with K contiguous, which is ~8x faster than over K*B rows of
+    10 classes.
+    """
+    if not model.hidden and x.dim() == 2:
+        w, b = model.weights[0], model.biases[0]  # (K, D, C), (K, C)
+        k, d, c = w.shape
+        return torch.addmm(b.t().reshape(c * k), x, w.permute(1, 2, 0).reshape(d, c * k)).view(-1, c, k)
+    return model(x).permute(1, 2, 0)
 
 
 def evaluate_stacked(model: StackedHead, X: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,17 +78,56 @@ def evaluate_stacked(model: StackedHead, X: torch.Tensor, y: torch.Tensor) -> tu
     correct = torch.zeros(model.k, device=X.device, dtype=torch.float64)
     with torch.no_grad():
         for s in range(0, len(X), EVAL_CHUNK):
-            logits = model(X[s: s + EVAL_CHUNK])  # (K, b, C)
+            logits = stacked_logits(model, X[s: s + EVAL_CHUNK])  # (b, C, K)
             yb = y[s: s + EVAL_CHUNK]
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.repeat(model.k), reduction="none")
-            loss += ce.view(model.k, -1).sum(1).double()
-            correct += (logits.argmax(-1) == yb).sum(1).double()
+            loss += F.cross_entropy(logits, yb[:, None].expand(-1, model.k), reduction="none").sum(0).double()
+            correct += (logits.max(1).indices == yb[:, None]).sum(0).double()  # max(1): 5x argmax(1) here
     return (loss / len(X)).float(), (correct / len(X)).float()
+
+
+def _flush_subnormal(grad: torch.Tensor) -> torch.Tensor:
+    """Zero gradient entries below the smallest normal float (~1.2e-38).
+
+    Confident heads produce softmax gradients that underflow into subnormal numbers, and CPU GEMMs
+    on subnormal inputs run ~50x slower (measured 16 ms -> 780 ms for one backward GEMM).
+    """
+    return grad.masked_fill(grad.abs() < torch.finfo(grad.dtype).tiny, 0.0)
 
 
 def _weight_norm(model: StackedHead) -> torch.Tensor:
     """Frobenius norm of all weight matrices per head (K,): the regularisation diagnostic."""
     return torch.sqrt(sum((w.detach() ** 2).sum(dim=(1, 2)) for w in model.weights))
+
+
+def _replace_state(model: StackedHead, state: dict[str, torch.Tensor]) -> None:
+    """Swap every parameter and buffer for the given tensors (all (K', ...)); K' may differ from K."""
+    with torch.no_grad():
+        for name, t in state.items():
+            owner, _, idx = name.partition(".")
+            if idx:  # "weights.0": an entry of a ParameterList
+                getattr(model, owner)[int(idx)] = nn.Parameter(t.clone())
+            else:  # "dropout", "bn_mean0": a buffer
+                setattr(model, owner, t.clone())
+    model.k = len(state["dropout"])
+
+
+def _optimizer(model: StackedHead, kind: str, hp: dict[str, torch.Tensor]) -> StackedOptimizer:
+    return StackedOptimizer(model.decay_parameters(), model.other_parameters(), kind,
+                            hp["lr"], hp["weight_decay"], hp["momentum"])
+
+
+def _drop_stopped(model: StackedHead, opt: StackedOptimizer, hp: dict[str, torch.Tensor],
+                  keep: torch.Tensor) -> StackedOptimizer:
+    """Keep heads ``keep`` (local indices) in the model, the per-head values ``hp`` (in place) and
+    the optimizer state; return the optimizer rebuilt over the new parameter tensors."""
+    _replace_state(model, {name: t[keep] for name, t in model.state_dict().items()})
+    for name in hp:
+        hp[name] = hp[name][keep]
+    new = _optimizer(model, opt.kind, hp)
+    new.t = opt.t  # shared step count: every surviving head has taken the same steps
+    for st_new, st_old in zip(new.state, opt.state):
+        st_new.update({key: v[keep].clone() for key, v in st_old.items()})
+    return new
 
 
 def train_group(params: list[HeadParams], X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor | None,
@@ -84,27 +140,31 @@ def train_group(params: list[HeadParams], X: torch.Tensor, y: torch.Tensor, Xv: 
     Returns:
         One FitResult per configuration, in the order given.
     """
-    t0 = time.perf_counter()
     first = params[0]
     dev = X.device
-    k = len(params)
-    per_head = lambda name: torch.tensor([float(getattr(p, name)) for p in params], device=dev)  # noqa: E731
+    k_all = len(params)
+    hp = {name: torch.tensor([float(getattr(p, name)) for p in params], device=dev)
+          for name in ("lr", "weight_decay", "momentum", "l1")}
     model = StackedHead(X.shape[1], first.hidden, n_classes, [p.seed for p in params],
-                        per_head("dropout"), first.batchnorm).to(dev)
+                        torch.tensor([p.dropout for p in params]), first.batchnorm).to(dev)
     model.generator = torch.Generator(device=dev).manual_seed(first.seed + 1)
-    opt = StackedOptimizer(model.decay_parameters(), model.other_parameters(), first.optimizer,
-                           per_head("lr"), per_head("weight_decay"), per_head("momentum"))
-    l1 = per_head("l1")
+    opt = _optimizer(model, first.optimizer, hp)
     order_gen = torch.Generator().manual_seed(first.seed)  # one data order shared by the group
-    early = Xv is not None and len(Xv) > 0 and settings.patience > 0
-    best_loss = torch.full((k,), float("inf"), device=dev)
-    best_epoch = torch.zeros(k, dtype=torch.long)
-    wait = torch.zeros(k, dtype=torch.long)
-    stop_epoch = torch.full((k,), settings.epochs, dtype=torch.long)
-    best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    histories: list[list[dict]] = [[] for _ in range(k)]
+    has_val = Xv is not None and len(Xv) > 0
+    early = has_val and settings.patience > 0
+    active = torch.arange(k_all)  # global index of each head still in the stack
+    best_loss = torch.full((k_all,), float("inf"))
+    best_epoch = torch.zeros(k_all, dtype=torch.long)
+    wait = torch.zeros(k_all, dtype=torch.long)
+    seconds = torch.zeros(k_all, dtype=torch.float64)
+    best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}  # all K heads
+    histories: list[list[dict]] = [[] for _ in range(k_all)]
     n = len(X)
+    flush = dev.type == "cpu"
     for epoch in range(1, settings.epochs + 1):
+        t_epoch = time.perf_counter()
+        k = len(active)
+        use_l1 = bool((hp["l1"] > 0).any())  # once per epoch, not a device sync per step
         model.train()
         perm = torch.randperm(n, generator=order_gen).to(dev)
         loss_sum = torch.zeros(k, device=dev)
@@ -114,46 +174,48 @@ def train_group(params: list[HeadParams], X: torch.Tensor, y: torch.Tensor, Xv: 
             if model.batchnorm and len(idx) < 2:  # batch norm cannot normalise a single row
                 continue
             xb, yb = X[idx], y[idx]
-            logits = model(xb)  # (K, B, C)
-            ce = F.cross_entropy(logits.reshape(-1, n_classes), yb.repeat(k), reduction="none").view(k, -1).mean(1)
-            loss = ce
-            if bool((l1 > 0).any()):
-                loss = loss + l1 * sum(w.abs().sum(dim=(1, 2)) for w in model.decay_parameters())
+            logits = stacked_logits(model, xb)  # (B, C, K)
+            if flush:
+                logits.register_hook(_flush_subnormal)
+            ce = F.cross_entropy(logits, yb[:, None].expand(-1, k), reduction="none").mean(0)  # (K,)
             opt.zero_grad()
-            loss.sum().backward()  # heads are independent: the sum's gradient is each head's own
+            ce.sum().backward()  # heads are independent: the sum's gradient is each head's own
+            if use_l1:  # d/dW of l1 * sum|W| is l1 * sign(W) (autograd's abs rule), added in place
+                for w in model.decay_parameters():
+                    w.grad.addcmul_(torch.sign(w.detach()), hp["l1"].view(-1, *([1] * (w.ndim - 1))))
             opt.step()
             loss_sum += ce.detach() * len(idx)
-            correct += (logits.detach().argmax(-1) == yb).sum(1)
-        record = {"train_loss": (loss_sum / n).tolist(), "train_accuracy": (correct / n).tolist(),
-                  "weight_norm": _weight_norm(model).tolist()}
-        if Xv is not None and len(Xv) > 0:
-            vl, va = evaluate_stacked(model, Xv, yv)
-            record["val_loss"], record["val_accuracy"] = vl.tolist(), va.tolist()
-        for j in range(k):
-            if epoch <= stop_epoch[j]:
-                histories[j].append({"epoch": epoch, **{key: vals[j] for key, vals in record.items()}})
+            correct += (logits.detach().max(1).indices == yb[:, None]).sum(0)
+        record = {"train_loss": loss_sum / n, "train_accuracy": correct / n, "weight_norm": _weight_norm(model)}
+        if has_val:
+            record["val_loss"], record["val_accuracy"] = evaluate_stacked(model, Xv, yv)
+        lists = {key: v.tolist() for key, v in record.items()}  # one device sync per epoch
+        for j, g in enumerate(active.tolist()):
+            histories[g].append({"epoch": epoch, **{key: vals[j] for key, vals in lists.items()}})
         if not early:
-            best_epoch[:] = epoch
+            best_epoch[active] = epoch
+            seconds[active] += (time.perf_counter() - t_epoch) / k
             continue
-        improved = vl < best_loss  # (K,) bool on device
-        improved &= (epoch <= stop_epoch).to(dev)  # a stopped head keeps its best weights
-        best_loss = torch.where(improved, vl, best_loss)
-        imp_cpu = improved.cpu()
-        best_epoch[imp_cpu] = epoch
-        wait[imp_cpu] = 0
-        wait[~imp_cpu] += 1
-        newly_stopped = (wait >= settings.patience) & (stop_epoch == settings.epochs) & (epoch < settings.epochs)
-        stop_epoch[newly_stopped] = epoch
-        for name, t in model.state_dict().items():
-            mask = improved.view(-1, *([1] * (t.ndim - 1))) if t.ndim else None
-            if mask is not None and t.shape[0] == k:
-                best_state[name] = torch.where(mask, t.detach(), best_state[name])
-        if bool((wait >= settings.patience).all()):
+        vl = record["val_loss"].cpu()
+        improved = vl < best_loss[active]  # (k,) bool
+        best_loss[active] = torch.where(improved, vl, best_loss[active])
+        best_epoch[active[improved]] = epoch
+        wait[active] = torch.where(improved, 0, wait[active] + 1)
+        if bool(improved.any()):
+            imp = improved.nonzero().squeeze(1).to(dev)
+            for name, t in model.state_dict().items():  # copy the improved heads' weights aside
+                best_state[name][active.to(dev)[imp]] = t.detach()[imp]
+        keep = (wait[active] < settings.patience).nonzero().squeeze(1)
+        seconds[active] += (time.perf_counter() - t_epoch) / k
+        if len(keep) == 0:
             break
+        if len(keep) < k:  # some heads stopped: train only the others from now on
+            opt = _drop_stopped(model, opt, hp, keep.to(dev))
+            active = active[keep]
     if early:
-        model.load_state_dict(best_state)
-    seconds = (time.perf_counter() - t0) / k
-    return [FitResult(params[j], model.to_sequential(j), int(best_epoch[j]), histories[j], seconds) for j in range(k)]
+        _replace_state(model, best_state)
+    return [FitResult(params[j], model.to_sequential(j), int(best_epoch[j]), histories[j], float(seconds[j]))
+            for j in range(k_all)]
 
 
 def train_many(params: list[HeadParams], X, y, Xv, yv, n_classes: int, settings: TrainSettings) -> list[FitResult]:

@@ -299,9 +299,6 @@ def test_output_that_is_a_folder_is_refused(small_tree, tmp_path):
     assert out.is_dir()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: extract -o EXISTING_FOLDER --overwrite (which the first error suggests) "
-                   "computes every feature, then dies with 'internal error: IsADirectoryError' at os.replace in "
-                   "cache/store.py CacheWriter.finish; pipeline/extract.py _check should refuse a folder up front")
 def test_output_that_is_a_folder_is_refused_even_with_overwrite(small_tree, tmp_path):
     out = tmp_path / "outdir"
     out.mkdir()
@@ -399,9 +396,6 @@ def test_stale_tmp_file_from_a_killed_run_is_removed(small_tree, tmp_path):
     assert_same_cache(out, ref)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: pipeline/extract.py run_extract globs f'{out.name}.tmp-*' without "
-                   "glob.escape: for 'run[1].h5' it misses its own stale temp file and deletes 'run1.h5.tmp-*', the "
-                   "live temp file of another cache")
 def test_stale_tmp_cleanup_with_glob_characters_in_the_name(small_tree, tmp_path):
     out = tmp_path / "run[1].h5"
     stale = tmp_path / "run[1].h5.tmp-999999"

@@ -1,0 +1,72 @@
+"""One row per trained configuration: hyperparameters, best epoch, scores, seconds; ranking and files.
+
+Rows are plain JSON-ready dicts so that leaderboard.json, leaderboard.csv, the printed table, the
+sweep plot and ``featcache runs`` all read the same thing.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from torch import nn
+
+from pipeline.data import Prepared
+from pipeline.logreg import LogregResult
+from pipeline.metrics import score
+from pipeline.train import FitResult
+
+SPLITS = ("train", "val", "test")
+
+
+def split_scores(head: nn.Module, data: Prepared) -> dict:
+    """train/val/test accuracy and mean cross-entropy of ``head``; None for a split with no rows."""
+    row: dict = {}
+    for split in SPLITS:
+        s = score(head, *data.split(split))
+        row[f"{split}_loss"] = s.get("loss")
+        row[f"{split}_accuracy"] = s.get("accuracy")
+    return row
+
+
+def torch_row(i: int, res: FitResult, data: Prepared) -> dict:
+    """Leaderboard row of a linear/mlp configuration (``hidden`` as "512,256", "0" for linear)."""
+    p = asdict(res.params)
+    return {"index": i, "head": "mlp" if res.params.hidden else "linear", **p,
+            "hidden": ",".join(map(str, res.params.hidden)) or "0",
+            "best_epoch": res.best_epoch, "epochs_run": len(res.history),
+            **split_scores(res.head, data), "seconds": round(res.seconds, 4)}
+
+
+def logreg_row(i: int, res: LogregResult, data: Prepared, seed: int) -> dict:
+    """Leaderboard row of one scikit-learn LogisticRegression fit (no epochs: L-BFGS iterations)."""
+    return {"index": i, "head": "logreg", "C": res.C, "seed": seed, "n_iter": res.n_iter, "converged": res.converged,
+            **split_scores(res.head, data), "seconds": round(res.seconds, 4)}
+
+
+def rank_key(r: dict) -> tuple:
+    """Best first: highest val accuracy, then lowest val loss, then the earlier configuration.
+    Without a validation split the same order is taken on the training scores."""
+    split = "val" if r.get("val_accuracy") is not None else "train"
+    acc, loss = r.get(f"{split}_accuracy"), r.get(f"{split}_loss")
+    return (-(acc if acc is not None else -1.0), loss if loss is not None else float("inf"), r["index"])
+
+
+def rank(rows: list[dict]) -> list[dict]:
+    """Rows sorted best first, each given its 1-based ``rank``."""
+    return [{"rank": n, **r} for n, r in enumerate(sorted(rows, key=rank_key), start=1)]
+
+
+def write_leaderboard(out: Path, rows: list[dict]) -> list[str]:
+    """leaderboard.json (a list of rows, best first) and leaderboard.csv (same rows, union of
+    columns; test columns only when a test split exists). Returns the file names written."""
+    if all(r.get("test_accuracy") is None for r in rows):
+        rows = [{k: v for k, v in r.items() if not k.startswith("test_")} for r in rows]
+    (out / "leaderboard.json").write_text(json.dumps(rows, indent=2))
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "leaderboard.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+    return ["leaderboard.json", "leaderboard.csv"]

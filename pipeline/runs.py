@@ -1,0 +1,90 @@
+"""``featcache runs EXPERIMENTS_DIR``: every fit-head run below a folder, as one comparable table.
+
+A run is a folder holding a fit-head metrics.json; runs over different caches (backbones, layers)
+and heads sit side by side, so the question "which backbone + head is best" is one command.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from pipeline.errors import FeatcacheError
+from pipeline.report import fmt, table
+
+REQUIRED = ("val_accuracy", "train_accuracy", "config")  # what makes a metrics.json a fit-head run
+SORTS = {"val": "val_accuracy", "test": "test_accuracy", "train": "train_accuracy"}
+
+
+def _best(m: dict) -> str:
+    """The winning configuration in a few words."""
+    p, head = m.get("params") or {}, m.get("head") or m["config"].get("head", "?")
+    if head == "logreg":
+        return f"C={p.get('C', '?'):g}" if isinstance(p.get("C"), (int, float)) else "C=?"
+    arch = "linear" if not p.get("hidden") else "mlp " + "x".join(map(str, p["hidden"]))
+    bits = [arch, str(p.get("optimizer", "?"))] + [f"{k}={p[k]:g}" for k in ("lr", "weight_decay", "l1") if k in p]
+    if p.get("hidden"):
+        bits.append(f"dropout={p.get('dropout', 0):g}")
+    return " ".join(bits)
+
+
+def _row(root: Path, path: Path, m: dict) -> dict:
+    info = m.get("backbone_info") or {}
+    cfg = m["config"]
+    return {
+        "run": str(path.parent.relative_to(root)) if path.parent != root else ".",
+        "backbone": m.get("backbone") or info.get("backbone"), "weights": info.get("weights"),
+        "layer": info.get("layer"), "feature_dim": info.get("feature_dim"),
+        "cache": m.get("cache") or cfg.get("cache"), "head": m.get("head") or cfg.get("head"),
+        "best": _best(m), "n_configs": m.get("n_configs", 1), "search": m.get("search", "grid"),
+        "best_epoch": m.get("best_epoch"), "refit": "refit" in m,
+        "train_accuracy": m.get("train_accuracy"), "val_accuracy": m.get("val_accuracy"),
+        "test_accuracy": m.get("test_accuracy"), "n_train": m.get("n_train"), "n_val": m.get("n_val"),
+        "n_test": m.get("n_test"), "seconds": m.get("seconds"),
+        "modified": time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime)),
+    }
+
+
+def find_runs(root: str | Path, sort: str = "val") -> dict:
+    """Every fit-head metrics.json below ``root`` as rows, best first by ``sort`` (val|test|train|run);
+    JSON files that are not fit-head runs are listed under ``skipped`` with the reason."""
+    root = Path(root)
+    if not root.exists():
+        raise FeatcacheError(f"experiments folder not found: {root}")
+    if not root.is_dir():
+        raise FeatcacheError(f"{root} is not a folder (give the folder that holds run folders)")
+    if sort not in (*SORTS, "run"):
+        raise FeatcacheError(f"unknown --sort {sort!r}: choose from {', '.join([*SORTS, 'run'])}")
+    runs, skipped = [], []
+    for path in sorted(root.rglob("metrics.json")):
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            skipped.append({"path": str(path), "reason": f"unreadable ({type(e).__name__})"})
+            continue
+        if not isinstance(m, dict) or not all(k in m for k in REQUIRED) or not isinstance(m["config"], dict):
+            skipped.append({"path": str(path), "reason": "not a fit-head metrics.json"})
+            continue
+        runs.append(_row(root, path, m))
+    if sort in SORTS:  # best first, runs without that score last, ties by folder name
+        key = SORTS[sort]
+        runs.sort(key=lambda r: (r[key] is None, -(r[key] or 0.0), r["run"]))
+    return {"experiments_dir": str(root), "sort": sort, "runs": runs, "skipped": skipped}
+
+
+def runs_lines(data: dict) -> list[str]:
+    """The comparison table for people, plus one line per skipped file."""
+    runs = data["runs"]
+    if not runs:
+        lines = [f"no fit-head runs (metrics.json) under {data['experiments_dir']}"]
+    else:
+        cols = ["run", "backbone", "dim", "cache", "head", "configs", "best", "train_acc", "val_acc", "test_acc", "seconds"]
+        body = [[r["run"], str(r["backbone"] or "-"), fmt(r["feature_dim"]), Path(str(r["cache"])).name,
+                 r["head"] + (" +refit" if r["refit"] else ""), str(r["n_configs"]), r["best"],
+                 fmt(r["train_accuracy"], "accuracy"), fmt(r["val_accuracy"], "accuracy"),
+                 fmt(r["test_accuracy"], "accuracy"), fmt(r["seconds"], "seconds")] for r in runs]
+        lines = table(cols, body, left=("run", "backbone", "cache", "head", "best"))
+        lines.append(f"{len(runs)} run(s) under {data['experiments_dir']}, sorted by "
+                     + ("folder" if data["sort"] == "run" else f"{data['sort']} accuracy"))
+    lines += [f"skipped {s['path']}: {s['reason']}" for s in data["skipped"]]
+    return lines

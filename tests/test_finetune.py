@@ -1,0 +1,69 @@
+"""finetune: starts from the fit-head solution, trains on CPU, saves a loadable model + metrics."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAST, assert_one_line_error, invoke
+
+
+@pytest.fixture(scope="module")
+def fast_run(split_tree_ro, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("ft")
+    assert invoke("extract", split_tree_ro, "-o", d / "c.h5", *FAST, "--workers", "0").exit_code == 0
+    assert invoke("fit-head", d / "c.h5", "-o", d / "run", "--epochs", "20", "--device", "cpu").exit_code == 0
+    return d / "run"
+
+
+def test_finetune_trains_saves_and_predicts(fast_run, split_tree_ro, tmp_path):
+    ft = tmp_path / "ft"
+    res = invoke("finetune", split_tree_ro, "--from", fast_run, "-o", ft, "--epochs", "2", "--batch-size", "8",
+                 "--unfreeze", "1", "--device", "cpu", "--json")
+    assert res.exit_code == 0, res.stderr
+    m = json.loads((ft / "metrics.json").read_text())
+    for key in ("train_accuracy", "val_accuracy", "test_accuracy", "best_epoch", "history", "config",
+                "frozen_head_val_accuracy"):
+        assert key in m, key
+    assert m["trainable_blocks"] == 1 and 0 <= m["best_epoch"] <= 2 and len(m["history"]) >= 1
+    # epoch 0 competes, so fine-tuning never ends worse on val loss than the frozen-feature head
+    assert m["val_accuracy"] >= m["frozen_head_val_accuracy"] - 1e-9 or m["best_epoch"] > 0
+    state = torch.load(ft / "model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    pred = invoke("predict", ft, split_tree_ro / "val", "--json", "--device", "cpu")
+    assert pred.exit_code == 0, pred.stderr
+    assert len(pred.json()["predictions"]) == 9
+
+
+def test_unfreeze_selects_last_blocks_and_decay_split(fast_run):
+    from pipeline.finetune import FinetuneConfig, blocks, param_groups, set_trainable
+    from pipeline.model import load_run
+
+    model = load_run(fast_run).model
+    all_blocks = blocks(model.backbone)
+    chosen = set_trainable(model, "2")
+    assert chosen == all_blocks[-2:]
+    trainable = {id(p) for p in model.backbone.parameters() if p.requires_grad}
+    assert trainable == {id(p) for b in chosen for p in b.parameters()}
+    groups = param_groups(model, FinetuneConfig("x", "y", "z", weight_decay=0.01))
+    for g in groups:  # biases and norm parameters (1-d) never get weight decay
+        assert (g["weight_decay"] > 0) == all(p.ndim >= 2 for p in g["params"])
+    lrs = sorted({g["lr"] for g in groups})
+    assert lrs == pytest.approx([1e-5, 1e-4])  # backbone lr = head lr x 0.1
+
+
+def test_finetune_errors(fast_run, split_tree_ro, flat_tree_ro, tmp_path):
+    assert_one_line_error(invoke("finetune", split_tree_ro, "--from", fast_run, "-o", tmp_path / "x",
+                                 "--unfreeze", "lots"), "unfreeze")
+    assert_one_line_error(invoke("finetune", tmp_path / "nope", "--from", fast_run, "-o", tmp_path / "x"), "not found")
+    # flat_tree_ro has the same class names; a tree with other classes must be refused
+    other = tmp_path / "other" / "cats"
+    other.mkdir(parents=True)
+    import shutil
+
+    for f in list((flat_tree_ro / "red").iterdir())[:2]:
+        shutil.copy(f, other / f.name)
+    shutil.copytree(flat_tree_ro / "blue", tmp_path / "other" / "dogs")
+    assert_one_line_error(invoke("finetune", tmp_path / "other", "--from", fast_run, "-o", tmp_path / "x"), "classes")
