@@ -55,6 +55,8 @@ def check_config(cfg: HeadConfig) -> None:
     bad += [f"--hidden {h}" for hs in cfg.hidden for h in hs if h < 1]
     if cfg.epochs < 1 or cfg.batch_size < 1:
         bad.append("--epochs and --batch-size must be at least 1")
+    if cfg.batchnorm and cfg.batch_size < 2 and cfg.head == "mlp":
+        bad.append("--batchnorm needs --batch-size of at least 2 (batch norm cannot normalise one row)")
     if bad:
         raise FeatcacheError(f"invalid value: {bad[0]}")
     lists = (cfg.dropout, cfg.weight_decay, cfg.l1, cfg.optimizer, cfg.lr, cfg.momentum, cfg.hidden, cfg.C)

@@ -141,6 +141,8 @@ def train_group(params: list[HeadParams], X: torch.Tensor, y: torch.Tensor, Xv: 
         One FitResult per configuration, in the order given.
     """
     first = params[0]
+    if first.batchnorm and first.hidden and settings.batch_size < 2:
+        raise ValueError("batch norm needs a batch size of at least 2: one row cannot be normalised")
     dev = X.device
     k_all = len(params)
     hp = {name: torch.tensor([float(getattr(p, name)) for p in params], device=dev)

@@ -305,9 +305,6 @@ def test_training_on_cuda_matches_cpu(cuda_device, noisy):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3, abs=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: pipeline/train.py skips every mini-batch of one row when batch norm is on, "
-                   "so --batchnorm --batch-size 1 trains nothing yet reports success; it should refuse the "
-                   "combination (or train the lone rows) instead of silently returning the initial weights")
 def test_batchnorm_with_batch_size_one_does_not_silently_skip_training(noisy):
     X, y, Xv, yv = noisy
     p = HeadParams(hidden=(8,), batchnorm=True, lr=0.05)
