@@ -34,8 +34,10 @@ from pipeline.metrics import score  # noqa: E402
 from pipeline.sweep import expand  # noqa: E402
 from pipeline.train import TrainSettings, train_many  # noqa: E402
 
-# 4 learning rates x 5 L2 strengths x 5 L1 strengths = 100 linear heads (Adam), the grid of issue 4.
-GRID = dict(lr=(1e-4, 3e-4, 1e-3, 3e-3), weight_decay=(0.0, 1e-5, 1e-4, 1e-3, 1e-2), l1=(0.0, 1e-6, 1e-5, 1e-4, 1e-3))
+# 4 learning rates x 5 L2 strengths x 5 L1 strengths = 100 linear heads (Adam). The L2 strengths are
+# those of the scikit-learn C grid: sklearn minimises C * sum(loss) + |w|^2 / 2, i.e. the mean loss
+# plus |w|^2 / (2 C n), which is weight decay 1 / (C n) on the mean loss. Same range for both sides.
+LRS, L1S = (1e-4, 3e-4, 1e-3, 3e-3), (0.0, 1e-6, 1e-5, 1e-4, 1e-3)
 C_GRID = HeadConfig.C  # fit-head --head logreg's default grid
 
 
@@ -80,10 +82,12 @@ def main() -> None:
     Xv, yv = data.split("val")
     n_classes = len(data.class_names)
     settings = TrainSettings(args.epochs, args.batch_size, args.patience)
-    params = expand(HeadConfig(cache="-", output="-", head="linear", seed=args.seed, **GRID))
+    decays = tuple(float(f"{1 / (c * len(Xtr)):.3g}") for c in C_GRID)
+    params = expand(HeadConfig(cache="-", output="-", head="linear", seed=args.seed, lr=LRS, weight_decay=decays,
+                               l1=L1S))
     print(f"data: {source}; train {len(Xtr):,} / val {len(Xv):,} rows, D={Xtr.shape[1]:,}")
-    print(f"heads: {len(params)} linear (Adam; lr x weight_decay x l1 = 4 x 5 x 5), epochs <= {args.epochs}, "
-          f"patience {args.patience}, batch {args.batch_size}")
+    print(f"heads: {len(params)} linear (Adam), lr {LRS} x weight_decay {decays} (= 1/(C n) for the C grid) "
+          f"x l1 {L1S}; epochs <= {args.epochs}, patience {args.patience}, batch {args.batch_size}")
 
     print(f"\n[1] batched ({load()}) ...", flush=True)
     t0 = time.perf_counter()

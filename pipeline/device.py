@@ -46,31 +46,39 @@ class DecodeLayout:
         return f"{self.threads} thread{'s' if self.threads > 1 else ''} in-process, {how}"
 
 
+def cores_per_process() -> int:
+    """Usable cores divided among the processes torchrun started on this node (LOCAL_WORLD_SIZE)."""
+    return max(1, usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def compute_threads(device: torch.device) -> int | None:
-    """Intra-op threads for the backbone: every usable core on the CPU (None: leave as is).
+    """Intra-op threads for the backbone: this process's share of the cores on the CPU
+    (None: leave as is).
 
     A function of the machine only, never of ``--workers``: some CPU kernels (e.g. in
     EfficientNet-Lite0) give bitwise different results with a different thread count, and a
     resumed run must store exactly what an uninterrupted one would have.
     """
-    return usable_cores() if device.type == "cpu" else None
+    return cores_per_process() if device.type == "cpu" else None
 
 
 def decode_layout(device: torch.device, workers: int | None) -> DecodeLayout:
     """Place decoding for ``--workers`` (N > 0 processes, 0 in-process, None = chosen here).
 
-    On the CPU the backbone already keeps every core busy, so by default decoding alternates
-    with compute in a pool of one thread per core: all cores decode a batch, then all cores run
-    the backbone on it, never more busy threads than cores. Overlapping instead (decoding
-    processes or threads prefetching while the backbone runs) puts extra threads on cores the
-    backbone's OpenMP threads occupy, and a preempted OpenMP thread stalls the whole operator;
-    on a 2-core machine that measured ~20% slower for ResNet-18 (bench/extract.py). On CUDA the
-    CPU is free while the GPU computes, so decoding prefetches in parallel with it: one process
-    per core but one (the main process feeds the GPU) when there are enough cores, else threads.
+    CPU: the backbone's OpenMP threads already occupy every core, so by default decoding takes
+    turns with compute in a pool of one thread per core: all cores decode a batch, then all cores
+    run the backbone on it, never more busy threads than cores. Overlapping instead (decoding
+    processes prefetching, ``--workers N``) puts extra busy threads on those cores, and a
+    preempted OpenMP thread holds up its whole operator. On the 2-core machine
+    ``bench/extract.py --decode-check`` measured the two within ~5% of each other (the
+    prefetching process slightly ahead while other jobs loaded the machine): overlap is
+    available with ``--workers N``, but is not worth oversubscribing the cores by default.
+    CUDA: the CPU is idle while the GPU computes, so decoding prefetches alongside it: one
+    process per core but one (the main process feeds the GPU), or threads on small machines.
     """
     if workers is not None and workers > 0:
         return DecodeLayout(workers, 0)
-    cores = usable_cores()
+    cores = cores_per_process()
     if device.type == "cpu":
         return DecodeLayout(0, cores, prefetch=0)
     if workers is None and cores >= 3:

@@ -222,8 +222,8 @@ def _extract(cfg: ExtractConfig, disc, device, ctx: DistContext, progress: bool,
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)  # each rank pins its own GPU
     threads = compute_threads(device)
-    if threads is not None:  # ranks on one node share its cores
-        torch.set_num_threads(max(1, threads // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if threads is not None:  # ranks on one node share its cores (device.cores_per_process)
+        torch.set_num_threads(threads)
     bb = build_backbone(cfg.backbone, cfg.weights, cfg.layer, cfg.pool, cfg.seed)
     identity = cache_identity(bb, cfg.dtype, cfg.draft)
     fp = fingerprint(identity)

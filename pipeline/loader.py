@@ -99,7 +99,10 @@ def threaded_batches(dataset: ImageFiles, batches: list[list[int]], threads: int
             yield _pinned(collate([dataset[i] for i in b]), pin_memory)
         return
     pool = ThreadPoolExecutor(threads, thread_name_prefix="featcache-decode")
-    submit = lambda b: [pool.submit(dataset.__getitem__, i) for i in b]  # noqa: E731
+
+    def submit(batch: list[int]) -> list:
+        return [pool.submit(dataset.__getitem__, i) for i in batch]
+
     try:
         queued: deque = deque(submit(b) for b in batches[: max(1, prefetch)])
         todo = iter(batches[len(queued):])

@@ -194,6 +194,13 @@ def test_cpu_decoding_never_oversubscribes(monkeypatch, cores):
     assert decode_layout(cpu, 3) == DecodeLayout(3, 0)  # an explicit --workers N is obeyed
 
 
+def test_torchrun_ranks_on_one_node_share_the_cores(monkeypatch):
+    monkeypatch.setattr(device_mod, "usable_cores", lambda: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    cpu = torch.device("cpu")
+    assert device_mod.compute_threads(cpu) == 4 and decode_layout(cpu, None).threads == 4
+
+
 @pytest.mark.parametrize("cores,processes", [(1, 0), (2, 0), (3, 2), (8, 7), (64, 32)])
 def test_cuda_decoding_prefetches_on_the_free_cores(monkeypatch, cores, processes):
     monkeypatch.setattr(device_mod, "usable_cores", lambda: cores)
