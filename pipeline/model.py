@@ -50,7 +50,7 @@ def _backbone_from_extract_config(ec: dict, expected_fp: str | None):
     from pipeline.extract import cache_identity  # deferred: extract imports heavy I/O modules
 
     bb = build_backbone(ec["backbone"], ec["weights"], ec.get("layer"), ec.get("pool"), ec.get("seed", 0))
-    if expected_fp is not None and fingerprint(cache_identity(bb, ec.get("dtype", "float32"))) != expected_fp:
+    if expected_fp is not None and fingerprint(cache_identity(bb, ec.get("dtype", "float32"), ec.get("draft", True))) != expected_fp:
         raise FeatcacheError(
             "the backbone rebuilt from the run's extract settings does not match the cache the head was "
             "trained on (weights file changed?); re-extract and re-fit"
