@@ -321,3 +321,12 @@ def flat_cache(flat_tree_ro, tmp_path_factory) -> Path:
     res = invoke("extract", flat_tree_ro, "-o", out, *FAST, "--device", "cpu", "--workers", "0", "--json")
     assert res.exit_code == 0, res.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def fast_run(split_tree_ro, tmp_path_factory) -> Path:
+    """A fit-head RUN_DIR over FAST features of the split tree (predict/export/finetune start here)."""
+    d = tmp_path_factory.mktemp("fast_run")
+    assert invoke("extract", split_tree_ro, "-o", d / "c.h5", *FAST, "--workers", "0").exit_code == 0
+    assert invoke("fit-head", d / "c.h5", "-o", d / "run", "--epochs", "20", "--device", "cpu").exit_code == 0
+    return d / "run"

@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import FAST, assert_one_line_error, invoke
+from conftest import assert_one_line_error, invoke
 
 LOADER = r"""
 import json, sys
@@ -27,14 +26,6 @@ with torch.no_grad():
     p = m(x)
 print(json.dumps({"probs": p.tolist(), "meta": json.loads(extra["featcache.json"])}))
 """
-
-
-@pytest.fixture(scope="module")
-def fast_run(split_tree_ro, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("export")
-    assert invoke("extract", split_tree_ro, "-o", d / "c.h5", *FAST, "--workers", "0").exit_code == 0
-    assert invoke("fit-head", d / "c.h5", "-o", d / "run", "--epochs", "20", "--device", "cpu").exit_code == 0
-    return d / "run"
 
 
 @pytest.mark.parametrize("suffix", [".pt2", ".pt"])

@@ -2,20 +2,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import FAST, assert_one_line_error, invoke
-
-
-@pytest.fixture(scope="module")
-def fast_run(split_tree_ro, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("ft")
-    assert invoke("extract", split_tree_ro, "-o", d / "c.h5", *FAST, "--workers", "0").exit_code == 0
-    assert invoke("fit-head", d / "c.h5", "-o", d / "run", "--epochs", "20", "--device", "cpu").exit_code == 0
-    return d / "run"
+from conftest import assert_one_line_error, invoke
 
 
 def test_finetune_trains_saves_and_predicts(fast_run, split_tree_ro, tmp_path):
