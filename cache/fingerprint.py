@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 
 def canonical_json(obj) -> str:
@@ -18,3 +19,12 @@ def fingerprint(identity: dict) -> str:
     (CPU features are identical across batch sizes up to float rounding).
     """
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (weights identity, --verify-content)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -6,7 +6,6 @@ preprocessing that belongs to its weights, and a JSON-able description that the 
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
+from cache.fingerprint import file_sha256
 from pipeline.errors import FeatcacheError
 from pipeline.preprocess import PreprocessSpec, from_timm_config, from_torchvision_weights, imagenet_default
 
@@ -76,14 +76,6 @@ def feature_dim(model: nn.Module, crop_size: int) -> int:
     except Exception:  # an op without a meta kernel: compute it for real
         with torch.inference_mode():
             return int(model(x).shape[1])
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_state_dict_file(path: str) -> dict:

@@ -5,12 +5,12 @@ An image is identified by its relative path plus (size, mtime_ns), or plus its s
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cache.fingerprint import file_sha256
 from pipeline.discover import Discovery, ImageRecord
 
 
@@ -35,14 +35,6 @@ class Plan:
         return "\0".join([self.records[i].path, str(s.size), str(s.mtime_ns), s.sha256])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_states(disc: Discovery, verify_content: bool) -> tuple[list[FileState | None], dict[int, str]]:
     states: list[FileState | None] = []
     errors: dict[int, str] = {}
@@ -54,7 +46,7 @@ def file_states(disc: Discovery, verify_content: bool) -> tuple[list[FileState |
                 states.append(None)
                 errors[i] = "not a regular file"
                 continue
-            states.append(FileState(st.st_size, st.st_mtime_ns, _sha256(path) if verify_content else ""))
+            states.append(FileState(st.st_size, st.st_mtime_ns, file_sha256(path) if verify_content else ""))
         except OSError as e:
             states.append(None)
             errors[i] = f"{type(e).__name__}: {e.strerror or e}"
