@@ -25,7 +25,7 @@ def main() -> None:
               help="Decoding processes prefetching during compute; 0 = a thread pool in this process "
                    "(default: CPU: one thread per core, taking turns with compute; CUDA: a process per spare core).")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for --weights none.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for --weights none and --augment views.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache built with a different configuration.")
 @click.option("--verify-content", is_flag=True, help="Detect changed images by sha256, not size+mtime.")
 @click.option("--max-skipped", default=0.5, show_default=True, type=float, help="Fail above this unusable fraction.")
@@ -37,6 +37,13 @@ def main() -> None:
                    "(CPU: 10k+ images).")
 @click.option("--draft/--no-draft", default=True, show_default=True,
               help="Decode large JPEGs at reduced scale (shorter side >= 2x the resize) before resizing.")
+@click.option("--augment", default=0, show_default=True, type=int,
+              help="Also store this many augmented views of each train-split image (seeded by --seed).")
+@click.option("--augment-scale", default=(0.08, 1.0), show_default=True, type=(float, float),
+              help="RandomResizedCrop area range of the views (min max).")
+@click.option("--augment-flip", default=0.5, show_default=True, type=float, help="Horizontal flip probability.")
+@click.option("--augment-rotate", default=0.0, show_default=True, type=float,
+              help="Max rotation in degrees before the crop (0 = none).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 def extract(image_dir, output, as_json, **opts) -> None:
     """Run the frozen backbone over IMAGE_DIR once and store features in an HDF5 cache."""
@@ -49,6 +56,8 @@ def extract(image_dir, output, as_json, **opts) -> None:
         f"{s['cache']}: {s['n_images']} images x {s['feature_dim']} features ({s['backbone']}, {s['weights']})",
         f"extracted {s['extracted']}, reused {s['reused']}, removed {s['removed']}, skipped {s['skipped']} "
         f"in {s['seconds']:.1f}s" + (f" ({s['images_per_second']} img/s)" if s["images_per_second"] else ""),
+        *([f"augmented views: {s['views']['per_image']} per train image, {s['views']['images']} images"]
+          if "views" in s else []),
         *(f"  skipped {p}: {r}" for p, r in s["skipped_files"]),
     ])
 
@@ -91,6 +100,9 @@ def info(cache, as_json) -> None:
 @click.option("--standardize/--no-standardize", default=True, show_default=True)
 @click.option("--refit", is_flag=True, help="Retrain the winner on train+val (its best epoch count), then test.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG curves, confusion and sweep plots.")
+@click.option("--use-augmented/--no-use-augmented", default=None,
+              help="Train on one augmented view per image per epoch (val/test stay un-augmented) "
+                   "[default: when the cache has views].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")

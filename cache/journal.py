@@ -1,7 +1,7 @@
 """Crash-safe progress for one extraction: one small file per finished batch.
 
 Layout beside the cache: ``CACHE.h5.parts/manifest.json`` (the fingerprint the parts belong to) and
-``part-<batch index>.npz`` (keys, features, skipped reasons). Each part is written under a
+``part-<batch index>.npz`` (keys, features, augmented views, skipped reasons). Each part is written under a
 temporary name and renamed, so after a SIGKILL every part present is whole; a re-run with the same
 fingerprint and the same batch keys reuses it instead of running the backbone again.
 """
@@ -24,6 +24,7 @@ class Part:
     keys: list[str]  # "relpath\0size\0mtime_ns[\0sha256]" of each image in the batch
     features: np.ndarray  # (n_ok, D) float32, rows for keys whose reason is ""
     reasons: list[str]  # "" for a usable image, else why it was skipped
+    views: np.ndarray | None = None  # (n_ok with views, V, D) float32 with --augment, in batch order
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -65,7 +66,8 @@ class Journal:
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["meta"]).decode())
-                part = Part(meta["keys"], z["features"], meta["reasons"])
+                views = z["views"] if "views" in z.files else None
+                part = Part(meta["keys"], z["features"], meta["reasons"], views)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             return None  # torn or foreign: recompute this batch
         return part if part.keys == keys else None
@@ -74,7 +76,10 @@ class Journal:
         # Keys and reasons go in as JSON bytes: numpy 'U' arrays drop trailing NULs, which would
         # make a loaded key never equal the computed one.
         meta = np.frombuffer(json.dumps({"keys": part.keys, "reasons": part.reasons}).encode(), dtype=np.uint8)
-        _atomic_write(self._path(index), lambda fh: np.savez(fh, meta=meta, features=part.features.astype(np.float32)))
+        arrays = {"meta": meta, "features": part.features.astype(np.float32)}
+        if part.views is not None:
+            arrays["views"] = part.views.astype(np.float32)
+        _atomic_write(self._path(index), lambda fh: np.savez(fh, **arrays))
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

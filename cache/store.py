@@ -9,9 +9,13 @@ Schema version 1 (one row per usable image, rows aligned across datasets):
   /file_mtime_ns  (N,)   int64         } what incremental extraction compares
   /file_sha256    (N,)   UTF-8 hex, empty unless --verify-content
   /skipped        (M,)   compound {path, reason}: files that could not be used
+  /views          (N, V, D) same dtype as /features, only with ``extract --augment V``: V augmented
+                  views of each train-split row, aligned with /features; rows of other splits are
+                  never written (they read as NaN and take no disk space)
   attrs: format, schema_version, complete, fingerprint, class_names, backbone, weights, layer,
          pool, preprocess, image_policy, dtype, feature_dim, n_images, torch_version,
-         torchvision_version, created, config (JSON of ExtractConfig)
+         torchvision_version, created, config (JSON of ExtractConfig), n_views, augment (the
+         recipe, JSON, or absent), augment_fingerprint (covers /views; "" without views)
 A file is written under a temporary name and renamed into place only when complete, so the final
 path always holds either the previous complete cache or the new complete one.
 """
@@ -42,7 +46,7 @@ def rows_per_chunk(feature_dim: int, itemsize: int, n_rows: int) -> int:
 class CacheWriter:
     """Write a complete cache to ``tmp_path`` and atomically rename it to ``final_path``."""
 
-    def __init__(self, final_path: str | Path, n_rows: int, feature_dim: int, dtype: str):
+    def __init__(self, final_path: str | Path, n_rows: int, feature_dim: int, dtype: str, views: int = 0):
         self.final_path = Path(final_path)
         self.tmp_path = self.final_path.with_name(f"{self.final_path.name}.tmp-{os.getpid()}")
         self.f = h5py.File(self.tmp_path, "w")
@@ -51,6 +55,11 @@ class CacheWriter:
             "features", shape=(n_rows, feature_dim), dtype=dtype,
             chunks=(rows_per_chunk(feature_dim, itemsize, n_rows), feature_dim) if n_rows else None,
         )
+        if views:
+            self.f.create_dataset(
+                "views", shape=(n_rows, views, feature_dim), dtype=dtype, fillvalue=np.nan,
+                chunks=(rows_per_chunk(views * feature_dim, itemsize, n_rows), views, feature_dim) if n_rows else None,
+            )
         for name, dt in (("labels", np.int64), ("paths", STR), ("split", STR), ("file_size", np.int64),
                          ("file_mtime_ns", np.int64), ("file_sha256", STR)):
             self.f.create_dataset(name, shape=(n_rows,), dtype=dt)
@@ -67,6 +76,10 @@ class CacheWriter:
             self.f["features"][rows[0]: rows[-1] + 1] = features
         else:
             self.f["features"][rows] = features
+
+    def write_views(self, r0: int, views: np.ndarray) -> None:
+        """Write views (n, V, D) at rows r0..r0+n-1."""
+        self.f["views"][r0: r0 + len(views)] = views
 
     def write_columns(self, columns: dict[str, list | np.ndarray]) -> None:
         for name in ROW_COLUMNS:
@@ -119,6 +132,11 @@ class FeatureCache:
     @property
     def n_rows(self) -> int:
         return len(self.paths)
+
+    @property
+    def n_views(self) -> int:
+        """Augmented views per train row (0: the cache has none)."""
+        return int(self.attrs.get("n_views", 0) or 0)
 
 
 def _decode_attrs(raw: h5py.AttributeManager) -> dict:
@@ -185,6 +203,22 @@ def read_cache(path: str | Path, features: bool = True) -> FeatureCache:
 def feature_shape(path: str | Path) -> tuple[int, int]:
     with open_checked(path) as f:
         return tuple(f["features"].shape)
+
+
+def read_views(path: str | Path, rows: np.ndarray) -> np.ndarray:
+    """Augmented views (len(rows), V, D) float32 of sorted ``rows`` (train-split rows of a cache
+    extracted with --augment). Contiguous runs are read as slices: fancy indexing is slow in h5py."""
+    rows = np.asarray(rows, dtype=np.int64)
+    with open_checked(path) as f:
+        if "views" not in f:
+            raise FeatcacheError(f"{path} has no augmented views; extract with --augment N to store some")
+        ds = f["views"]
+        out = np.empty((len(rows), *ds.shape[1:]), np.float32)
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for run in np.split(np.arange(len(rows)), breaks):
+            if len(run):
+                out[run] = ds[rows[run[0]]: rows[run[-1]] + 1]
+        return out
 
 
 def read_feature_rows(path: str | Path, rows: np.ndarray) -> np.ndarray:

@@ -23,6 +23,10 @@ class ExtractConfig:
     optimize: bool = True  # fastest faithful form (BN folding, channels_last, CUDA fp16); False = reference eager fp32
     compile: str = "auto"  # torch.compile: auto (when the job repays compiling) | on | off
     draft: bool = True  # JPEGs decoded at reduced scale (shorter side >= 2x resize) when large enough
+    augment: int = 0  # augmented views stored per train-split image (seeded by ``seed``)
+    augment_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction range
+    augment_flip: float = 0.5  # horizontal flip probability
+    augment_rotate: float = 0.0  # max rotation in degrees (uniform in +-this), before the crop
 
 
 @dataclass(frozen=True)
@@ -52,3 +56,4 @@ class HeadConfig:
     trials: int | None = None  # random search only; None = 20
     refit: bool = False  # retrain the winner on train+val (its best epoch count) before testing
     plots: bool = True  # PNG curves, weight norms, confusion matrix and sweep plot beside metrics.json
+    use_augmented: bool | None = None  # train on the cache's augmented views; None = when it has some

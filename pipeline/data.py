@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from cache.store import FeatureCache
+from cache.store import FeatureCache, read_views
 from pipeline.errors import FeatcacheError
 
 
@@ -24,10 +24,27 @@ class Prepared:
     scale: np.ndarray | None
     class_names: list[str]
     val_source: str  # "cache" (the folder's val/ split) | "held out N% of train" | "none"
+    views: torch.Tensor | None = None  # (M, V, D) augmented views, standardised like X; None = not used
+    view_pos: np.ndarray | None = None  # (N,) int64: row -> index into views, -1 = row has none
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(self.rows[name], device=self.X.device)
         return self.X[idx], self.y[idx]
+
+    def views_of(self, rows: np.ndarray) -> torch.Tensor | None:
+        """(len(rows), V, D) training views of ``rows``: their augmented views where the cache has
+        them, else the un-augmented row repeated V times (so every row can be sampled alike).
+        None when views are not used."""
+        if self.views is None:
+            return None
+        rows = np.asarray(rows)
+        out = self.X[torch.as_tensor(rows, device=self.X.device)].unsqueeze(1).repeat(1, self.views.shape[1], 1)
+        pos = self.view_pos[rows]
+        has = np.flatnonzero(pos >= 0)
+        if len(has):
+            dev = self.X.device
+            out[torch.as_tensor(has, device=dev)] = self.views[torch.as_tensor(pos[has], device=dev)]
+        return out
 
 
 def make_splits(cache: FeatureCache, val_fraction: float, seed: int) -> tuple[dict[str, np.ndarray], str]:
@@ -54,7 +71,10 @@ def make_splits(cache: FeatureCache, val_fraction: float, seed: int) -> tuple[di
     return rows, f"held out {val_fraction:.0%} of train (stratified, seed {seed})" if stratify is not None else f"held out {val_fraction:.0%} of train (seed {seed})"
 
 
-def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bool, device: torch.device) -> Prepared:
+def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bool, device: torch.device,
+            use_views: bool = False) -> Prepared:
+    """Args: use_views: also load the cache's augmented views of the train and val rows that have
+    them (val rows only for --refit, which trains on train+val); validation never uses them."""
     if not 0.0 <= val_fraction < 1.0:
         raise FeatcacheError("--val-fraction must be in [0, 1)")
     rows, val_source = make_splits(cache, val_fraction, seed)
@@ -72,5 +92,16 @@ def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bo
         scale = tr.std(0).astype(np.float32)
         scale[scale < 1e-6] = 1.0  # constant features (dead ReLUs) stay at zero instead of exploding
         X = (X - mean) / scale
+    views = view_pos = None
+    if use_views:
+        # /views holds rows of the cache's train split only (extract --augment)
+        with_views = np.intersect1d(np.flatnonzero(cache.split == "train"),
+                                    np.concatenate([rows["train"], rows["val"]]))
+        v = read_views(cache.path, with_views)  # (M, V, D) float32
+        if standardize:
+            v = (v - mean) / scale
+        views = torch.from_numpy(np.ascontiguousarray(v)).to(device)
+        view_pos = np.full(len(cache.labels), -1, np.int64)
+        view_pos[with_views] = np.arange(len(with_views))
     return Prepared(torch.from_numpy(np.ascontiguousarray(X)).to(device), torch.from_numpy(cache.labels).to(device),
-                    rows, mean, scale, cache.class_names, val_source)
+                    rows, mean, scale, cache.class_names, val_source, views, view_pos)

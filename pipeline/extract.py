@@ -20,6 +20,7 @@ from cache.fingerprint import fingerprint
 from cache.journal import Journal, Part
 from cache.lock import cache_lock
 from cache.store import SCHEMA_VERSION, CacheWriter, read_cache
+from pipeline.augment import recipe_of
 from pipeline.accel import COMPILE_MODES, Runner, compile_wanted, heap_reuse
 from pipeline.backbones import Backbone, build_backbone
 from pipeline.config import ExtractConfig
@@ -33,6 +34,7 @@ from pipeline.images import IMAGE_POLICY
 from pipeline.loader import ImageFiles, decode_batches, draft_min_side
 from pipeline.plan import Plan, batches_of, make_plan
 from pipeline.saver import PartSaver
+from pipeline.views import Views, split_rows, write_views
 
 DTYPES = ("float32", "float16")
 
@@ -48,6 +50,7 @@ def _check(cfg: ExtractConfig) -> None:
         raise FeatcacheError(f"unknown compile mode {cfg.compile!r}: choose auto, on or off")
     if not 0.0 <= cfg.max_skipped <= 1.0:
         raise FeatcacheError("--max-skipped must be a fraction between 0 and 1")
+    recipe_of(cfg)  # its one-line errors, before any work
     if Path(cfg.output).is_dir():
         raise FeatcacheError(f"output {cfg.output} is a folder; give a cache file path such as {cfg.output}/cache.h5")
     parent = Path(cfg.output).resolve().parent
@@ -89,13 +92,14 @@ def _previous_cache(cfg: ExtractConfig, fp: str):
     return old
 
 
-def _run_backbone(cfg, bb, device, disc, plan, journal, progress, ctx: DistContext) -> tuple[dict, int, dict]:
+def _run_backbone(cfg, bb, device, disc, plan, journal, progress, ctx: DistContext,
+                  views: Views) -> tuple[dict, int, dict]:
     """Run the backbone on every planned batch not already in the journal (under torchrun: only
     this rank's batches, b % world_size == rank; rank 0 then collects everyone's parts).
 
     Returns ({record index: (part, position)}, batches resumed from the journal, speed facts).
     """
-    batches = batches_of(plan.compute, cfg.batch_size)
+    batches = batches_of(plan.compute, cfg.batch_size, views.rows if views.n else None)
     keys = [[plan.key(i) for i in b] for b in batches]
     parts: dict[int, Part] = {}
     for b, k in enumerate(keys):
@@ -110,10 +114,12 @@ def _run_backbone(cfg, bb, device, disc, plan, journal, progress, ctx: DistConte
     runner = Runner(bb.model, bb.preprocess, device, cfg.optimize, compile_model, cfg.batch_size,
                     compile_fallback=cfg.compile == "auto")
     layout = decode_layout(device, cfg.workers)
-    dataset = ImageFiles(disc.root, [r.path for r in disc.records], bb.preprocess, cfg.draft)
+    dataset = ImageFiles(disc.root, [r.path for r in disc.records], bb.preprocess, cfg.draft, views.recipe,
+                         frozenset(i for i in plan.compute if views.wants(i)))
     loader = decode_batches(dataset, [batches[b] for b in pending], layout.processes, layout.threads,
                             pin_memory=device.type == "cuda", prefetch=layout.prefetch)
-    bar = tqdm(total=sum(len(batches[b]) for b in pending), unit="img", desc="extract",
+    bar = tqdm(total=sum(len(batches[b]) for b in pending), unit="img",
+               desc=f"extract (+{views.n} views)" if views.n else "extract",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     crash_after = int(os.environ.get("FEATCACHE_TEST_CRASH_AFTER_BATCHES", "-1"))  # fault-injection tests
     saver = PartSaver(journal)  # journal parts are written (and fsynced) off the compute path
@@ -122,7 +128,8 @@ def _run_backbone(cfg, bb, device, disc, plan, journal, progress, ctx: DistConte
         with torch.inference_mode(), heap_reuse(cfg.optimize and device.type == "cpu"):
             for n, (b, (_, x, reasons)) in enumerate(zip(pending, loader)):
                 feats = runner(x) if x is not None else np.zeros((0, bb.feature_dim), np.float32)
-                parts[b] = Part(keys[b], feats, reasons)
+                firsts, view_feats = split_rows(feats, batches[b], reasons, views)
+                parts[b] = Part(keys[b], firsts, reasons, view_feats)
                 saver.save(b, parts[b])
                 bar.update(len(reasons))
                 if n + 1 == crash_after and os.environ.get("FEATCACHE_TEST_CRASH_RANK", str(ctx.rank)) == str(ctx.rank):
@@ -146,7 +153,7 @@ def _run_backbone(cfg, bb, device, disc, plan, journal, progress, ctx: DistConte
             resumed, speed)
 
 
-def _assemble(cfg, bb, disc, plan, old, computed, identity, fp) -> dict:
+def _assemble(cfg, bb, disc, plan, old, computed, identity, fp, views: Views) -> dict:
     """Write the final cache: reused rows, newly computed rows and the skipped list, in path order."""
     skipped: list[tuple[str, str]] = [(disc.records[i].path, r) for i, r in plan.stat_errors.items()]
     row_of: dict[int, int] = {}
@@ -165,7 +172,7 @@ def _assemble(cfg, bb, disc, plan, old, computed, identity, fp) -> dict:
             f"{len(skipped)} of {n_files} files are unusable (more than --max-skipped {cfg.max_skipped}); "
             f"first: {skipped[0][0]}: {skipped[0][1]}"
         )
-    writer = CacheWriter(cfg.output, len(row_of), bb.feature_dim, cfg.dtype)
+    writer = CacheWriter(cfg.output, len(row_of), bb.feature_dim, cfg.dtype, views.n)
     try:
         # A part's features hold only its usable images: position j maps to feature row pos[j].
         parts = {id(p): p for p, _ in computed.values()}
@@ -174,6 +181,8 @@ def _assemble(cfg, bb, disc, plan, old, computed, identity, fp) -> dict:
                     for i, (part, j) in computed.items() if i in row_of}
         write_feature_rows(writer, len(row_of), bb.feature_dim, cfg.dtype, new_rows,
                            {row_of[i]: r for i, r in plan.reuse.items()}, cfg.output if plan.reuse else None)
+        if views.n:
+            write_views(writer, cfg, bb, plan, computed, row_of, views)
         order = sorted(row_of, key=row_of.get)
         states = [plan.states[i] for i in order]
         writer.write_columns({
@@ -191,7 +200,8 @@ def _assemble(cfg, bb, disc, plan, old, computed, identity, fp) -> dict:
             "feature_dim": bb.feature_dim, "n_images": len(row_of), "torch_version": torch.__version__,
             "torchvision_version": torchvision.__version__, "h5py_version": h5py.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": asdict(cfg),
-            "description": identity,
+            "description": identity, "n_views": views.n, "augment_fingerprint": views.fingerprint,
+            **({"augment": views.recipe.to_dict()} if views.recipe else {}),
         }
         writer.finish(attrs, skipped)
     except BaseException:
@@ -199,6 +209,7 @@ def _assemble(cfg, bb, disc, plan, old, computed, identity, fp) -> dict:
         raise
     splits = [disc.records[i].split for i in row_of]
     return {"n_images": len(row_of), "skipped": len(skipped), "skipped_files": skipped[:20],
+            "view_rows": sum(1 for i in row_of if views.wants(i)),
             "splits": {s: splits.count(s) for s in ("train", "val", "test") if s in splits}}
 
 
@@ -234,18 +245,20 @@ def _extract(cfg: ExtractConfig, disc, device, ctx: DistContext, progress: bool,
             for stale in out.parent.glob(f"{glob.escape(out.name)}.tmp-*"):  # left by a killed run; we hold the lock
                 stale.unlink(missing_ok=True)
         old = _previous_cache(cfg, fp)
-        plan = make_plan(disc, old, cfg.verify_content)
-        journal = Journal(out, fp)
+        views = Views(recipe_of(cfg), disc, fp)
+        plan = make_plan(disc, old, cfg.verify_content, views.wants if views.n else None,
+                         old is not None and old.attrs.get("augment_fingerprint", "") == views.fingerprint)
+        journal = Journal(out, views.fingerprint or fp)  # parts hold views too when there are any
         if ctx.is_main:
             journal.open()
         barrier(ctx)  # the journal exists before any rank writes to it
         t1 = time.perf_counter()
-        computed, resumed, speed = _run_backbone(cfg, bb, device, disc, plan, journal, progress, ctx)
+        computed, resumed, speed = _run_backbone(cfg, bb, device, disc, plan, journal, progress, ctx, views)
         compute_s = time.perf_counter() - t1
         ranks = gather(ctx, {"rank": ctx.rank, "extracted": speed.pop("ran_here"), "device": str(device)})
         if not ctx.is_main:
             return None
-        result = _assemble(cfg, bb, disc, plan, old, computed, identity, fp)
+        result = _assemble(cfg, bb, disc, plan, old, computed, identity, fp, views)
         journal.remove()
     n_new = len(plan.compute)  # files sent to the backbone (this run or a resumed one)
     return {
@@ -255,6 +268,8 @@ def _extract(cfg: ExtractConfig, disc, device, ctx: DistContext, progress: bool,
         "classes": list(disc.class_names), "extracted": result["n_images"] - len(plan.reuse), "reused": len(plan.reuse),
         "removed": plan.removed, "skipped": result["skipped"], "skipped_files": result["skipped_files"],
         "resumed_batches": resumed, "fingerprint": fp, **speed,
+        **({"views": {"per_image": views.n, "images": result["view_rows"], "augment_fingerprint": views.fingerprint}}
+           if views.n else {}),
         "images_per_second": round(n_new / compute_s, 2) if n_new and compute_s > 0 else None,
         "seconds": round(time.perf_counter() - t0, 3),
         **({"world_size": ctx.world_size, "ranks": ranks} if ctx.enabled else {}),

@@ -48,3 +48,30 @@ def write_feature_rows(writer: CacheWriter, n_rows: int, feature_dim: int, dtype
                 if src is not None:
                     buf[r - r0] = src[0][src[1]]  # float32 -> cache dtype, as astype() rounds
             writer.write_features(np.arange(r0, r1), buf)
+
+
+def write_view_rows(writer: CacheWriter, n_rows: int, views: int, feature_dim: int, dtype: str,
+                    computed: dict[int, tuple[np.ndarray, int]], reused: dict[int, int],
+                    old_cache: str | Path | None) -> None:
+    """Fill /views for the rows that have views, whole chunk blocks at a time; blocks without any
+    such row (val/test) are never written, so they take no space in the file.
+
+    Args:
+        computed: final row -> (views array (n, V, D) float32 of a batch, index into it).
+        reused: final row -> row of ``old_cache`` whose views (same augment fingerprint) are copied.
+    """
+    step = block_rows(views * feature_dim, dtype, n_rows)
+    with (open_checked(old_cache) if reused else contextlib.nullcontext()) as f_old:
+        for r0 in range(0, n_rows, step):
+            r1 = min(n_rows, r0 + step)
+            new = [r for r in range(r0, r1) if r in computed]
+            old = [(r - r0, reused[r]) for r in range(r0, r1) if r in reused]
+            if not new and not old:
+                continue
+            buf = np.full((r1 - r0, views, feature_dim), np.nan, dtype)
+            if old:
+                buf[[b for b, _ in old]] = f_old["views"][[o for _, o in old]]
+            for r in new:
+                src = computed[r]
+                buf[r - r0] = src[0][src[1]]
+            writer.write_views(r0, buf)

@@ -72,12 +72,20 @@ def _val(data: Prepared) -> tuple[torch.Tensor | None, torch.Tensor | None]:
 def _train_torch(cfg: HeadConfig, data: Prepared) -> list[Candidate]:
     params = configurations(cfg)
     results = train_many(params, *data.split("train"), *_val(data), len(data.class_names),
-                         TrainSettings(cfg.epochs, cfg.batch_size, cfg.patience))
+                         TrainSettings(cfg.epochs, cfg.batch_size, cfg.patience), data.views_of(data.rows["train"]))
     return [Candidate(torch_row(i, r, data), r.head, r.history, r.params) for i, r in enumerate(results)]
 
 
+def _with_views(X: torch.Tensor, y: torch.Tensor, views: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logreg has no epochs to sample views in: it fits the rows plus all their views as extra rows."""
+    if views is None:
+        return X, y
+    return torch.cat([X, views.reshape(-1, X.shape[1])]), torch.cat([y, y.repeat_interleave(views.shape[1])])
+
+
 def _train_logreg(cfg: HeadConfig, data: Prepared) -> list[Candidate]:
-    results = fit_logreg(c_values(cfg), *data.split("train"), len(data.class_names), cfg.seed)
+    X, y = _with_views(*data.split("train"), data.views_of(data.rows["train"]))
+    results = fit_logreg(c_values(cfg), X, y, len(data.class_names), cfg.seed)
     return [Candidate(logreg_row(i, r, data, cfg.seed), r.head) for i, r in enumerate(results)]
 
 
@@ -89,13 +97,14 @@ def _refit(cfg: HeadConfig, data: Prepared, best: Candidate) -> tuple[nn.Sequent
     idx = torch.as_tensor(rows, device=data.X.device)
     X, y = data.X[idx], data.y[idx]
     n_classes = len(data.class_names)
+    views = data.views_of(rows)
     if best.params is None:
-        head = fit_logreg([best.row["C"]], X, y, n_classes, cfg.seed)[0].head
+        head = fit_logreg([best.row["C"]], *_with_views(X, y, views), n_classes, cfg.seed)[0].head
         epochs = None
     else:
         epochs = best.row["best_epoch"]
         head = train_many([best.params], X, y, None, None, n_classes,
-                          TrainSettings(epochs, cfg.batch_size, patience=0))[0].head
+                          TrainSettings(epochs, cfg.batch_size, patience=0), views)[0].head
     fitted, test = score(head, X, y), score(head, *data.split("test"))
     info = {"n_rows": len(rows), "epochs": epochs, "train_val_accuracy": fitted["accuracy"],
             "train_val_loss": fitted["loss"], "test_accuracy": test.get("accuracy"), "test_loss": test.get("loss"),
@@ -115,6 +124,17 @@ def _head_metadata(cfg: HeadConfig, best: Candidate, data: Prepared, cache) -> d
         "params": asdict(best.params) if best.params else {"C": best.row["C"]},
         "best_epoch": best.row.get("best_epoch"), "refit": cfg.refit,
     }
+
+
+def _augmented(cache, data: Prepared) -> dict:
+    """What the training rows were: views sampled per epoch, or the un-augmented features."""
+    if data.views is None:
+        return {"used": False, "views_in_cache": cache.n_views}
+    n_train = len(data.rows["train"])
+    with_views = int((data.view_pos[data.rows["train"]] >= 0).sum())
+    return {"used": True, "views_in_cache": cache.n_views, "train_rows_with_views": with_views,
+            "train_rows": n_train, "augment": cache.attrs.get("augment"),
+            "augment_fingerprint": cache.attrs.get("augment_fingerprint")}
 
 
 def _backbone(cache) -> dict:
@@ -164,7 +184,10 @@ def run_fit_head(cfg: HeadConfig, progress: bool = True) -> dict:
         raise FeatcacheError(f"run folder {out} exists and is not a folder")
     cache = read_cache(cfg.cache)
     device = resolve_device(cfg.device)
-    data = prepare(cache, cfg.val_fraction, cfg.seed, cfg.standardize, device)
+    if cfg.use_augmented and not cache.n_views:
+        raise FeatcacheError(f"--use-augmented: {cfg.cache} has no augmented views (extract with --augment N)")
+    use_views = cache.n_views > 0 and cfg.use_augmented is not False
+    data = prepare(cache, cfg.val_fraction, cfg.seed, cfg.standardize, device, use_views)
     if cfg.refit and not len(data.rows["val"]):
         raise FeatcacheError("--refit retrains on train+val, but this run has no validation split (--val-fraction 0)")
     candidates = _train_logreg(cfg, data) if cfg.head == "logreg" else _train_torch(cfg, data)
@@ -187,6 +210,7 @@ def run_fit_head(cfg: HeadConfig, progress: bool = True) -> dict:
         "val_source": data.val_source, "class_names": data.class_names, "cache": str(cfg.cache),
         "cache_fingerprint": cache.fingerprint, "backbone": cache.attrs.get("backbone"),
         "backbone_info": _backbone(cache), "device": str(device), "files": files,
+        "augmented": _augmented(cache, data),
     }
     if refit is not None:
         metrics.update(refit=refit, test_accuracy_before_refit=win.get("test_accuracy"),

@@ -27,6 +27,9 @@ def info_lines(info: dict) -> list[str]:
     lines = [
         f"cache      {info['cache']} ({info['size_bytes'] / 1e6:.1f} MB, schema {a.get('schema_version')})",
         f"features   {info['n_images']} x {info['feature_dim']} {a.get('dtype')}",
+        *([f"views      {a['n_views']} augmented per train image: crop scale {a['augment']['scale']}, flip "
+             f"{a['augment']['hflip']}, rotate {a['augment']['rotate']}, seed {a['augment']['seed']}"]
+          if a.get("n_views") else []),
         f"backbone   {a.get('backbone')}  weights={a.get('weights')}  layer={a.get('layer')}  pool={a.get('pool')}",
         f"splits     " + ", ".join(f"{s}={n}" for s, n in sorted(info["splits"].items())),
         f"classes    {len(info['classes'])}",

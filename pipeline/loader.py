@@ -23,12 +23,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, v2
 
+from pipeline.augment import AugmentRecipe, make_view
 from pipeline.images import UnreadableImage, load_rgb
 from pipeline.preprocess import PreprocessSpec
 
 DRAFT_FACTOR = 2  # JPEG draft decodes to a shorter side >= 2x the resize target, then resizes as usual
 
-Batch = tuple[list[int], "torch.Tensor | None", list[str]]  # indices, uint8 (n_ok, S, S, 3), reasons
+# indices, uint8 (rows, S, S, 3) of the usable images (rows = n_ok, plus their views with --augment), reasons
+Batch = tuple[list[int], "torch.Tensor | None", list[str]]
 
 
 def pil_stage(spec: PreprocessSpec) -> v2.Compose:
@@ -45,13 +47,22 @@ def draft_min_side(spec: PreprocessSpec, draft: bool) -> int | None:
 
 
 class ImageFiles(Dataset):
-    """Item i -> (i, uint8 array (S, S, 3) or None, reason); a bad file never raises."""
+    """Item i -> (i, uint8 array (S, S, 3) or None, reason); a bad file never raises.
 
-    def __init__(self, root: str | Path, rel_paths: list[str], spec: PreprocessSpec, draft: bool = True):
+    With ``augment``, items in ``view_items`` come as (1 + views, S, S, 3): the preprocessed image
+    first, then its augmented views, all from one decode of the file (so they cannot disagree about
+    whether the file is usable).
+    """
+
+    def __init__(self, root: str | Path, rel_paths: list[str], spec: PreprocessSpec, draft: bool = True,
+                 augment: AugmentRecipe | None = None, view_items: frozenset[int] = frozenset()):
         self.root = Path(root)
         self.rel_paths = rel_paths
         self.stage = pil_stage(spec)
         self.min_side = draft_min_side(spec, draft)
+        self.augment = augment
+        self.view_items = view_items
+        self.crop, self.interpolation = spec.crop_size, spec.interpolation
 
     def __len__(self) -> int:
         return len(self.rel_paths)
@@ -59,17 +70,22 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int):
         try:
             img = load_rgb(str(self.root / self.rel_paths[i]), draft_min_side=self.min_side)
-            return i, np.asarray(self.stage(img)), ""
+            first = np.asarray(self.stage(img))
+            if self.augment is None or i not in self.view_items:
+                return i, first, ""
+            views = [np.asarray(make_view(img, self.augment, self.rel_paths[i], v, self.crop, self.interpolation))
+                     for v in range(self.augment.views)]
+            return i, np.stack([first, *views]), ""
         except UnreadableImage as e:
             return i, None, str(e) or "unreadable"
 
 
 def collate(items) -> Batch:
-    """-> (indices, uint8 (n_ok, S, S, 3) of the usable images or None, reasons)."""
+    """-> (indices, uint8 (rows, S, S, 3) of the usable images (and their views) or None, reasons)."""
     indices = [i for i, _, _ in items]
-    arrays = [a for _, a, _ in items if a is not None]
+    arrays = [a if a.ndim == 4 else a[None] for _, a, _ in items if a is not None]
     reasons = [r for _, _, r in items]
-    batch = torch.from_numpy(np.stack(arrays)) if arrays else None
+    batch = torch.from_numpy(np.concatenate(arrays)) if arrays else None
     return indices, batch, reasons
 
 

@@ -53,8 +53,13 @@ def file_states(disc: Discovery, verify_content: bool) -> tuple[list[FileState |
     return states, errors
 
 
-def make_plan(disc: Discovery, old, verify_content: bool) -> Plan:
-    """Args: old: a FeatureCache (features not loaded) built with the same fingerprint, or None."""
+def make_plan(disc: Discovery, old, verify_content: bool, wants_views=None, old_views_match: bool = True) -> Plan:
+    """Args:
+        old: a FeatureCache (features not loaded) built with the same fingerprint, or None.
+        wants_views: record index -> whether this run stores augmented views for it (None: no views).
+        old_views_match: ``old`` holds views made by the same recipe; if not, images that want views
+            are recomputed (their features too: one decode serves both), the others are reused.
+    """
     states, errors = file_states(disc, verify_content)
     reuse: dict[int, int] = {}
     removed = 0
@@ -69,6 +74,8 @@ def make_plan(disc: Discovery, old, verify_content: bool) -> Plan:
                 same = bool(old.file_sha256[r]) and old.file_sha256[r] == s.sha256
             else:
                 same = int(old.file_mtime_ns[r]) == s.mtime_ns
+            if same and wants_views is not None and wants_views(i) and not old_views_match:
+                same = False
             if same:  # only features are reused; labels and splits come from this discovery
                 reuse[i] = r
         current = {rec.path for rec in disc.records}
@@ -77,5 +84,19 @@ def make_plan(disc: Discovery, old, verify_content: bool) -> Plan:
     return Plan(list(disc.records), states, reuse, compute, removed, errors)
 
 
-def batches_of(indices: list[int], size: int) -> list[list[int]]:
-    return [indices[k: k + size] for k in range(0, len(indices), size)]
+def batches_of(indices: list[int], size: int, rows=None) -> list[list[int]]:
+    """Consecutive batches of ``indices``; each holds at most ``size`` backbone rows, where image i
+    costs ``rows(i)`` rows (1 + its augmented views; default 1) and a batch holds at least one image.
+    Deterministic, so a resumed run re-derives the same batches."""
+    if rows is None:
+        return [indices[k: k + size] for k in range(0, len(indices), size)]
+    out: list[list[int]] = []
+    used = 0
+    for i in indices:
+        cost = rows(i)
+        if not out or used + cost > size:
+            out.append([])
+            used = 0
+        out[-1].append(i)
+        used += cost
+    return out

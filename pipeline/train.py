@@ -135,12 +135,15 @@ def _drop_stopped(model: StackedHead, opt: StackedOptimizer, hp: dict[str, torch
 
 
 def train_group(params: list[HeadParams], X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor | None,
-                yv: torch.Tensor | None, n_classes: int, settings: TrainSettings) -> list[FitResult]:
+                yv: torch.Tensor | None, n_classes: int, settings: TrainSettings,
+                views: torch.Tensor | None = None) -> list[FitResult]:
     """Train configurations that share ``group_key()`` as one stacked model.
 
     Args:
         X, y: training features (N, D) float32 and labels (N,) int64 on the training device.
         Xv, yv: validation rows, or None (then no early stopping).
+        views: (N, V, D) augmented views of the training rows, or None. Each epoch trains on one
+            view per row, drawn uniformly (seeded, shared by the group); X is then not trained on.
     Returns:
         One FitResult per configuration, in the order given.
     """
@@ -156,6 +159,7 @@ def train_group(params: list[HeadParams], X: torch.Tensor, y: torch.Tensor, Xv: 
     model.generator = torch.Generator(device=dev).manual_seed(first.seed + 1)
     opt = _optimizer(model, first.optimizer, hp)
     order_gen = torch.Generator().manual_seed(first.seed)  # one data order shared by the group
+    view_gen = torch.Generator().manual_seed(first.seed + 2)  # which view each row shows, per epoch
     has_val = Xv is not None and len(Xv) > 0
     early = has_val and settings.patience > 0
     active = torch.arange(k_all)  # global index of each head still in the stack
@@ -173,6 +177,9 @@ def train_group(params: list[HeadParams], X: torch.Tensor, y: torch.Tensor, Xv: 
         use_l1 = bool((hp["l1"] > 0).any())  # once per epoch, not a device sync per step
         model.train()
         perm = torch.randperm(n, generator=order_gen).to(dev)
+        if views is not None:  # (N, D): one view per row for this epoch
+            pick = torch.randint(views.shape[1], (n,), generator=view_gen).to(dev)
+            X = views[torch.arange(n, device=dev), pick]
         loss_sum = torch.zeros(k, device=dev)
         correct = torch.zeros(k, device=dev)
         for s in range(0, n, settings.batch_size):
@@ -243,7 +250,8 @@ def _reuse_freed_blocks() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
 
 
-def train_many(params: list[HeadParams], X, y, Xv, yv, n_classes: int, settings: TrainSettings) -> list[FitResult]:
+def train_many(params: list[HeadParams], X, y, Xv, yv, n_classes: int, settings: TrainSettings,
+               views: torch.Tensor | None = None) -> list[FitResult]:
     """Group configurations by shape/optimizer/seed, train each group stacked, keep input order."""
     _reuse_freed_blocks()
     groups: dict[tuple, list[int]] = {}
@@ -251,6 +259,6 @@ def train_many(params: list[HeadParams], X, y, Xv, yv, n_classes: int, settings:
         groups.setdefault(p.group_key(), []).append(i)
     results: list[FitResult | None] = [None] * len(params)
     for idx in groups.values():
-        for i, r in zip(idx, train_group([params[i] for i in idx], X, y, Xv, yv, n_classes, settings)):
+        for i, r in zip(idx, train_group([params[i] for i in idx], X, y, Xv, yv, n_classes, settings, views)):
             results[i] = r
     return results  # type: ignore[return-value]

@@ -12,11 +12,11 @@ import pytest
 from conftest import FAST, REPO, invoke
 
 
-def _torchrun(tree, out, env_extra=None, nproc=2) -> subprocess.CompletedProcess:
+def _torchrun(tree, out, env_extra=None, nproc=2, extra=()) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(REPO / "cli.py"), "extract", str(tree), "-o", str(out), *FAST, "--device", "cpu",
-           "--batch-size", "4", "--workers", "0", "--json"]
+           "--batch-size", "4", "--workers", "0", "--json", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO), timeout=600)
 
 
@@ -68,3 +68,19 @@ def test_torchrun_killed_rank_rerun_completes(split_tree_ro, tmp_path, single):
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     assert summary["resumed_batches"] >= 2
     _assert_same(_rows(out), single)
+
+
+def test_torchrun_with_augmented_views_equals_single_process(small_tree_ro, tmp_path):
+    import h5py
+
+    args = ["--augment", "2"]
+    ref = tmp_path / "one.h5"
+    res = invoke("extract", small_tree_ro, "-o", ref, *FAST, "--device", "cpu", "--batch-size", "4", "--workers", "0",
+                 *args)
+    assert res.exit_code == 0, res.stderr
+    p = _torchrun(small_tree_ro, tmp_path / "dist.h5", extra=args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    _assert_same(_rows(tmp_path / "dist.h5"), _rows(ref))
+    with h5py.File(ref, "r") as a, h5py.File(tmp_path / "dist.h5", "r") as b:
+        np.testing.assert_array_equal(a["views"][...], b["views"][...])
+        assert a.attrs["augment_fingerprint"] == b.attrs["augment_fingerprint"] != ""

@@ -1,0 +1,59 @@
+"""Extraction bookkeeping for ``--augment``: which images get views, how a batch's backbone rows
+split into features and views, and how /views is filled (new rows from batches, the others copied).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from cache.fingerprint import fingerprint
+from pipeline.augment import AugmentRecipe
+from pipeline.featwrite import write_view_rows
+
+
+class Views:
+    """Which images get augmented views this run: every train-split image, V views each."""
+
+    def __init__(self, recipe: AugmentRecipe | None, disc, fp: str):
+        self.recipe = recipe
+        self.n = recipe.views if recipe else 0
+        self.records = disc.records
+        # Covers /views: the feature fingerprint (backbone, preprocessing, ...) plus the recipe.
+        self.fingerprint = fingerprint({"features": fp, "augment": recipe.to_dict()}) if recipe else ""
+
+    def wants(self, i: int) -> bool:
+        return self.n > 0 and self.records[i].split == "train"
+
+    def rows(self, i: int) -> int:
+        """Backbone rows for image i: itself plus its views."""
+        return 1 + (self.n if self.wants(i) else 0)
+
+
+def split_rows(feats: np.ndarray, batch: list[int], reasons: list[str], views: Views):
+    """Backbone output rows (image, its views, next image, ...) -> features (n_ok, D) and
+    views (n_ok with views, V, D)."""
+    counts = [views.rows(i) for i, r in zip(batch, reasons) if r == ""]
+    starts = np.cumsum([0] + counts)[:-1].astype(np.int64)
+    firsts = feats[starts]
+    if not views.n:
+        return firsts, None
+    with_views = [feats[s + 1: s + c] for s, c in zip(starts, counts) if c > 1]
+    return firsts, (np.stack(with_views) if with_views else np.zeros((0, views.n, feats.shape[1]), np.float32))
+
+
+def write_views(writer, cfg, bb, plan, computed, row_of, views: Views) -> None:
+    """/views rows: new ones from the batches' view arrays, the others copied from the previous
+    cache (make_plan reused a train image only if that cache holds views of the same recipe)."""
+    by_part: dict[int, list[tuple[int, int]]] = {}
+    for i, (part, j) in computed.items():
+        by_part.setdefault(id(part), []).append((j, i))
+    new: dict[int, tuple[np.ndarray, int]] = {}
+    for pid, members in by_part.items():
+        pos = 0  # index into the part's views: usable images with views, in batch order
+        for _, i in sorted(members):
+            part = computed[i][0]
+            if part.reasons[computed[i][1]] == "" and views.wants(i):
+                new[row_of[i]] = (part.views, pos)
+                pos += 1
+    reused = {row_of[i]: r for i, r in plan.reuse.items() if views.wants(i)}
+    write_view_rows(writer, len(row_of), views.n, bb.feature_dim, cfg.dtype, new, reused,
+                    cfg.output if reused else None)
