@@ -10,8 +10,8 @@ Schema version 1 (one row per usable image, rows aligned across datasets):
   /file_sha256    (N,)   UTF-8 hex, empty unless --verify-content
   /skipped        (M,)   compound {path, reason}: files that could not be used
   /views          (N, V, D) same dtype as /features, only with ``extract --augment V``: V augmented
-                  views of each train-split row, aligned with /features; rows of other splits are
-                  never written (they read as NaN and take no disk space)
+                  views of each labeled train-split row, aligned with /features; other rows hold
+                  NaN, and chunks without any train row are never written (no disk space)
   attrs: format, schema_version, complete, fingerprint, class_names, backbone, weights, layer,
          pool, preprocess, image_policy, dtype, feature_dim, n_images, torch_version,
          torchvision_version, created, config (JSON of ExtractConfig), n_views, augment (the
@@ -216,8 +216,8 @@ def read_views(path: str | Path, rows: np.ndarray) -> np.ndarray:
         out = np.empty((len(rows), *ds.shape[1:]), np.float32)
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
         for run in np.split(np.arange(len(rows)), breaks):
-            if len(run):
-                out[run] = ds[rows[run[0]]: rows[run[-1]] + 1]
+            if len(run):  # straight into ``out`` (HDF5 converts float16): no temporary copy of the views
+                ds.read_direct(out, np.s_[rows[run[0]]: rows[run[-1]] + 1], np.s_[run[0]: run[-1] + 1])
         return out
 
 

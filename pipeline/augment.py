@@ -56,19 +56,19 @@ class AugmentRecipe:
 
 
 def recipe_of(cfg) -> AugmentRecipe | None:
-    """The recipe an ExtractConfig asks for (None without --augment)."""
-    if not cfg.augment:
-        return None
+    """The recipe an ExtractConfig asks for (None without --augment). The recipe flags are
+    checked even then: a typo in them should not pass silently."""
     recipe = AugmentRecipe(cfg.augment, cfg.seed, tuple(cfg.augment_scale), hflip=cfg.augment_flip,
                            rotate=cfg.augment_rotate)
     recipe.check()
-    return recipe
+    return recipe if cfg.augment else None
 
 
 def view_rng(seed: int, rel_path: str, view: int) -> np.random.Generator:
     """The private random stream of one view (independent of everything but its three inputs)."""
     digest = hashlib.sha256(f"{seed}\0{rel_path}\0{view}".encode()).digest()
-    return np.random.default_rng(np.frombuffer(digest, dtype=np.uint32))
+    # "<u4": a fixed byte order, so a path gets the same views on every machine
+    return np.random.default_rng(np.frombuffer(digest, dtype="<u4"))
 
 
 def crop_params(rng: np.random.Generator, width: int, height: int, scale: tuple[float, float],

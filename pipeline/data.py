@@ -38,8 +38,10 @@ class Prepared:
         if self.views is None:
             return None
         rows = np.asarray(rows)
-        out = self.X[torch.as_tensor(rows, device=self.X.device)].unsqueeze(1).repeat(1, self.views.shape[1], 1)
         pos = self.view_pos[rows]
+        if np.array_equal(pos, np.arange(len(self.views))):
+            return self.views  # the usual case (rows = the training rows, all with views): no copy
+        out = self.X[torch.as_tensor(rows, device=self.X.device)].unsqueeze(1).repeat(1, self.views.shape[1], 1)
         has = np.flatnonzero(pos >= 0)
         if len(has):
             dev = self.X.device
@@ -72,9 +74,12 @@ def make_splits(cache: FeatureCache, val_fraction: float, seed: int) -> tuple[di
 
 
 def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bool, device: torch.device,
-            use_views: bool = False) -> Prepared:
-    """Args: use_views: also load the cache's augmented views of the train and val rows that have
-    them (val rows only for --refit, which trains on train+val); validation never uses them."""
+            use_views: bool = False, val_views: bool = False) -> Prepared:
+    """Args:
+        use_views: also load the cache's augmented views of the training rows that have them.
+        val_views: and of the validation rows that have them (a hold-out of the train split):
+            only --refit trains on those rows; validation itself never uses views.
+    """
     if not 0.0 <= val_fraction < 1.0:
         raise FeatcacheError("--val-fraction must be in [0, 1)")
     rows, val_source = make_splits(cache, val_fraction, seed)
@@ -95,11 +100,12 @@ def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bo
     views = view_pos = None
     if use_views:
         # /views holds rows of the cache's train split only (extract --augment)
-        with_views = np.intersect1d(np.flatnonzero(cache.split == "train"),
-                                    np.concatenate([rows["train"], rows["val"]]))
+        wanted = np.concatenate([rows["train"], rows["val"]]) if val_views else rows["train"]
+        with_views = np.intersect1d(np.flatnonzero(cache.split == "train"), wanted)
         v = read_views(cache.path, with_views)  # (M, V, D) float32
-        if standardize:
-            v = (v - mean) / scale
+        if standardize:  # in place: views are the largest array here
+            v -= mean
+            v /= scale
         views = torch.from_numpy(np.ascontiguousarray(v)).to(device)
         view_pos = np.full(len(cache.labels), -1, np.int64)
         view_pos[with_views] = np.arange(len(with_views))

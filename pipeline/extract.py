@@ -110,7 +110,8 @@ def _run_backbone(cfg, bb, device, disc, plan, journal, progress, ctx: DistConte
     resumed = len(parts)
     # Decided from the whole planned job, not from what is left of it, so a resumed run computes
     # with the same form as an uninterrupted one (identical features).
-    compile_model = bool(pending) and compile_wanted(cfg.compile, device, len(plan.compute))
+    # Counted in backbone rows: with --augment each train image costs 1 + V of them.
+    compile_model = bool(pending) and compile_wanted(cfg.compile, device, sum(views.rows(i) for i in plan.compute))
     runner = Runner(bb.model, bb.preprocess, device, cfg.optimize, compile_model, cfg.batch_size,
                     compile_fallback=cfg.compile == "auto")
     layout = decode_layout(device, cfg.workers)

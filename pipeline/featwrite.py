@@ -53,8 +53,8 @@ def write_feature_rows(writer: CacheWriter, n_rows: int, feature_dim: int, dtype
 def write_view_rows(writer: CacheWriter, n_rows: int, views: int, feature_dim: int, dtype: str,
                     computed: dict[int, tuple[np.ndarray, int]], reused: dict[int, int],
                     old_cache: str | Path | None) -> None:
-    """Fill /views for the rows that have views, whole chunk blocks at a time; blocks without any
-    such row (val/test) are never written, so they take no space in the file.
+    """Fill /views for the rows that have views, whole chunk blocks at a time; other rows in a
+    written block hold NaN, and blocks without any such row are never written (no disk space).
 
     Args:
         computed: final row -> (views array (n, V, D) float32 of a batch, index into it).

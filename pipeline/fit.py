@@ -76,16 +76,20 @@ def _train_torch(cfg: HeadConfig, data: Prepared) -> list[Candidate]:
     return [Candidate(torch_row(i, r, data), r.head, r.history, r.params) for i, r in enumerate(results)]
 
 
-def _with_views(X: torch.Tensor, y: torch.Tensor, views: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logreg has no epochs to sample views in: it fits the rows plus all their views as extra rows."""
+def _with_views(X: torch.Tensor, y: torch.Tensor, views: torch.Tensor | None):
+    """logreg has no epochs to sample views in: it fits the rows plus all their views as extra rows,
+    each weighted 1/(1+V) so the data term (a sum over rows in sklearn) keeps its scale and C means
+    what it means without views. Returns (X, y, sample_weight or None)."""
     if views is None:
-        return X, y
-    return torch.cat([X, views.reshape(-1, X.shape[1])]), torch.cat([y, y.repeat_interleave(views.shape[1])])
+        return X, y, None
+    k = 1 + views.shape[1]
+    return (torch.cat([X, views.reshape(-1, X.shape[1])]), torch.cat([y, y.repeat_interleave(views.shape[1])]),
+            np.full(len(y) * k, 1.0 / k))
 
 
 def _train_logreg(cfg: HeadConfig, data: Prepared) -> list[Candidate]:
-    X, y = _with_views(*data.split("train"), data.views_of(data.rows["train"]))
-    results = fit_logreg(c_values(cfg), X, y, len(data.class_names), cfg.seed)
+    X, y, weights = _with_views(*data.split("train"), data.views_of(data.rows["train"]))
+    results = fit_logreg(c_values(cfg), X, y, len(data.class_names), cfg.seed, weights)
     return [Candidate(logreg_row(i, r, data, cfg.seed), r.head) for i, r in enumerate(results)]
 
 
@@ -99,7 +103,8 @@ def _refit(cfg: HeadConfig, data: Prepared, best: Candidate) -> tuple[nn.Sequent
     n_classes = len(data.class_names)
     views = data.views_of(rows)
     if best.params is None:
-        head = fit_logreg([best.row["C"]], *_with_views(X, y, views), n_classes, cfg.seed)[0].head
+        Xr, yr, weights = _with_views(X, y, views)
+        head = fit_logreg([best.row["C"]], Xr, yr, n_classes, cfg.seed, weights)[0].head
         epochs = None
     else:
         epochs = best.row["best_epoch"]
@@ -122,7 +127,7 @@ def _head_metadata(cfg: HeadConfig, best: Candidate, data: Prepared, cache) -> d
         "extract_config": cache.attrs.get("config"),  # predict/export/finetune rebuild the backbone from it
         "config": asdict(cfg), "head_type": cfg.head,
         "params": asdict(best.params) if best.params else {"C": best.row["C"]},
-        "best_epoch": best.row.get("best_epoch"), "refit": cfg.refit,
+        "best_epoch": best.row.get("best_epoch"), "refit": cfg.refit, "augmented": _augmented(cache, data),
     }
 
 
@@ -187,7 +192,7 @@ def run_fit_head(cfg: HeadConfig, progress: bool = True) -> dict:
     if cfg.use_augmented and not cache.n_views:
         raise FeatcacheError(f"--use-augmented: {cfg.cache} has no augmented views (extract with --augment N)")
     use_views = cache.n_views > 0 and cfg.use_augmented is not False
-    data = prepare(cache, cfg.val_fraction, cfg.seed, cfg.standardize, device, use_views)
+    data = prepare(cache, cfg.val_fraction, cfg.seed, cfg.standardize, device, use_views, val_views=cfg.refit)
     if cfg.refit and not len(data.rows["val"]):
         raise FeatcacheError("--refit retrains on train+val, but this run has no validation split (--val-fraction 0)")
     candidates = _train_logreg(cfg, data) if cfg.head == "logreg" else _train_torch(cfg, data)

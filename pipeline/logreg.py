@@ -50,7 +50,8 @@ def to_linear(model: LogisticRegression, in_dim: int, n_classes: int) -> nn.Sequ
     return nn.Sequential(lin).eval()
 
 
-def fit_logreg(c_values: list[float], X: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int = 0) -> list[LogregResult]:
+def fit_logreg(c_values: list[float], X: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int = 0,
+               sample_weight: np.ndarray | None = None) -> list[LogregResult]:
     """Fit one multinomial L2 LogisticRegression per C on (X (N, D), y (N,)); results in input order.
 
     Every C is a cold start, i.e. exactly ``LogisticRegression(C=c).fit(X, y)``. (Warm-starting
@@ -65,7 +66,7 @@ def fit_logreg(c_values: list[float], X: torch.Tensor, y: torch.Tensor, n_classe
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            model.fit(Xn, yn)
+            model.fit(Xn, yn, sample_weight=sample_weight)
         converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
         out.append(LogregResult(c, to_linear(model, X.shape[1], n_classes), int(np.max(model.n_iter_)), converged,
                                 time.perf_counter() - t0))

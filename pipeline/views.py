@@ -11,7 +11,8 @@ from pipeline.featwrite import write_view_rows
 
 
 class Views:
-    """Which images get augmented views this run: every train-split image, V views each."""
+    """Which images get augmented views this run: every labeled train-split image, V views each
+    (unlabeled images are never trained on, so their views would be wasted backbone work)."""
 
     def __init__(self, recipe: AugmentRecipe | None, disc, fp: str):
         self.recipe = recipe
@@ -21,7 +22,7 @@ class Views:
         self.fingerprint = fingerprint({"features": fp, "augment": recipe.to_dict()}) if recipe else ""
 
     def wants(self, i: int) -> bool:
-        return self.n > 0 and self.records[i].split == "train"
+        return self.n > 0 and self.records[i].split == "train" and self.records[i].label >= 0
 
     def rows(self, i: int) -> int:
         """Backbone rows for image i: itself plus its views."""

@@ -77,6 +77,7 @@ def test_make_view_applies_crop_then_flip_with_torchvision_ops():
     (["--augment", "2", "--augment-scale", "0.9", "0.5"], ["--augment-scale"]),
     (["--augment", "2", "--augment-flip", "1.5"], ["--augment-flip"]),
     (["--augment", "2", "--augment-rotate", "-5"], ["--augment-rotate"]),
+    (["--augment-flip", "5"], ["--augment-flip"]),  # checked even without --augment: a typo must not pass
 ])
 def test_bad_recipe_is_a_one_line_error_before_any_work(small_tree_ro, tmp_path, flags, words):
     res = invoke("extract", small_tree_ro, "-o", tmp_path / "c.h5", *ARGS, *flags)
@@ -292,3 +293,51 @@ def test_predict_with_a_head_trained_on_views_reproduces_its_val_accuracy(small_
     preds = res.json()["predictions"]
     assert len(preds) == s["n_val"]
     assert np.mean([p["label"] == Path(p["path"]).parent.name for p in preds]) == s["val_accuracy"]
+
+
+def test_unlabeled_train_images_get_no_views(small_tree, tmp_path):
+    from conftest import noisy_image, save_image
+
+    save_image(small_tree / "train" / "loose.png", noisy_image((90, 90, 90), np.random.default_rng(0)))
+    s = extract(small_tree, tmp_path / "c.h5", "--augment", "1")
+    c = read_cache(tmp_path / "c.h5")
+    loose = c.paths.index("train/loose.png")
+    assert c.labels[loose] == -1 and np.isnan(views_of(tmp_path / "c.h5")[loose]).all()
+    assert s["views"]["images"] == int(((c.split == "train") & (c.labels >= 0)).sum())
+
+
+def test_float16_views_read_back_as_float32(small_tree_ro, tmp_path):
+    extract(small_tree_ro, tmp_path / "h.h5", "--augment", "1", "--dtype", "float16")
+    rows = np.flatnonzero(read_cache(tmp_path / "h.h5").split == "train")
+    with h5py.File(tmp_path / "h.h5", "r") as f:
+        assert f["views"].dtype == np.float16
+        want = f["views"][...][rows].astype(np.float32)
+    got = read_views(tmp_path / "h.h5", rows)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+
+
+def test_logreg_weights_views_so_C_keeps_its_meaning():
+    """Rows plus V copies of themselves, weighted 1/(1+V), are the same problem as the rows alone."""
+    from pipeline.fit import _with_views
+    from pipeline.logreg import fit_logreg
+
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(60, 5, generator=g), torch.arange(60) % 3
+    Xa, ya, w = _with_views(X, y, X[:, None].repeat(1, 3, 1))
+    assert Xa.shape == (240, 5) and w.shape == (240,) and w.sum() == pytest.approx(60)
+    a = fit_logreg([0.1], X, y, 3)[0].head[0]
+    b = fit_logreg([0.1], Xa, ya, 3, sample_weight=w)[0].head[0]
+    torch.testing.assert_close(a.weight, b.weight, atol=2e-3, rtol=1e-3)
+
+
+def test_training_rows_views_are_not_copied_and_head_records_them(aug_cache, tmp_path):
+    from pipeline.data import prepare
+    from pipeline.headio import load_head
+
+    aug, _, _ = aug_cache
+    d = prepare(read_cache(aug), 0.2, 0, True, torch.device("cpu"), use_views=True)
+    assert d.views_of(d.rows["train"]) is d.views  # split layout: exactly the training rows
+    fit(aug, tmp_path / "r")
+    _, meta = load_head(tmp_path / "r" / "head.pt")
+    assert meta["augmented"]["used"] and meta["augmented"]["views_in_cache"] == 2
