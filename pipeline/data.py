@@ -49,28 +49,40 @@ class Prepared:
         return out
 
 
-def make_splits(cache: FeatureCache, val_fraction: float, seed: int) -> tuple[dict[str, np.ndarray], str]:
-    """Use the cache's own val split when it has one, else a stratified, seeded hold-out of train."""
-    labeled = cache.labels >= 0
-    rows = {s: np.flatnonzero((cache.split == s) & labeled) for s in ("train", "val", "test")}
-    if len(rows["val"]):
-        return rows, "cache"
-    if val_fraction <= 0:
-        return rows, "none"
-    train = rows["train"]
-    if len(train) == 0:
-        raise FeatcacheError(f"fit-head needs labeled training images of at least two classes; {cache.path} has "
-                             "none (images must sit in class folders)")
-    counts = np.bincount(cache.labels[train])
-    stratify = cache.labels[train] if counts[counts > 0].min() >= 2 else None
+def labeled_split_rows(split: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """train | val | test -> indices of the labeled rows in that split."""
+    return {s: np.flatnonzero((split == s) & (labels >= 0)) for s in ("train", "val", "test")}
+
+
+def hold_out(train: np.ndarray, labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Split ``train`` (row indices, ``labels`` their labels) into sorted (train, val, description):
+    ``round(val_fraction * n)`` validation rows, stratified when every class has 2+ rows and the
+    hold-out can hold every class, seeded. fit-head and finetune share it, so on the same images
+    they hold out the same ones."""
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 else None
     n_val = int(round(val_fraction * len(train)))
     if n_val < 1 or n_val >= len(train):
         raise FeatcacheError(f"--val-fraction {val_fraction} leaves no training or no validation rows ({len(train)} labeled)")
     if stratify is not None and n_val < len(np.unique(stratify)):
         stratify = None  # too few validation rows to hold every class
     tr, va = train_test_split(train, test_size=n_val, stratify=stratify, random_state=seed)
-    rows["train"], rows["val"] = np.sort(tr), np.sort(va)
-    return rows, f"held out {val_fraction:.0%} of train (stratified, seed {seed})" if stratify is not None else f"held out {val_fraction:.0%} of train (seed {seed})"
+    how = "stratified, " if stratify is not None else ""
+    return np.sort(tr), np.sort(va), f"held out {val_fraction:.0%} of train ({how}seed {seed})"
+
+
+def make_splits(cache: FeatureCache, val_fraction: float, seed: int) -> tuple[dict[str, np.ndarray], str]:
+    """Use the cache's own val split when it has one, else a stratified, seeded hold-out of train."""
+    rows = labeled_split_rows(cache.split, cache.labels)
+    if len(rows["val"]):
+        return rows, "cache"
+    if val_fraction <= 0:
+        return rows, "none"
+    if len(rows["train"]) == 0:
+        raise FeatcacheError(f"fit-head needs labeled training images of at least two classes; {cache.path} has "
+                             "none (images must sit in class folders)")
+    rows["train"], rows["val"], source = hold_out(rows["train"], cache.labels[rows["train"]], val_fraction, seed)
+    return rows, source
 
 
 def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bool, device: torch.device,

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from cache.store import FeatureCache, read_cache
+from pipeline.data import labeled_split_rows
 from pipeline.device import resolve_device
 from pipeline.errors import FeatcacheError
 from pipeline.headio import StandardizedHead, load_head
@@ -42,8 +43,8 @@ def run_evaluate(head_path: str, cache_path: str, device: str = "auto") -> dict:
     X = torch.from_numpy(cache.features.astype(np.float32)).to(dev)
     y = torch.from_numpy(cache.labels).to(dev)
     out: dict = {"head": str(head_path), "cache": str(cache_path)}
-    for split in ("train", "val", "test"):
-        rows = torch.as_tensor(np.flatnonzero((cache.split == split) & (cache.labels >= 0)), device=dev)
+    for split, idx in labeled_split_rows(cache.split, cache.labels).items():
+        rows = torch.as_tensor(idx, device=dev)
         s = score(model, X[rows], y[rows])
         if s:
             out[f"{split}_accuracy"], out[f"{split}_loss"], out[f"n_{split}"] = s["accuracy"], s["loss"], len(rows)

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
+from pipeline.data import hold_out, labeled_split_rows
 from pipeline.device import resolve_device
 from pipeline.discover import discover
 from pipeline.errors import FeatcacheError
@@ -118,17 +118,16 @@ def param_groups(model: Classifier, cfg: FinetuneConfig) -> list[dict]:
 
 
 def _splits(disc, class_names: list[str], val_fraction: float, seed: int) -> dict[str, list[int]]:
+    """Record indices per split: the folder's val/ split, or fit-head's own hold-out of train."""
     if list(disc.class_names) != list(class_names):
         raise FeatcacheError(f"class folders {list(disc.class_names)} differ from the head's classes {class_names}")
-    idx = {s: [i for i, r in enumerate(disc.records) if r.split == s and r.label >= 0] for s in ("train", "val", "test")}
-    if not idx["val"] and val_fraction > 0:
-        labels = [disc.records[i].label for i in idx["train"]]
-        strat = labels if min(np.bincount(labels)[np.bincount(labels) > 0]) >= 2 else None
-        tr, va = train_test_split(idx["train"], test_size=val_fraction, stratify=strat, random_state=seed)
-        idx["train"], idx["val"] = sorted(tr), sorted(va)
-    if not idx["train"]:
+    labels = np.array([r.label for r in disc.records], dtype=np.int64)
+    idx = labeled_split_rows(np.array([r.split for r in disc.records], dtype=object), labels)
+    if not len(idx["train"]):
         raise FeatcacheError("no labeled training images to fine-tune on")
-    return idx
+    if not len(idx["val"]) and val_fraction > 0:
+        idx["train"], idx["val"], _ = hold_out(idx["train"], labels[idx["train"]], val_fraction, seed)
+    return {s: v.tolist() for s, v in idx.items()}
 
 
 def _collate(items):

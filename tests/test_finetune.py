@@ -58,3 +58,19 @@ def test_finetune_errors(fast_run, split_tree_ro, flat_tree_ro, tmp_path):
         shutil.copy(f, other / f.name)
     shutil.copytree(flat_tree_ro / "blue", tmp_path / "other" / "dogs")
     assert_one_line_error(invoke("finetune", tmp_path / "other", "--from", fast_run, "-o", tmp_path / "x"), "classes")
+
+
+def test_finetune_holds_out_the_same_val_images_as_fit_head(flat_tree_ro, flat_cache):
+    """A folder without val/: finetune's validation images are fit-head's held-out rows."""
+    from cache.store import read_cache
+    from pipeline.data import make_splits
+    from pipeline.discover import discover
+    from pipeline.finetune import _splits
+
+    cache = read_cache(flat_cache, features=False)
+    rows, source = make_splits(cache, 0.25, 0)  # 4.5 of 18 rows: sklearn alone would hold out 5
+    disc = discover(flat_tree_ro)
+    idx = _splits(disc, cache.class_names, 0.25, 0)
+    assert source.startswith("held out") and len(rows["val"]) > 0
+    for split in ("train", "val"):
+        assert [disc.records[i].path for i in idx[split]] == [cache.paths[r] for r in rows[split]]
