@@ -37,8 +37,7 @@ def run_evaluate(head_path: str, cache_path: str, device: str = "auto") -> dict:
     head, meta = load_head(head_path)
     cache = read_cache(cache_path)
     check_head_cache(meta, cache, head_path)
-    std = meta.get("standardize") or {}
-    model = StandardizedHead(head, std.get("mean"), std.get("scale"))
+    model = StandardizedHead.from_metadata(head, meta)
     dev = resolve_device(device)
     X = torch.from_numpy(cache.features.astype(np.float32)).to(dev)
     y = torch.from_numpy(cache.labels).to(dev)

@@ -20,6 +20,11 @@ def save_head(path: str | Path, head: nn.Sequential, metadata: dict) -> None:
     torch.save({"format": HEAD_FORMAT, "version": HEAD_VERSION, "state_dict": state, "metadata": metadata}, path)
 
 
+def build_head(meta: dict) -> nn.Sequential:
+    """An untrained head of the architecture recorded in head (or fine-tuned model) metadata."""
+    return build_sequential(meta["in_dim"], tuple(meta["hidden"]), meta["n_classes"], meta["batchnorm"], meta["dropout"])
+
+
 def load_head(path: str | Path) -> tuple[nn.Sequential, dict]:
     """Rebuild a saved head. Refuses anything that is not a featcache head (and never unpickles code)."""
     path = Path(path)
@@ -35,7 +40,7 @@ def load_head(path: str | Path) -> tuple[nn.Sequential, dict]:
     if not isinstance(obj, dict) or obj.get("format") != HEAD_FORMAT:
         raise FeatcacheError(f"{path} is not a featcache head file")
     meta = obj["metadata"]
-    head = build_sequential(meta["in_dim"], tuple(meta["hidden"]), meta["n_classes"], meta["batchnorm"], meta["dropout"])
+    head = build_head(meta)
     try:
         head.load_state_dict(obj["state_dict"])
     except RuntimeError as e:
@@ -52,6 +57,12 @@ class StandardizedHead(nn.Module):
         self.register_buffer("mean", torch.as_tensor(mean if mean is not None else np.zeros(d), dtype=torch.float32))
         self.register_buffer("scale", torch.as_tensor(scale if scale is not None else np.ones(d), dtype=torch.float32))
         self.head = head
+
+    @classmethod
+    def from_metadata(cls, head: nn.Module, meta: dict) -> "StandardizedHead":
+        """With the train-split statistics recorded in ``meta["standardize"]`` (identity if none)."""
+        std = meta.get("standardize") or {}
+        return cls(head, std.get("mean"), std.get("scale"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head((x - self.mean) / self.scale)

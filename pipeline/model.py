@@ -17,8 +17,7 @@ from torch import nn
 from cache.fingerprint import fingerprint
 from pipeline.backbones import build_backbone, load_state_dict_file
 from pipeline.errors import FeatcacheError
-from pipeline.headio import StandardizedHead, load_head
-from pipeline.heads import build_sequential
+from pipeline.headio import StandardizedHead, build_head, load_head
 from pipeline.preprocess import PreprocessSpec
 
 FT_WEIGHTS = "model.pt"
@@ -59,8 +58,7 @@ def _backbone_from_extract_config(ec: dict, expected_fp: str | None):
 
 
 def classifier_from_head(head: nn.Sequential, meta: dict, backbone: nn.Module) -> Classifier:
-    std = meta.get("standardize") or {}
-    return Classifier(backbone, StandardizedHead(head, std.get("mean"), std.get("scale"))).eval()
+    return Classifier(backbone, StandardizedHead.from_metadata(head, meta)).eval()
 
 
 def load_run(run_dir: str | Path) -> Predictor:
@@ -87,8 +85,7 @@ def load_finetuned(ft_dir: str | Path) -> Predictor:
     meta = json.loads((ft_dir / FT_META).read_text())
     ec = {**meta["extract_config"], "weights": "none"}  # all weights come from model.pt
     bb = build_backbone(ec["backbone"], "none", ec.get("layer"), ec.get("pool"), ec.get("seed", 0))
-    head = build_sequential(meta["in_dim"], tuple(meta["hidden"]), meta["n_classes"], meta["batchnorm"], meta["dropout"])
-    model = classifier_from_head(head, meta, bb.model)
+    model = classifier_from_head(build_head(meta), meta, bb.model)
     try:
         model.load_state_dict(load_state_dict_file(str(ft_dir / FT_WEIGHTS)))
     except RuntimeError as e:
