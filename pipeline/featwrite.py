@@ -1,4 +1,4 @@
-"""Feature rows into the cache's /features in one pass of whole, row-aligned chunk blocks.
+"""Feature rows (and augmented views) into /features (/views) in one pass of whole, row-aligned chunk blocks.
 
 The cache is chunked by rows (cache/store.py). Writing batch by batch would hit most chunks
 several times (a 64-row batch of AlexNet's 9216-d features straddles three 28-row chunks), and
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -24,6 +25,27 @@ def block_rows(feature_dim: int, dtype: str, n_rows: int) -> int:
     return chunk * max(1, BLOCK_BYTES // (chunk * feature_dim * itemsize))
 
 
+def _blocks(n_rows: int, row_shape: tuple[int, ...], dtype: str, computed: dict[int, tuple[np.ndarray, int]],
+            reused: dict[int, int], old, fill: float | None) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, block) for whole chunk blocks of rows, assembled from new batches and ``old``
+    (the previous cache's dataset). ``fill=None``: every row is covered, every block yielded;
+    otherwise uncovered rows hold ``fill`` and blocks with no covered row are not yielded."""
+    step = block_rows(int(np.prod(row_shape)), dtype, n_rows)
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        new = [r for r in range(r0, r1) if r in computed]
+        prev = [(r - r0, reused[r]) for r in range(r0, r1) if r in reused]
+        if fill is not None and not new and not prev:
+            continue
+        buf = np.empty((r1 - r0, *row_shape), dtype) if fill is None else np.full((r1 - r0, *row_shape), fill, dtype)
+        if prev:  # both caches are sorted by path, so the old rows are increasing too
+            buf[[b for b, _ in prev]] = old[[o for _, o in prev]]
+        for r in new:
+            src = computed[r]
+            buf[r - r0] = src[0][src[1]]  # float32 -> cache dtype, as astype() rounds
+        yield r0, buf
+
+
 def write_feature_rows(writer: CacheWriter, n_rows: int, feature_dim: int, dtype: str,
                        computed: dict[int, tuple[np.ndarray, int]], reused: dict[int, int],
                        old_cache: str | Path | None) -> None:
@@ -35,19 +57,10 @@ def write_feature_rows(writer: CacheWriter, n_rows: int, feature_dim: int, dtype
     """
     if len(computed) + len(reused) != n_rows:
         raise ValueError(f"{len(computed)} computed + {len(reused)} reused rows for {n_rows} cache rows")
-    step = block_rows(feature_dim, dtype, n_rows)
     with (open_checked(old_cache) if reused else contextlib.nullcontext()) as f_old:
-        for r0 in range(0, n_rows, step):
-            r1 = min(n_rows, r0 + step)
-            buf = np.empty((r1 - r0, feature_dim), dtype)
-            old = [(r - r0, reused[r]) for r in range(r0, r1) if r in reused]
-            if old:  # both caches are sorted by path, so the old rows are increasing too
-                buf[[b for b, _ in old]] = f_old["features"][[o for _, o in old]]
-            for r in range(r0, r1):
-                src = computed.get(r)
-                if src is not None:
-                    buf[r - r0] = src[0][src[1]]  # float32 -> cache dtype, as astype() rounds
-            writer.write_features(np.arange(r0, r1), buf)
+        old = f_old["features"] if reused else None
+        for r0, buf in _blocks(n_rows, (feature_dim,), dtype, computed, reused, old, fill=None):
+            writer.write_features(np.arange(r0, r0 + len(buf)), buf)
 
 
 def write_view_rows(writer: CacheWriter, n_rows: int, views: int, feature_dim: int, dtype: str,
@@ -60,18 +73,7 @@ def write_view_rows(writer: CacheWriter, n_rows: int, views: int, feature_dim: i
         computed: final row -> (views array (n, V, D) float32 of a batch, index into it).
         reused: final row -> row of ``old_cache`` whose views (same augment fingerprint) are copied.
     """
-    step = block_rows(views * feature_dim, dtype, n_rows)
     with (open_checked(old_cache) if reused else contextlib.nullcontext()) as f_old:
-        for r0 in range(0, n_rows, step):
-            r1 = min(n_rows, r0 + step)
-            new = [r for r in range(r0, r1) if r in computed]
-            old = [(r - r0, reused[r]) for r in range(r0, r1) if r in reused]
-            if not new and not old:
-                continue
-            buf = np.full((r1 - r0, views, feature_dim), np.nan, dtype)
-            if old:
-                buf[[b for b, _ in old]] = f_old["views"][[o for _, o in old]]
-            for r in new:
-                src = computed[r]
-                buf[r - r0] = src[0][src[1]]
+        old = f_old["views"] if reused else None
+        for r0, buf in _blocks(n_rows, (views, feature_dim), dtype, computed, reused, old, fill=np.nan):
             writer.write_views(r0, buf)
