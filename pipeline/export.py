@@ -40,8 +40,7 @@ def run_export(model_path: str, output: str) -> dict:
     if out.suffix not in (".pt2", ".pt"):
         raise FeatcacheError("export output must end in .pt2 (torch.export) or .pt (TorchScript)")
     pred = load_predictor(model_path)
-    dtype = (pred.meta.get("extract_config") or {}).get("dtype", "float32")
-    module = Probabilities(pred.model, getattr(torch, dtype)).eval()
+    module = Probabilities(pred.model, pred.feature_dtype).eval()
     size = pred.preprocess.crop_size
     example = torch.randn(2, 3, size, size)
     meta = {"format": "featcache-export", "class_names": pred.class_names, "preprocess": pred.preprocess.to_dict(),

@@ -44,6 +44,11 @@ class Predictor:
     meta: dict  # head metadata (plus extract config); JSON-serialisable
     kind: str  # "run" (fit-head) | "finetune"
 
+    @property
+    def feature_dtype(self) -> torch.dtype:
+        """The dtype the head's training features were stored in (predict and export round to it)."""
+        return getattr(torch, (self.meta.get("extract_config") or {}).get("dtype", "float32"))
+
 
 def _backbone_from_extract_config(ec: dict, expected_fp: str | None):
     from pipeline.extract import cache_identity  # deferred: extract imports heavy I/O modules

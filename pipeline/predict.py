@@ -43,11 +43,10 @@ def collect_files(inputs: tuple[str, ...]) -> list[Path]:
     return files
 
 
-def _round_like_cache(features: torch.Tensor, meta: dict) -> torch.Tensor:
+def _round_like_cache(features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # The head was trained on features stored in the cache's dtype; round the same way so predict
     # reproduces the cached-feature predictions exactly.
-    dtype = (meta.get("extract_config") or {}).get("dtype", "float32")
-    return features.to(getattr(torch, dtype)).float() if dtype != "float32" else features
+    return features.to(dtype).float() if dtype != torch.float32 else features
 
 
 @torch.inference_mode()
@@ -70,7 +69,7 @@ def predict_files(pred: Predictor, files: list[Path], top_k: int, batch_size: in
         chunk = files[s: s + batch_size]
         out += [{"path": str(f), "error": r} for f, r in zip(chunk, reasons) if r]
         if x is not None:
-            feats = _round_like_cache(torch.from_numpy(runner(x)).to(device), pred.meta)
+            feats = _round_like_cache(torch.from_numpy(runner(x)).to(device), pred.feature_dtype)
             top_p, top_i = torch.softmax(head(feats), dim=1).cpu().topk(k, dim=1)
             ok = [f for f, r in zip(chunk, reasons) if not r]
             for f, ps, idx in zip(ok, top_p.tolist(), top_i.tolist()):
