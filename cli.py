@@ -1,10 +1,65 @@
-"""featcache command line: options -> one frozen config -> pipeline call. No logic lives here."""
+"""featcache command line: options -> one frozen config -> pipeline call -> printed summary.
+
+No logic lives here. This is the only module that imports click; every error the library raises
+(``FeatcacheError``) becomes one line on stderr and a non-zero exit code.
+"""
 from __future__ import annotations
+
+import json
+import os
+import sys
 
 import click
 
-from pipeline.cliutil import Group, emit, float_list, int_list, progress_enabled
-from pipeline.config import ExtractConfig, HeadConfig
+from featcache.pipeline.config import ExtractConfig, HeadConfig
+from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.options import float_list, str_list
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print one line on stderr and exit non-zero."""
+    first = " ".join(str(message).split()) or "error"
+    click.echo(f"featcache: error: {first}", err=True)
+    sys.exit(code)
+
+
+class Group(click.Group):
+    """A click group whose every error is one line on stderr (no usage dump, no traceback).
+
+    Set FEATCACHE_DEBUG=1 to see the traceback of an unexpected error.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name or "featcache", complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            fail(e.format_message(), e.exit_code)
+        except FeatcacheError as e:
+            fail(str(e))
+        except (click.Abort, KeyboardInterrupt):
+            fail("interrupted", 130)
+        except Exception as e:  # a bug, not bad input: still one line unless debugging
+            if os.environ.get("FEATCACHE_DEBUG"):
+                raise
+            fail(f"internal error: {type(e).__name__}: {e} (set FEATCACHE_DEBUG=1 for the traceback)")
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def emit(summary: dict, as_json: bool, lines: list[str]) -> None:
+    """``--json``: one JSON object on stdout and nothing else; otherwise human lines."""
+    if as_json:
+        click.echo(json.dumps(summary, default=str))
+    else:
+        for line in lines:
+            click.echo(line)
+
+
+def progress_enabled(as_json: bool) -> bool:
+    """Progress bars go to stderr, and only when it is a terminal: a log or a pipe gets the
+    summary and, on failure, exactly one error line (``as_json`` changes nothing here)."""
+    return sys.stderr.isatty()
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -47,7 +102,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 def extract(image_dir, output, as_json, **opts) -> None:
     """Run the frozen backbone over IMAGE_DIR once and store features in an HDF5 cache."""
-    from pipeline.extract import run_extract
+    from featcache.pipeline.extraction.extract import run_extract
 
     s = run_extract(ExtractConfig(image_dir=image_dir, output=output, **opts), progress=progress_enabled(as_json))
     if s is None:  # a torchrun rank other than 0: rank 0 reports for everyone
@@ -67,7 +122,7 @@ def extract(image_dir, output, as_json, **opts) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def info(cache, as_json) -> None:
     """Show a cache's shape, classes, splits and recorded attributes."""
-    from pipeline.info import cache_info, info_lines
+    from featcache.cache.info import cache_info, info_lines
 
     data = cache_info(cache)
     emit(data, as_json, info_lines(data))
@@ -108,13 +163,13 @@ def info(cache, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 def fit_head(cache, output, hidden, dropout, weight_decay, l1, optimizer, lr, momentum, C, as_json, **opts) -> None:
     """Train heads on cached features (comma lists sweep); keep the best by validation accuracy."""
-    from pipeline.fit import run_fit_head
-    from pipeline.report import fit_lines, parse_hidden
+    from featcache.pipeline.heads.fit import run_fit_head
+    from featcache.pipeline.heads.report import fit_lines, parse_hidden
 
     cfg = HeadConfig(
         cache=cache, output=output, hidden=parse_hidden(hidden), dropout=float_list(dropout, "--dropout"),
         weight_decay=float_list(weight_decay, "--weight-decay"), l1=float_list(l1, "--l1"),
-        optimizer=tuple(o.strip() for o in optimizer.split(",") if o.strip()), lr=float_list(lr, "--lr"),
+        optimizer=str_list(optimizer, "--optimizer"), lr=float_list(lr, "--lr"),
         momentum=float_list(momentum, "--momentum"), C=float_list(C, "--C"), **opts)
     s = run_fit_head(cfg, progress=progress_enabled(as_json))
     emit({k: v for k, v in s.items() if k != "leaderboard" or len(v) > 1}, as_json, fit_lines(s))
@@ -127,7 +182,7 @@ def fit_head(cache, output, hidden, dropout, weight_decay, l1, optimizer, lr, mo
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def runs(experiments_dir, sort, as_json) -> None:
     """Compare every fit-head run below EXPERIMENTS_DIR (backbone, cache, head, accuracies) in one table."""
-    from pipeline.runs import find_runs, runs_lines
+    from featcache.pipeline.heads.runs import find_runs, runs_lines
 
     data = find_runs(experiments_dir, sort)
     emit(data, as_json, runs_lines(data))
@@ -143,7 +198,7 @@ def runs(experiments_dir, sort, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def predict(model, images, as_json, **opts) -> None:
     """Classify IMAGES (files or folders) with a fit-head RUN_DIR or a finetune FT_DIR."""
-    from pipeline.predict import PredictConfig, predict_lines, run_predict
+    from featcache.pipeline.use.predict import PredictConfig, predict_lines, run_predict
 
     s = run_predict(PredictConfig(model=model, inputs=tuple(images), **opts), progress=progress_enabled(as_json))
     emit(s, as_json, predict_lines(s))
@@ -156,7 +211,7 @@ def predict(model, images, as_json, **opts) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def evaluate(head, cache, device, as_json) -> None:
     """Score a saved head (RUN_DIR or head.pt) on a cache it was trained for."""
-    from pipeline.evaluate import run_evaluate
+    from featcache.pipeline.heads.evaluate import run_evaluate
 
     s = run_evaluate(head, cache, device)
     emit(s, as_json, [f"{k}: {v}" for k, v in s.items()])
@@ -168,7 +223,7 @@ def evaluate(head, cache, device, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def export(model, output, as_json) -> None:
     """Write backbone + head as one file that loads without featcache."""
-    from pipeline.export import run_export
+    from featcache.pipeline.use.export import run_export
 
     s = run_export(model, output)
     emit(s, as_json, [f"wrote {s['output']} ({s['format']}, {s['bytes'] / 1e6:.1f} MB): input (N, 3, {s['input_size']}, "
@@ -194,7 +249,7 @@ def export(model, output, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 def finetune(image_dir, run_dir, output, as_json, **opts) -> None:
     """Fine-tune backbone + trained head on IMAGE_DIR, starting from the cached-feature solution."""
-    from pipeline.finetune import FinetuneConfig, run_finetune
+    from featcache.pipeline.use.finetune import FinetuneConfig, run_finetune
 
     s = run_finetune(FinetuneConfig(image_dir=image_dir, run_dir=run_dir, output=output, **opts),
                      progress=progress_enabled(as_json))

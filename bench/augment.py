@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from bench.sweep import machine  # noqa: E402
+from sweep import machine  # noqa: E402
 from examples.digits_demo import LINEAR_SWEEP, write_digits  # noqa: E402
 
 RECIPES = {  # name -> extract flags after --augment V

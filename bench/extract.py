@@ -29,15 +29,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from photos import make_photo_folder  # noqa: E402
-from pipeline.backbones import LITE0, build_backbone  # noqa: E402
-from pipeline.device import usable_cores  # noqa: E402
+from featcache.pipeline.extraction.backbones import LITE0, build_backbone  # noqa: E402
+from featcache.pipeline.device import usable_cores  # noqa: E402
 
 MODELS = ("resnet18", "alexnet", LITE0)
 
@@ -66,7 +64,7 @@ def load() -> str:
 
 def bare(name: str, root: Path, n: int, batch: int) -> float:
     """(a) eager fp32 forward on preprocessed in-memory tensors; images/s over ``n`` images."""
-    from pipeline.images import load_rgb
+    from featcache.pipeline.extraction.images import load_rgb
 
     bb = build_backbone(name, weights_for(name))
     tf = bb.preprocess.transform()
@@ -102,8 +100,8 @@ def naive(name: str, root: Path, n: int, batch: int, out: Path) -> float:
 RUN_EXTRACT = """
 import json, sys, time
 t0 = time.perf_counter()
-from pipeline.config import ExtractConfig
-from pipeline.extract import run_extract
+from featcache.pipeline.config import ExtractConfig
+from featcache.pipeline.extraction.extract import run_extract
 t1 = time.perf_counter()
 s = run_extract(ExtractConfig(**json.loads(sys.argv[1])), progress=False)
 s["bench_import_s"], s["bench_run_s"] = t1 - t0, time.perf_counter() - t1
@@ -134,7 +132,7 @@ def featcache(name: str, root: Path, n: int, batch: int, out: Path, extra: dict)
 
 def compile_check(name: str, batch: int, batches: int = 4) -> str:
     """torch.compile's one-off cost against its per-image saving -> the job size where it pays off."""
-    from pipeline.accel import Runner, heap_reuse
+    from featcache.pipeline.extraction.accel import Runner, heap_reuse
 
     u8 = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     rates, cost = {}, 0.0
@@ -158,9 +156,9 @@ def compile_check(name: str, batch: int, batches: int = 4) -> str:
 
 def draft_check(folder: Path, size: tuple[int, int] = (4000, 3000), n: int = 4) -> str:
     """Decode + resize + crop of large JPEGs, full vs draft: time per image and pixel difference."""
-    from pipeline.images import load_rgb
-    from pipeline.loader import draft_min_side, pil_stage
-    from pipeline.preprocess import imagenet_default
+    from featcache.pipeline.extraction.images import load_rgb
+    from featcache.pipeline.extraction.loader import draft_min_side, pil_stage
+    from featcache.pipeline.extraction.preprocess import imagenet_default
 
     make_photo_folder(folder, n, size, classes=1)
     spec = imagenet_default("bench")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.store import CacheWriter, FeatureCache
+from featcache.cache.store import CacheWriter, FeatureCache
 
 LATENT = 64
 
@@ -31,7 +31,7 @@ def make_features(n: int, dim: int, classes: int, seed: int = 0) -> tuple[np.nda
 
 
 def as_cache(X: np.ndarray, y: np.ndarray, path: str = "synthetic") -> FeatureCache:
-    """An in-memory FeatureCache (all rows in the train split) for pipeline.data.prepare."""
+    """An in-memory FeatureCache (all rows in the train split) for featcache.pipeline.heads.data.prepare."""
     classes = int(y.max()) + 1
     return FeatureCache(path=Path(path), attrs={"class_names": [f"c{i}" for i in range(classes)],
                                                 "fingerprint": "synthetic", "backbone": "synthetic"},

@@ -5,7 +5,7 @@ best batched linear head vs scikit-learn's LogisticRegression over a C grid.
     .venv/bin/python bench/sweep.py --quick    # N=5,000 x D=512, for a smoke run
     .venv/bin/python bench/sweep.py --cache features.h5   # a real cache (its own splits)
 
-Both sides of (1) run the same code, ``pipeline.train.train_many``: once on all 100 configurations
+Both sides of (1) run the same code, ``featcache.pipeline.heads.train.train_many``: once on all 100 configurations
 (stacked), then once per configuration. Wall-clock times; the machine is printed with them, and the
 load average too, since other processes on a shared machine slow either side.
 """
@@ -18,21 +18,20 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import sklearn  # noqa: E402
 import torch  # noqa: E402
 
-from bench.features import as_cache, make_features  # noqa: E402
-from cache.store import read_cache  # noqa: E402
-from pipeline.config import HeadConfig  # noqa: E402
-from pipeline.data import prepare  # noqa: E402
-from pipeline.device import usable_cores  # noqa: E402
-from pipeline.logreg import fit_logreg  # noqa: E402
-from pipeline.metrics import score  # noqa: E402
-from pipeline.sweep import expand  # noqa: E402
-from pipeline.train import TrainSettings, train_many  # noqa: E402
+from features import as_cache, make_features  # noqa: E402
+from featcache.cache.store import read_cache  # noqa: E402
+from featcache.pipeline.config import HeadConfig  # noqa: E402
+from featcache.pipeline.heads.data import prepare  # noqa: E402
+from featcache.pipeline.device import usable_cores  # noqa: E402
+from featcache.pipeline.heads.logreg import fit_logreg  # noqa: E402
+from featcache.pipeline.heads.metrics import score  # noqa: E402
+from featcache.pipeline.heads.sweep import expand  # noqa: E402
+from featcache.pipeline.heads.train import TrainSettings, train_many  # noqa: E402
 
 # 4 learning rates x 5 L2 strengths x 5 L1 strengths = 100 linear heads (Adam). The L2 strengths are
 # those of the scikit-learn C grid: sklearn minimises C * sum(loss) + |w|^2 / 2, i.e. the mean loss

@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from bench.features import make_features, write_cache  # noqa: E402
-from bench.sweep import load, machine  # noqa: E402
+from features import make_features, write_cache  # noqa: E402
+from sweep import load, machine  # noqa: E402
 
 HIDDEN, LR, WD = ("0", "256"), ("1e-3", "1e-2"), ("0", "1e-4", "1e-3")
 COMMON = ["--dropout", "0", "--epochs", "50", "--patience", "5", "--device", "cpu", "--json"]

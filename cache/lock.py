@@ -6,7 +6,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.errors import FeatcacheError
+from featcache.cache.errors import CacheError
 
 
 @contextmanager
@@ -18,7 +18,7 @@ def cache_lock(cache_path: str | Path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise FeatcacheError(
+            raise CacheError(
                 f"another featcache extract is writing {cache_path} (lock {lock_path} is held); wait for it to finish"
             ) from None
         os.ftruncate(fd, 0)

@@ -29,7 +29,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.errors import FeatcacheError
+from featcache.cache.errors import CacheError
 
 FORMAT = "featcache"
 SCHEMA_VERSION = 1
@@ -160,23 +160,23 @@ def open_checked(path: str | Path) -> h5py.File:
     """Open a cache for reading, with one-line errors for files that are not complete caches."""
     path = Path(path)
     if not path.exists():
-        raise FeatcacheError(f"cache not found: {path}")
+        raise CacheError(f"cache not found: {path}")
     if path.is_dir():
-        raise FeatcacheError(f"{path} is a folder, not a cache file")
+        raise CacheError(f"{path} is a folder, not a cache file")
     try:
         f = h5py.File(path, "r")
     except OSError:
-        raise FeatcacheError(f"{path} is not an HDF5 file (not a featcache cache)") from None
+        raise CacheError(f"{path} is not an HDF5 file (not a featcache cache)") from None
     if f.attrs.get("format") != FORMAT:
         f.close()
-        raise FeatcacheError(f"{path} is an HDF5 file but not a featcache cache")
+        raise CacheError(f"{path} is an HDF5 file but not a featcache cache")
     version = int(f.attrs.get("schema_version", -1))
     if version != SCHEMA_VERSION:
         f.close()
-        raise FeatcacheError(f"{path} has cache schema {version}; this featcache reads schema {SCHEMA_VERSION}")
+        raise CacheError(f"{path} has cache schema {version}; this featcache reads schema {SCHEMA_VERSION}")
     if not bool(f.attrs.get("complete", False)):
         f.close()
-        raise FeatcacheError(f"{path} is an incomplete cache (an extract did not finish); re-run extract")
+        raise CacheError(f"{path} is an incomplete cache (an extract did not finish); re-run extract")
     return f
 
 
@@ -211,7 +211,7 @@ def read_views(path: str | Path, rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.int64)
     with open_checked(path) as f:
         if "views" not in f:
-            raise FeatcacheError(f"{path} has no augmented views; extract with --augment N to store some")
+            raise CacheError(f"{path} has no augmented views; extract with --augment N to store some")
         ds = f["views"]
         out = np.empty((len(rows), *ds.shape[1:]), np.float32)
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1

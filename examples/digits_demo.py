@@ -54,8 +54,7 @@ def sklearn_baseline(cache_path: Path) -> tuple[float, float, float, float]:
 
     Returns (val accuracy, test accuracy, best C, seconds for the whole grid).
     """
-    sys.path.insert(0, str(ROOT))
-    from cache.store import read_cache
+    from featcache.cache.store import read_cache
 
     c = read_cache(cache_path)
     X, y = c.features.astype(np.float64), c.labels

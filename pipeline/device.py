@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.errors import FeatcacheError
+from featcache.pipeline.errors import FeatcacheError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -21,8 +21,6 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `pytest` without `python -m` does not put the repo root on sys.path
-    sys.path.insert(0, str(REPO))
 
 CLASSES = {"red": (200, 40, 40), "green": (40, 190, 40), "blue": (40, 40, 210)}
 SPLIT_COUNTS = {"train": 8, "val": 3, "test": 3}
@@ -267,7 +265,7 @@ def invoke(*args) -> CliResult:
     """Run ``cli.main`` in-process with click's CliRunner (stdout and stderr kept apart)."""
     from click.testing import CliRunner
 
-    import cli
+    from featcache import cli
 
     res = CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=True)
     exc = res.exception if not isinstance(res.exception, SystemExit) else None

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from click.testing import CliRunner
 
-from cache.store import CacheWriter
+from featcache.cache.store import CacheWriter
 
 
 def write_cache(path: Path, n_per_class: dict[str, int] | None = None, dim: int = 16, classes: int = 3,
@@ -41,7 +41,7 @@ def write_cache(path: Path, n_per_class: dict[str, int] | None = None, dim: int 
 
 def run_cli(*args) -> tuple[int, str, str]:
     """``featcache ARGS`` in-process: (exit code, stdout, stderr)."""
-    import cli
+    from featcache import cli
 
     res = CliRunner().invoke(cli.main, [str(a) for a in args])
     return res.exit_code, res.stdout, res.stderr

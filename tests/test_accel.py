@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.accel import COMPILE_MIN_IMAGES, Normalizer, Runner, compile_wanted, fold_batchnorm
-from pipeline.backbones import FeatureModel, build_backbone
-from pipeline.errors import FeatcacheError
-from pipeline.preprocess import imagenet_default
+from featcache.pipeline.extraction.accel import COMPILE_MIN_IMAGES, Normalizer, Runner, compile_wanted, fold_batchnorm
+from featcache.pipeline.extraction.backbones import FeatureModel, build_backbone
+from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.extraction.preprocess import imagenet_default
 
 MIN_COSINE = 0.999
 
@@ -152,7 +152,7 @@ def test_normaliser_is_bit_identical_to_the_per_image_transform():
     spec = imagenet_default("test")
     u8 = u8_batch(2, spec.crop_size, seed=4)
     tf = spec.transform()  # on a crop-sized image resize(256) changes it, so compare after the PIL stage
-    from pipeline.loader import pil_stage
+    from featcache.pipeline.extraction.loader import pil_stage
 
     imgs = [Image.fromarray(a.numpy()).resize((300, 260)) for a in u8]
     want = torch.stack([tf(im) for im in imgs])
@@ -177,7 +177,7 @@ def test_heap_reuse_is_transparent(small_batch):
     import platform
     import sys
 
-    from pipeline.accel import heap_reuse
+    from featcache.pipeline.extraction.accel import heap_reuse
 
     bb = build_backbone("resnet18", "none", layer="layer1", pool="avg")
     runner = Runner(bb.model, bb.preprocess, torch.device("cpu"))

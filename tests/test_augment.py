@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from cache.store import read_cache, read_views
+from featcache.cache.store import read_cache, read_views
 from conftest import FAST, assert_one_line_error, invoke, run_subprocess
-from pipeline.augment import AugmentRecipe, crop_params, make_view, view_rng
-from pipeline.backbones import build_backbone
-from pipeline.images import load_rgb
-from pipeline.train import HeadParams, TrainSettings, train_group
+from featcache.pipeline.extraction.augment import AugmentRecipe, crop_params, make_view, view_rng
+from featcache.pipeline.extraction.backbones import build_backbone
+from featcache.pipeline.extraction.images import load_rgb
+from featcache.pipeline.heads.train import HeadParams, TrainSettings, train_group
 
 ARGS = [*FAST, "--device", "cpu", "--workers", "0"]
 
@@ -236,8 +236,8 @@ def test_use_augmented_on_a_cache_without_views_is_a_one_line_error(aug_cache, t
 
 def test_validation_rows_are_never_augmented(aug_cache, tmp_path):
     """The val loss each epoch reports is the saved head's loss on the un-augmented val features."""
-    from pipeline.headio import load_head
-    from pipeline.metrics import score
+    from featcache.pipeline.heads.headio import load_head
+    from featcache.pipeline.heads.metrics import score
 
     aug, _, _ = aug_cache
     s = fit(aug, tmp_path / "r", "--patience", "0", "--no-standardize")
@@ -319,8 +319,8 @@ def test_float16_views_read_back_as_float32(small_tree_ro, tmp_path):
 
 def test_logreg_weights_views_so_C_keeps_its_meaning():
     """Rows plus V copies of themselves, weighted 1/(1+V), are the same problem as the rows alone."""
-    from pipeline.fit import _with_views
-    from pipeline.logreg import fit_logreg
+    from featcache.pipeline.heads.fit import _with_views
+    from featcache.pipeline.heads.logreg import fit_logreg
 
     g = torch.Generator().manual_seed(1)
     X, y = torch.randn(60, 5, generator=g), torch.arange(60) % 3
@@ -332,8 +332,8 @@ def test_logreg_weights_views_so_C_keeps_its_meaning():
 
 
 def test_training_rows_views_are_not_copied_and_head_records_them(aug_cache, tmp_path):
-    from pipeline.data import prepare
-    from pipeline.headio import load_head
+    from featcache.pipeline.heads.data import prepare
+    from featcache.pipeline.heads.headio import load_head
 
     aug, _, _ = aug_cache
     d = prepare(read_cache(aug), 0.2, 0, True, torch.device("cpu"), use_views=True)

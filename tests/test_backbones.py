@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, invoke, noisy_image
-from pipeline.backbones import FeatureModel, build_backbone
-from pipeline.errors import FeatcacheError
+from featcache.pipeline.extraction.backbones import FeatureModel, build_backbone
+from featcache.pipeline.errors import FeatcacheError
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +213,7 @@ def test_malicious_weights_pickle_is_refused_and_runs_nothing(tmp_path):
 
 
 def test_malicious_head_file_is_refused_and_runs_nothing(tmp_path):
-    from pipeline.headio import load_head
+    from featcache.pipeline.heads.headio import load_head
 
     marker = tmp_path / "pwned_head"
     evil = tmp_path / "head.pt"

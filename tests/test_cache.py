@@ -5,9 +5,9 @@ import h5py
 import numpy as np
 import pytest
 
-from cache.store import SCHEMA_VERSION, CacheWriter, feature_shape, open_checked, read_cache, read_feature_rows
+from featcache.cache.store import SCHEMA_VERSION, CacheWriter, feature_shape, open_checked, read_cache, read_feature_rows
 from conftest import CLASSES, SPLIT_COUNTS, UNICODE_CLASS
-from pipeline.errors import FeatcacheError
+from featcache.pipeline.errors import FeatcacheError
 
 CLASS_NAMES = ["a b", UNICODE_CLASS, "z"]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cache.store import read_cache
+from featcache.cache.store import read_cache
 from conftest import (
     FAST, assert_one_line_error, invoke, noisy_image, run_subprocess, save_image,
 )
@@ -176,7 +176,7 @@ def test_head_pt_is_a_plain_state_dict_with_json_metadata(linear_run, split_cach
     assert meta["config"]["head"] == "linear"
     assert len(meta["standardize"]["mean"]) == 512 and len(meta["standardize"]["scale"]) == 512
     # the saved head + stats reproduce the reported validation accuracy from raw cached features
-    from pipeline.headio import StandardizedHead, load_head
+    from featcache.pipeline.heads.headio import StandardizedHead, load_head
 
     head, meta2 = load_head(run / "head.pt")
     model = StandardizedHead(head, np.asarray(meta["standardize"]["mean"]), np.asarray(meta["standardize"]["scale"]))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import CLASSES, SPLIT_COUNTS, UNICODE_CLASS, noisy_image, save_image
-from pipeline.discover import UNLABELED, discover
-from pipeline.errors import FeatcacheError
+from featcache.pipeline.extraction.discover import UNLABELED, discover
+from featcache.pipeline.errors import FeatcacheError
 
 
 def test_split_tree(split_tree_ro):

@@ -21,7 +21,7 @@ def _torchrun(tree, out, env_extra=None, nproc=2, extra=()) -> subprocess.Comple
 
 
 def _rows(path):
-    from cache.store import read_cache
+    from featcache.cache.store import read_cache
 
     c = read_cache(path)
     return c.paths, c.labels, c.split.tolist(), c.features, c.attrs["fingerprint"]

@@ -35,8 +35,8 @@ def test_export_equals_predict_without_featcache(fast_run, split_tree_ro, tmp_pa
     assert res.exit_code == 0, res.stderr
     assert out.exists() and res.json()["format"] == suffix[1:]
 
-    from pipeline.images import load_rgb
-    from pipeline.model import load_predictor
+    from featcache.pipeline.extraction.images import load_rgb
+    from featcache.pipeline.use.model import load_predictor
 
     pred = load_predictor(fast_run)
     files = sorted((split_tree_ro / "val" / "green").iterdir()) + sorted((split_tree_ro / "val" / "red").iterdir())

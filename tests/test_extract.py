@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cache.lock import cache_lock
-from cache.store import read_cache
+from featcache.cache.lock import cache_lock
+from featcache.cache.store import read_cache
 from conftest import (
     CLASSES, FAST, REPO, UNICODE_CLASS, assert_one_line_error, invoke, make_flat_tree, noisy_image,
     save_image, write_class_images,
@@ -54,7 +54,7 @@ def assert_same_cache(a, b, exact: bool = True):
 @pytest.fixture
 def forward_counter(monkeypatch):
     """Count images that go through the backbone in this process (in-process extracts only)."""
-    import pipeline.extract as ex
+    import featcache.pipeline.extraction.extract as ex
 
     seen = {"images": 0, "calls": 0}
     real = ex.build_backbone
@@ -270,7 +270,7 @@ def test_different_config_refuses_without_overwrite(small_tree, tmp_path, change
 
 def test_decoding_policy_is_part_of_the_fingerprint(small_tree, tmp_path, monkeypatch):
     """Changing how pixels are decoded (alpha, 16-bit, EXIF...) must invalidate the cache's rows."""
-    from pipeline.images import IMAGE_POLICY
+    from featcache.pipeline.extraction.images import IMAGE_POLICY
 
     out = tmp_path / "c.h5"
     first = extract(small_tree, out)
@@ -663,8 +663,8 @@ def test_second_writer_refused_while_another_process_holds_the_lock(small_tree, 
     extract(small_tree, out)
     stamp = out.read_bytes()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[2]);"
-         "from cache.lock import cache_lock\nwith cache_lock(sys.argv[1]):\n print('locked', flush=True); sys.stdin.read()",
+        [sys.executable, "-c", "import sys\n"
+         "from featcache.cache.lock import cache_lock\nwith cache_lock(sys.argv[1]):\n print('locked', flush=True); sys.stdin.read()",
          str(out), str(REPO)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -682,7 +682,7 @@ def test_second_writer_refused_while_another_process_holds_the_lock(small_tree, 
 
 
 def test_readers_see_the_last_complete_cache_while_extract_rewrites(small_tree, tmp_path):
-    from cache.store import open_checked
+    from featcache.cache.store import open_checked
 
     out = tmp_path / "c.h5"
     extract(small_tree, out)

@@ -29,8 +29,8 @@ def test_finetune_trains_saves_and_predicts(fast_run, split_tree_ro, tmp_path):
 
 
 def test_unfreeze_selects_last_blocks_and_decay_split(fast_run):
-    from pipeline.finetune import FinetuneConfig, blocks, param_groups, set_trainable
-    from pipeline.model import load_run
+    from featcache.pipeline.use.finetune import FinetuneConfig, blocks, param_groups, set_trainable
+    from featcache.pipeline.use.model import load_run
 
     model = load_run(fast_run).model
     all_blocks = blocks(model.backbone)
@@ -62,10 +62,10 @@ def test_finetune_errors(fast_run, split_tree_ro, flat_tree_ro, tmp_path):
 
 def test_finetune_holds_out_the_same_val_images_as_fit_head(flat_tree_ro, flat_cache):
     """A folder without val/: finetune's validation images are fit-head's held-out rows."""
-    from cache.store import read_cache
-    from pipeline.data import make_splits
-    from pipeline.discover import discover
-    from pipeline.finetune import _splits
+    from featcache.cache.store import read_cache
+    from featcache.pipeline.heads.data import make_splits
+    from featcache.pipeline.extraction.discover import discover
+    from featcache.pipeline.use.finetune import _splits
 
     cache = read_cache(flat_cache, features=False)
     rows, source = make_splits(cache, 0.25, 0)  # 4.5 of 18 rows: sklearn alone would hold out 5

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import png_claiming_size, truncated_jpeg_bytes
-from pipeline.images import IMAGE_POLICY, UnreadableImage, load_rgb, to_rgb
+from featcache.pipeline.extraction.images import IMAGE_POLICY, UnreadableImage, load_rgb, to_rgb
 
 
 def px(img: Image.Image, x: int = 0, y: int = 0) -> tuple[int, ...]:

@@ -15,16 +15,16 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline.device as device_mod
-from cache.journal import Journal, Part
-from cache.store import read_cache
-from pipeline.config import ExtractConfig
-from pipeline.device import DecodeLayout, decode_layout
-from pipeline.extract import run_extract
-from pipeline.images import load_rgb
-from pipeline.loader import ImageFiles, decode_batches, draft_min_side, pil_stage
-from pipeline.preprocess import imagenet_default
-from pipeline.saver import PartSaver
+import featcache.pipeline.device as device_mod
+from featcache.cache.journal import Journal, Part
+from featcache.cache.store import read_cache
+from featcache.pipeline.config import ExtractConfig
+from featcache.pipeline.device import DecodeLayout, decode_layout
+from featcache.pipeline.extraction.extract import run_extract
+from featcache.pipeline.extraction.images import load_rgb
+from featcache.pipeline.extraction.loader import ImageFiles, decode_batches, draft_min_side, pil_stage
+from featcache.pipeline.extraction.preprocess import imagenet_default
+from featcache.cache.saver import PartSaver
 
 SPEC = imagenet_default("test")  # resize 256, crop 224
 FAST_KW = dict(backbone="resnet18", weights="none", layer="layer1", pool="avg", device="cpu")
@@ -100,7 +100,7 @@ def test_draft_then_resize_equals_full_decode_within_tolerance(big_jpegs):
 
 
 def test_draft_features_match_full_decode_features(big_jpegs):
-    from pipeline.backbones import build_backbone
+    from featcache.pipeline.extraction.backbones import build_backbone
 
     bb = build_backbone("resnet18", "none")
     tf = bb.preprocess.transform()
@@ -280,8 +280,8 @@ def test_progress_bar_shows_rate_on_stderr_only_when_enabled(mixed_tree, tmp_pat
 
 
 def test_feature_rows_are_written_in_whole_aligned_chunks(tmp_path):
-    from cache.store import CacheWriter, rows_per_chunk
-    from pipeline.featwrite import block_rows, write_feature_rows
+    from featcache.cache.store import CacheWriter, rows_per_chunk
+    from featcache.cache.featwrite import block_rows, write_feature_rows
 
     n, dim = 1000, 700  # float32: 374 rows per ~1 MiB chunk
     old = CacheWriter(tmp_path / "old.h5", n, dim, "float32")

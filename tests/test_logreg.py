@@ -10,10 +10,10 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from synthcache import fit, run_cli, write_cache
 
-from cache.store import read_cache
-from pipeline.data import prepare
-from pipeline.headio import load_head
-from pipeline.logreg import ABSENT_CLASS_BIAS, to_linear
+from featcache.cache.store import read_cache
+from featcache.pipeline.heads.data import prepare
+from featcache.pipeline.heads.headio import load_head
+from featcache.pipeline.heads.logreg import ABSENT_CLASS_BIAS, to_linear
 
 
 @pytest.fixture(scope="module")

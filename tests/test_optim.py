@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.optim import StackedOptimizer
+from featcache.pipeline.heads.optim import StackedOptimizer
 
 D, C, B, STEPS = 6, 3, 16, 25
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from synthcache import fit, write_cache
 
-from pipeline import plots
+from featcache.pipeline.heads import plots
 
 SWEEP_PNGS = {"curves.png", "weight_norm.png", "confusion.png", "sweep.png"}
 

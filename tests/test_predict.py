@@ -34,8 +34,8 @@ def test_predict_reproduces_val_accuracy_exactly(run_dir, split_cache, split_tre
     acc = np.mean([p["label"] == Path(p["path"]).parent.name for p in preds])
     assert acc == metrics["val_accuracy"]
     # and image by image: the live path gives the cached-feature predictions
-    from cache.store import read_cache
-    from pipeline.headio import StandardizedHead, load_head
+    from featcache.cache.store import read_cache
+    from featcache.pipeline.heads.headio import StandardizedHead, load_head
 
     head, meta = load_head(run_dir)
     cache = read_cache(split_cache)

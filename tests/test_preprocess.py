@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torchvision.models import get_model_weights
 
-from pipeline.preprocess import PreprocessSpec, from_timm_config, from_torchvision_weights, imagenet_default
+from featcache.pipeline.extraction.preprocess import PreprocessSpec, from_timm_config, from_torchvision_weights, imagenet_default
 
 
 def random_image(w: int, h: int, seed: int = 0) -> Image.Image:
@@ -66,7 +66,7 @@ def test_timm_spec_matches_timm_eval_transform():
 
 
 def test_lite0_backbone_uses_timm_preprocessing():
-    from pipeline.backbones import build_backbone
+    from featcache.pipeline.extraction.backbones import build_backbone
 
     bb = build_backbone("efficientnet_lite0", "none")
     assert bb.preprocess.crop_size == 224
@@ -86,7 +86,7 @@ def test_spec_dict_round_trip():
 
 
 def test_random_and_file_weights_use_imagenet_defaults(tmp_path):
-    from pipeline.backbones import build_backbone
+    from featcache.pipeline.extraction.backbones import build_backbone
 
     bb = build_backbone("resnet18", "none", layer="conv1")
     assert (bb.preprocess.resize_size, bb.preprocess.crop_size) == (256, 224)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from synthcache import fit, run_cli, write_cache
 
-from pipeline.config import HeadConfig
-from pipeline.headio import StandardizedHead, load_head
-from pipeline.sweep import c_values, expand, sample
-from pipeline.train import HeadParams, TrainSettings, train_many
+from featcache.pipeline.config import HeadConfig
+from featcache.pipeline.heads.headio import StandardizedHead, load_head
+from featcache.pipeline.heads.sweep import c_values, expand, sample
+from featcache.pipeline.heads.train import HeadParams, TrainSettings, train_many
 
 HYPER = ("head", "hidden", "dropout", "batchnorm", "weight_decay", "l1", "optimizer", "lr", "momentum", "seed")
 
@@ -180,7 +180,7 @@ def test_refit_retrains_winner_on_train_plus_val(cache, tmp_path):
     assert "test_accuracy_before_refit" in s and s["test_accuracy"] == r["test_accuracy"]
     head, meta = load_head(tmp_path / "r" / "head.pt")
     assert meta["refit"] is True and meta["params"]["lr"] == s["params"]["lr"]
-    from cache.store import read_cache
+    from featcache.cache.store import read_cache
 
     c = read_cache(cache)
     test = c.split == "test"

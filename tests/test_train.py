@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.heads import StackedHead
-from pipeline.metrics import score
-from pipeline.train import HeadParams, TrainSettings, train_group, train_many
+from featcache.pipeline.heads.stacked import StackedHead
+from featcache.pipeline.heads.metrics import score
+from featcache.pipeline.heads.train import HeadParams, TrainSettings, train_group, train_many
 
 
 def blobs(n_per: int, d: int = 8, sep: float = 1.0, seed: int = 0, flip: float = 0.0):
@@ -220,7 +220,7 @@ def test_to_sequential_matches_the_stack_in_eval_mode(noisy):
         assert kinds.count("BatchNorm1d") == 2 and kinds.count("Linear") == 3
         assert r.head[0].in_features == X.shape[1] and r.head[-1].out_features == 3
     # the saved-head shape is rebuilt from metadata alone
-    from pipeline.heads import build_sequential
+    from featcache.pipeline.heads.stacked import build_sequential
 
     empty = build_sequential(X.shape[1], (16, 8), 3, True, 0.3)
     empty.load_state_dict(res[1].head.state_dict())
@@ -230,7 +230,7 @@ def test_to_sequential_matches_the_stack_in_eval_mode(noisy):
 # ---- preparing features --------------------------------------------------------------------------
 
 def _fake_cache(features, labels, split, class_names=("a", "b", "c")):
-    from cache.store import FeatureCache
+    from featcache.cache.store import FeatureCache
 
     n = len(labels)
     return FeatureCache(path=Path("mem.h5"), attrs={"class_names": list(class_names), "fingerprint": "x"},
@@ -239,7 +239,7 @@ def _fake_cache(features, labels, split, class_names=("a", "b", "c")):
 
 
 def test_prepare_standardizes_with_train_rows_only():
-    from pipeline.data import prepare
+    from featcache.pipeline.heads.data import prepare
 
     rng = np.random.default_rng(0)
     n = 30
@@ -260,7 +260,7 @@ def test_prepare_standardizes_with_train_rows_only():
 
 
 def test_prepare_holds_out_a_stratified_seeded_validation_split():
-    from pipeline.data import prepare
+    from featcache.pipeline.heads.data import prepare
 
     n = 40
     labels = [0] * 20 + [1] * 10 + [2] * 10
@@ -277,8 +277,8 @@ def test_prepare_holds_out_a_stratified_seeded_validation_split():
 
 
 def test_prepare_rejects_a_single_class():
-    from pipeline.data import prepare
-    from pipeline.errors import FeatcacheError
+    from featcache.pipeline.heads.data import prepare
+    from featcache.pipeline.errors import FeatcacheError
 
     cache = _fake_cache(np.zeros((6, 2)), [0] * 6, ["train"] * 6, class_names=("only",))
     with pytest.raises(FeatcacheError, match="at least two classes"):
@@ -286,8 +286,8 @@ def test_prepare_rejects_a_single_class():
 
 
 def test_prepare_rejects_unlabeled_only_cache_clearly():
-    from pipeline.data import prepare
-    from pipeline.errors import FeatcacheError
+    from featcache.pipeline.heads.data import prepare
+    from featcache.pipeline.errors import FeatcacheError
 
     cache = _fake_cache(np.zeros((6, 2)), [-1] * 6, ["train"] * 6, class_names=())
     with pytest.raises(FeatcacheError, match="at least two classes"):

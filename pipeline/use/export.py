@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.errors import FeatcacheError
-from pipeline.model import load_predictor
+from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.use.model import load_predictor
 
 META_NAME = "featcache.json"
 

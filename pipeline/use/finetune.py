@@ -19,14 +19,14 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
-from pipeline.data import hold_out, labeled_split_rows
-from pipeline.device import resolve_device
-from pipeline.discover import discover
-from pipeline.errors import FeatcacheError
-from pipeline.images import UnreadableImage, load_rgb
-from pipeline.loader import ImageFiles
-from pipeline.model import Classifier, load_run, save_finetuned
-from pipeline.preprocess import PreprocessSpec
+from featcache.pipeline.heads.data import hold_out, labeled_split_rows
+from featcache.pipeline.device import resolve_device
+from featcache.pipeline.extraction.discover import discover
+from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.extraction.images import UnreadableImage, load_rgb
+from featcache.pipeline.extraction.loader import ImageFiles
+from featcache.pipeline.use.model import Classifier, load_run, save_finetuned
+from featcache.pipeline.extraction.preprocess import PreprocessSpec
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cache.store import FeatureCache, read_cache
-from pipeline.data import labeled_split_rows
-from pipeline.device import resolve_device
-from pipeline.errors import FeatcacheError
-from pipeline.headio import StandardizedHead, load_head
-from pipeline.metrics import score
+from featcache.cache.store import FeatureCache, read_cache
+from featcache.pipeline.heads.data import labeled_split_rows
+from featcache.pipeline.device import resolve_device
+from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.heads.headio import StandardizedHead, load_head
+from featcache.pipeline.heads.metrics import score
 
 
 def check_head_cache(meta: dict, cache: FeatureCache, head_path: str) -> None:

@@ -13,9 +13,9 @@ import math
 
 import numpy as np
 
-from pipeline.config import HeadConfig
-from pipeline.errors import FeatcacheError
-from pipeline.train import HeadParams
+from featcache.pipeline.config import HeadConfig
+from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.heads.train import HeadParams
 
 SEARCHES = ("grid", "random")
 DEFAULT_TRIALS = 20

@@ -9,8 +9,8 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.errors import FeatcacheError
-from pipeline.report import fmt, table
+from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.heads.report import fmt, table
 
 REQUIRED = ("val_accuracy", "train_accuracy", "config")  # what makes a metrics.json a fit-head run
 SORTS = {"val": "val_accuracy", "test": "test_accuracy", "train": "train_accuracy"}

@@ -23,9 +23,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, v2
 
-from pipeline.augment import AugmentRecipe, make_view
-from pipeline.images import UnreadableImage, load_rgb
-from pipeline.preprocess import PreprocessSpec
+from featcache.pipeline.extraction.augment import AugmentRecipe, make_view
+from featcache.pipeline.extraction.images import UnreadableImage, load_rgb
+from featcache.pipeline.extraction.preprocess import PreprocessSpec
 
 DRAFT_FACTOR = 2  # JPEG draft decodes to a shorter side >= 2x the resize target, then resizes as usual
 

@@ -10,8 +10,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cache.fingerprint import file_sha256
-from pipeline.discover import Discovery, ImageRecord
+from featcache.cache.fingerprint import file_sha256
+from featcache.pipeline.extraction.discover import Discovery, ImageRecord
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from pipeline.errors import FeatcacheError
+from featcache.pipeline.errors import FeatcacheError
 
 SPLITS = ("train", "val", "test")
 UNLABELED = -1

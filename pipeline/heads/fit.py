@@ -14,18 +14,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from cache.store import read_cache
-from pipeline.config import HeadConfig
-from pipeline.data import Prepared, prepare
-from pipeline.device import resolve_device
-from pipeline.errors import FeatcacheError
-from pipeline.headio import save_head
-from pipeline.leaderboard import logreg_row, rank, rank_key, torch_row, write_leaderboard
-from pipeline.logreg import fit_logreg
-from pipeline.metrics import score
-from pipeline.optim import OPTIMIZERS
-from pipeline.sweep import c_values, check_search, configurations, expand, swept
-from pipeline.train import HeadParams, TrainSettings, train_many
+from featcache.cache.store import read_cache
+from featcache.pipeline.config import HeadConfig
+from featcache.pipeline.heads.data import Prepared, prepare
+from featcache.pipeline.device import resolve_device
+from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.heads.headio import save_head
+from featcache.pipeline.heads.leaderboard import logreg_row, rank, rank_key, torch_row, write_leaderboard
+from featcache.pipeline.heads.logreg import fit_logreg
+from featcache.pipeline.heads.metrics import score
+from featcache.pipeline.heads.optim import OPTIMIZERS
+from featcache.pipeline.heads.sweep import c_values, check_search, configurations, expand, swept
+from featcache.pipeline.heads.train import HeadParams, TrainSettings, train_many
 
 HEADS = ("linear", "mlp", "logreg")
 __all__ = ["HEADS", "check_config", "expand", "rank_key", "run_fit_head"]
@@ -148,8 +148,8 @@ def _backbone(cache) -> dict:
 
 def _plots(out: Path, cfg: HeadConfig, ranked: list[dict], by_index: dict[int, Candidate], head: nn.Sequential,
            data: Prepared) -> list[str]:
-    from pipeline import plots  # matplotlib is imported only when pictures are asked for
-    from pipeline.metrics import confusion
+    from featcache.pipeline.heads import plots  # matplotlib is imported only when pictures are asked for
+    from featcache.pipeline.heads.metrics import confusion
 
     best = by_index[ranked[0]["index"]]
     files = []

@@ -14,9 +14,9 @@ import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-from cache.fingerprint import file_sha256
-from pipeline.errors import FeatcacheError
-from pipeline.preprocess import PreprocessSpec, from_timm_config, from_torchvision_weights, imagenet_default
+from featcache.cache.fingerprint import file_sha256
+from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.extraction.preprocess import PreprocessSpec, from_timm_config, from_torchvision_weights, imagenet_default
 
 LITE0 = "efficientnet_lite0"
 # timm architecture for the bundled EfficientNet-Lite0 weights. The file holds TF-ported weights

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from torch import nn
 
-from pipeline.data import Prepared
-from pipeline.logreg import LogregResult
-from pipeline.metrics import score
-from pipeline.train import FitResult
+from featcache.pipeline.heads.data import Prepared
+from featcache.pipeline.heads.logreg import LogregResult
+from featcache.pipeline.heads.metrics import score
+from featcache.pipeline.heads.train import FitResult
 
 SPLITS = ("train", "val", "test")
 

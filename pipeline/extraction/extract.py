@@ -16,25 +16,25 @@ import torch
 import torchvision
 from tqdm import tqdm
 
-from cache.fingerprint import fingerprint
-from cache.journal import Journal, Part
-from cache.lock import cache_lock
-from cache.store import SCHEMA_VERSION, CacheWriter, read_cache
-from pipeline.augment import recipe_of
-from pipeline.accel import COMPILE_MODES, Runner, compile_wanted, heap_reuse
-from pipeline.backbones import Backbone, build_backbone
-from pipeline.config import ExtractConfig
-from pipeline.device import compute_threads, decode_layout, resolve_device
-from pipeline.discover import discover
-from pipeline.distributed import DistContext, barrier, gather, shutdown
-from pipeline.distributed import init as dist_init
-from pipeline.errors import FeatcacheError
-from pipeline.featwrite import write_feature_rows
-from pipeline.images import IMAGE_POLICY
-from pipeline.loader import ImageFiles, decode_batches, draft_min_side
-from pipeline.plan import Plan, batches_of, make_plan
-from pipeline.saver import PartSaver
-from pipeline.views import Views, split_rows, write_views
+from featcache.cache.fingerprint import fingerprint
+from featcache.cache.journal import Journal, Part
+from featcache.cache.lock import cache_lock
+from featcache.cache.store import SCHEMA_VERSION, CacheWriter, read_cache
+from featcache.pipeline.extraction.augment import recipe_of
+from featcache.pipeline.extraction.accel import COMPILE_MODES, Runner, compile_wanted, heap_reuse
+from featcache.pipeline.extraction.backbones import Backbone, build_backbone
+from featcache.pipeline.config import ExtractConfig
+from featcache.pipeline.device import compute_threads, decode_layout, resolve_device
+from featcache.pipeline.extraction.discover import discover
+from featcache.pipeline.extraction.distributed import DistContext, barrier, gather, shutdown
+from featcache.pipeline.extraction.distributed import init as dist_init
+from featcache.pipeline.errors import FeatcacheError
+from featcache.cache.featwrite import write_feature_rows
+from featcache.pipeline.extraction.images import IMAGE_POLICY
+from featcache.pipeline.extraction.loader import ImageFiles, decode_batches, draft_min_side
+from featcache.pipeline.extraction.plan import Plan, batches_of, make_plan
+from featcache.cache.saver import PartSaver
+from featcache.pipeline.extraction.views import Views, split_rows, write_views
 
 DTYPES = ("float32", "float16")
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.device import resolve_device
-from pipeline.discover import walk_images
-from pipeline.errors import FeatcacheError
-from pipeline.accel import Runner
-from pipeline.loader import ImageFiles, collate
-from pipeline.model import Predictor, load_predictor
+from featcache.pipeline.device import resolve_device
+from featcache.pipeline.extraction.discover import walk_images
+from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.extraction.accel import Runner
+from featcache.pipeline.extraction.loader import ImageFiles, collate
+from featcache.pipeline.use.model import Predictor, load_predictor
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from cache.store import CacheWriter, open_checked, rows_per_chunk
+from featcache.cache.store import CacheWriter, open_checked, rows_per_chunk
 
 BLOCK_BYTES = 8 << 20  # bytes per write: several whole chunks (chunks are ~1 MiB)
 

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import FeatcacheError
-from pipeline.heads import build_sequential
+from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.heads.stacked import build_sequential
 
 HEAD_FORMAT = "featcache-head"
 HEAD_VERSION = 1

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.heads import StackedHead
-from pipeline.optim import StackedOptimizer
+from featcache.pipeline.heads.stacked import StackedHead
+from featcache.pipeline.heads.optim import StackedOptimizer
 
 EVAL_CHUNK = 8192  # rows per evaluation forward, bounds (rows, C, K) logits memory
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from cache.journal import Journal, Part
+from featcache.cache.journal import Journal, Part
 
 MAX_QUEUED = 4  # parts waiting to be written; beyond this the producer waits (bounded memory)
 

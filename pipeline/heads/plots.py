@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
-from pipeline.sweep import LOG_SCALE  # noqa: E402
+from featcache.pipeline.heads.sweep import LOG_SCALE  # noqa: E402
 
 MAX_NORM_CURVES = 8  # weight-norm lines drawn besides the best head: more is unreadable
 DPI = 100

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from cache.store import FeatureCache, read_views
-from pipeline.errors import FeatcacheError
+from featcache.cache.store import FeatureCache, read_views
+from featcache.pipeline.errors import FeatcacheError
 
 
 @dataclass

@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from pipeline.errors import FeatcacheError
+from featcache.pipeline.errors import FeatcacheError
 
 RECIPE_VERSION = 1  # bump when the sampling or the pixel operations change
 

@@ -1,7 +1,7 @@
 """Turn fit-head options and results into what people read (option parsing, printed tables)."""
 from __future__ import annotations
 
-from pipeline.cliutil import int_list
+from featcache.pipeline.options import int_list
 
 
 def parse_hidden(values: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
@@ -39,7 +39,7 @@ def table(header: list[str], rows: list[list[str]], left: tuple[str, ...] = ()) 
 
 def leaderboard_lines(rows: list[dict], limit: int = 20) -> list[str]:
     """The best ``limit`` configurations: swept hyperparameters, best epoch, scores, seconds."""
-    from pipeline.sweep import swept
+    from featcache.pipeline.heads.sweep import swept
 
     epochs = ["best_epoch"] if rows and rows[0]["head"] != "logreg" else ["n_iter"]
     scores = [c for c in ("train_accuracy", "val_accuracy", "val_loss", "test_accuracy")

@@ -24,8 +24,8 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from pipeline.errors import FeatcacheError
-from pipeline.preprocess import PreprocessSpec
+from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.extraction.preprocess import PreprocessSpec
 
 # glibc mallopt parameters (malloc.h) and values, bytes
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3

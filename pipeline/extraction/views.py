@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from cache.fingerprint import fingerprint
-from pipeline.augment import AugmentRecipe
-from pipeline.featwrite import write_view_rows
+from featcache.cache.fingerprint import fingerprint
+from featcache.pipeline.extraction.augment import AugmentRecipe
+from featcache.cache.featwrite import write_view_rows
 
 
 class Views:

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cache.fingerprint import fingerprint
-from pipeline.backbones import build_backbone, load_state_dict_file
-from pipeline.errors import FeatcacheError
-from pipeline.headio import StandardizedHead, build_head, load_head
-from pipeline.preprocess import PreprocessSpec
+from featcache.cache.fingerprint import fingerprint
+from featcache.pipeline.extraction.backbones import build_backbone, load_state_dict_file
+from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.heads.headio import StandardizedHead, build_head, load_head
+from featcache.pipeline.extraction.preprocess import PreprocessSpec
 
 FT_WEIGHTS = "model.pt"
 FT_META = "model.json"
@@ -51,7 +51,7 @@ class Predictor:
 
 
 def _backbone_from_extract_config(ec: dict, expected_fp: str | None):
-    from pipeline.extract import cache_identity  # deferred: extract imports heavy I/O modules
+    from featcache.pipeline.extraction.extract import cache_identity  # deferred: extract imports heavy I/O modules
 
     bb = build_backbone(ec["backbone"], ec["weights"], ec.get("layer"), ec.get("pool"), ec.get("seed", 0))
     if expected_fp is not None and fingerprint(cache_identity(bb, ec.get("dtype", "float32"), ec.get("draft", True))) != expected_fp:

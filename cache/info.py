@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from cache.store import feature_shape, read_cache
+from featcache.cache.store import feature_shape, read_cache
 
 
 def cache_info(path: str) -> dict:
