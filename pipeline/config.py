@@ -1,11 +1,47 @@
-"""One frozen dataclass per command: the CLI fills it, the pipeline reads it, the cache records it."""
+"""One frozen dataclass per command: the CLI fills it, the pipeline reads it, the cache records it.
+
+What is recorded (the cache's ``config`` attribute, head.pt and metrics.json ``config``) is read
+back with ``Config.from_dict``, into the same dataclass: a field missing from an older record takes
+the dataclass default (declared once, here), JSON lists become the tuples the fields hold, and a
+field this version does not know is an error rather than a silently dropped setting.
+"""
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass
+
+from featcache.pipeline.errors import FeatcacheError
+
+
+def _tuples(value):
+    """JSON lists (at any depth) -> tuples, as the frozen configs hold them."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+class _Recorded:
+    """``from_dict`` for the frozen configs (mixed in; the dataclasses stay plain)."""
+
+    @classmethod
+    def from_dict(cls, record: dict):
+        """Rebuild the config from its recorded ``dataclasses.asdict`` form."""
+        if not isinstance(record, dict):
+            raise FeatcacheError(f"recorded {cls.__name__} is not a mapping: {record!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(record) - names)
+        if unknown:
+            raise FeatcacheError(f"recorded {cls.__name__} has settings this featcache does not know: "
+                                 f"{', '.join(unknown)} (written by a newer version?)")
+        hints = typing.get_type_hints(cls)
+        values = {k: _tuples(v) if "tuple" in str(hints[k]) else v for k, v in record.items()}
+        try:
+            return cls(**values)
+        except TypeError as e:  # a required field missing from the record
+            raise FeatcacheError(f"recorded {cls.__name__} is incomplete: {e}") from None
 
 
 @dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(_Recorded):
     image_dir: str
     output: str
     backbone: str = "resnet18"
@@ -30,11 +66,11 @@ class ExtractConfig:
 
 
 @dataclass(frozen=True)
-class HeadConfig:
+class HeadConfig(_Recorded):
     """fit-head options. Tuple fields hold one value, or several to sweep (grid over all of them)."""
 
-    cache: str
-    output: str
+    cache: str | None = None  # the cache file; None when the Python API trains on arrays
+    output: str | None = None  # the run folder; None = train in memory, write nothing
     head: str = "linear"  # linear | mlp | logreg (scikit-learn LogisticRegression over C)
     hidden: tuple[tuple[int, ...], ...] = ((512,),)  # architectures tried by mlp; () = linear
     dropout: tuple[float, ...] = (0.5,)  # on hidden activations (mlp only)

@@ -1,44 +1,33 @@
-"""``featcache fit-head``: cache -> configurations -> stacked training -> best head, metrics, files.
+"""``featcache fit-head``: cache -> configurations -> stacked training -> ranked SweepResult.
 
-RUN_DIR receives head.pt (the winner, or its refit), metrics.json, leaderboard.json/.csv (every
-configuration, best first) and the PNG plots of pipeline/plots.py.
+``fit_sweep`` trains in memory (the Python API's ``fit_heads`` and the CLI share it);
+``run_fit_head`` then saves RUN_DIR through ``SweepResult.save``: head.pt (the winner, or its
+refit), metrics.json, leaderboard.json/.csv (every configuration, best first) and the plots.
 """
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from featcache.cache.store import read_cache
+from featcache.cache.store import FeatureCache, read_cache
 from featcache.pipeline.config import HeadConfig
-from featcache.pipeline.heads.data import Prepared, prepare
 from featcache.pipeline.device import resolve_device
 from featcache.pipeline.errors import FeatcacheError
-from featcache.pipeline.heads.headio import save_head
-from featcache.pipeline.heads.leaderboard import logreg_row, rank, rank_key, torch_row, write_leaderboard
+from featcache.pipeline.heads.data import Prepared, prepare
+from featcache.pipeline.heads.leaderboard import logreg_row, rank, rank_key, torch_row
 from featcache.pipeline.heads.logreg import fit_logreg
 from featcache.pipeline.heads.metrics import score
 from featcache.pipeline.heads.optim import OPTIMIZERS
-from featcache.pipeline.heads.sweep import c_values, check_search, configurations, expand, swept
-from featcache.pipeline.heads.train import HeadParams, TrainSettings, train_many
+from featcache.pipeline.heads.sweep import c_values, check_search, configurations, expand
+from featcache.pipeline.heads.result import Candidate, Leaderboard, SweepResult, check_run_dir
+from featcache.pipeline.heads.train import TrainSettings, train_many
 
 HEADS = ("linear", "mlp", "logreg")
-__all__ = ["HEADS", "check_config", "expand", "rank_key", "run_fit_head"]
-
-
-@dataclass
-class Candidate:
-    """One trained configuration: its leaderboard row, its head and what is needed to retrain it."""
-
-    row: dict
-    head: nn.Sequential
-    history: list[dict] = field(default_factory=list)  # per epoch; empty for logreg
-    params: HeadParams | None = None  # None for logreg (its C is in the row)
+__all__ = ["HEADS", "check_config", "expand", "fit_sweep", "rank_key", "run_fit_head"]
 
 
 def check_config(cfg: HeadConfig) -> None:
@@ -117,112 +106,43 @@ def _refit(cfg: HeadConfig, data: Prepared, best: Candidate) -> tuple[nn.Sequent
     return head, info
 
 
-def _head_metadata(cfg: HeadConfig, best: Candidate, data: Prepared, cache) -> dict:
-    p = best.params or HeadParams()  # logreg: a linear head without dropout or batch norm
-    return {
-        "in_dim": int(data.X.shape[1]), "n_classes": len(data.class_names), "hidden": list(p.hidden),
-        "batchnorm": p.batchnorm, "dropout": p.dropout, "class_names": data.class_names,
-        "standardize": None if data.mean is None else {"mean": data.mean.tolist(), "scale": data.scale.tolist()},
-        "cache": str(cfg.cache), "cache_fingerprint": cache.fingerprint, "backbone": _backbone(cache),
-        "extract_config": cache.attrs.get("config"),  # predict/export/finetune rebuild the backbone from it
-        "config": asdict(cfg), "head_type": cfg.head,
-        "params": asdict(best.params) if best.params else {"C": best.row["C"]},
-        "best_epoch": best.row.get("best_epoch"), "refit": cfg.refit, "augmented": _augmented(cache, data),
-    }
+def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False) -> SweepResult:
+    """Train every configuration of ``cfg`` on ``cache`` in memory and rank them; writes nothing.
 
-
-def _augmented(cache, data: Prepared) -> dict:
-    """What the training rows were: views sampled per epoch, or the un-augmented features."""
-    if data.views is None:
-        return {"used": False, "views_in_cache": cache.n_views}
-    n_train = len(data.rows["train"])
-    with_views = int((data.view_pos[data.rows["train"]] >= 0).sum())
-    return {"used": True, "views_in_cache": cache.n_views, "train_rows_with_views": with_views,
-            "train_rows": n_train, "augment": cache.attrs.get("augment"),
-            "augment_fingerprint": cache.attrs.get("augment_fingerprint")}
-
-
-def _backbone(cache) -> dict:
-    return {k: cache.attrs.get(k) for k in ("backbone", "weights", "layer", "pool", "preprocess", "feature_dim")}
-
-
-def _plots(out: Path, cfg: HeadConfig, ranked: list[dict], by_index: dict[int, Candidate], head: nn.Sequential,
-           data: Prepared) -> list[str]:
-    from featcache.pipeline.heads import plots  # matplotlib is imported only when pictures are asked for
-    from featcache.pipeline.heads.metrics import confusion
-
-    best = by_index[ranked[0]["index"]]
-    files = []
-    if best.history:
-        files.append(plots.training_curves(best.history, out / "curves.png", f"best head: {_label(best.row)}",
-                                           best.row["best_epoch"]))
-        curves = [(_label(r), by_index[r["index"]].history) for r in ranked]
-        files.append(plots.weight_norm_curves(curves, out / "weight_norm.png"))
-    split = "test" if len(data.rows["test"]) else "val"
-    X, y = data.split(split)
-    if len(X):
-        title = f"{split} split, {'refit of ' if cfg.refit else ''}best head\n{_label(best.row)}"
-        files.append(plots.confusion_plot(confusion(head, X, y, len(data.class_names)), data.class_names,
-                                          out / "confusion.png", title))
-    fields = swept(ranked)
-    if fields:
-        metric = "val_accuracy" if ranked[0].get("val_accuracy") is not None else "train_accuracy"
-        files.append(plots.sweep_plot(ranked, fields, out / "sweep.png", metric))
-    return files
-
-
-def _label(row: dict) -> str:
-    """Short description of a configuration for legends: the swept-looking values."""
-    if row["head"] == "logreg":
-        return f"logreg C={row['C']:g}"
-    arch = "linear" if row["hidden"] == "0" else f"mlp {row['hidden']}"
-    return f"{arch} {row['optimizer']} lr={row['lr']:g} wd={row['weight_decay']:g} l1={row['l1']:g}" + (
-        f" do={row['dropout']:g}" if row["hidden"] != "0" else "")
-
-
-def run_fit_head(cfg: HeadConfig, progress: bool = True) -> dict:
-    """Train every configuration, save the best head, metrics, leaderboard and plots; return the summary."""
+    Args:
+        cfg: the sweep (``cfg.output`` is not used here; ``SweepResult.save`` writes the run).
+        cache: a loaded cache (features included), from a file or built from arrays.
+    Returns:
+        The ranked SweepResult with the head fit-head would save (the winner, or its refit).
+    """
     t0 = time.perf_counter()
     check_config(cfg)
-    out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise FeatcacheError(f"run folder {out} exists and is not a folder")
-    cache = read_cache(cfg.cache)
     device = resolve_device(cfg.device)
     if cfg.use_augmented and not cache.n_views:
-        raise FeatcacheError(f"--use-augmented: {cfg.cache} has no augmented views (extract with --augment N)")
+        raise FeatcacheError(f"--use-augmented: {cache.path} has no augmented views (extract with --augment N)")
     use_views = cache.n_views > 0 and cfg.use_augmented is not False
     data = prepare(cache, cfg.val_fraction, cfg.seed, cfg.standardize, device, use_views, val_views=cfg.refit)
     if cfg.refit and not len(data.rows["val"]):
         raise FeatcacheError("--refit retrains on train+val, but this run has no validation split (--val-fraction 0)")
     candidates = _train_logreg(cfg, data) if cfg.head == "logreg" else _train_torch(cfg, data)
-    ranked = rank([c.row for c in candidates])
-    by_index = {c.row["index"]: c for c in candidates}
-    best = by_index[ranked[0]["index"]]
-    win = ranked[0]
+    ranked = Leaderboard(rank([c.row for c in candidates]))
+    best = next(c for c in candidates if c.row["index"] == ranked[0]["index"])
     head, refit = _refit(cfg, data, best) if cfg.refit else (best.head, None)
-    out.mkdir(parents=True, exist_ok=True)
-    save_head(out / "head.pt", head, _head_metadata(cfg, best, data, cache))
-    files = ["head.pt", "metrics.json", *write_leaderboard(out, ranked)]
-    if cfg.plots:
-        files += _plots(out, cfg, ranked, by_index, head, data)
-    metrics = {
-        "head": cfg.head, **{k: win.get(k) for k in ("train_accuracy", "val_accuracy", "test_accuracy", "train_loss",
-                                                      "val_loss", "test_loss", "best_epoch", "epochs_run")},
-        "history": best.history, "params": asdict(best.params) if best.params else {"C": win["C"]},
-        "config": asdict(cfg), "search": cfg.search, "n_configs": len(candidates),
-        "n_train": len(data.rows["train"]), "n_val": len(data.rows["val"]), "n_test": len(data.rows["test"]),
-        "val_source": data.val_source, "class_names": data.class_names, "cache": str(cfg.cache),
-        "cache_fingerprint": cache.fingerprint, "backbone": cache.attrs.get("backbone"),
-        "backbone_info": _backbone(cache), "device": str(device), "files": files,
-        "augmented": _augmented(cache, data),
-    }
-    if refit is not None:
-        metrics.update(refit=refit, test_accuracy_before_refit=win.get("test_accuracy"),
-                       test_accuracy=refit["test_accuracy"], test_loss=refit["test_loss"])
-    if metrics["test_accuracy"] is None:
-        for key in ("test_accuracy", "test_loss", "test_accuracy_before_refit"):
-            metrics.pop(key, None)
-    metrics["seconds"] = round(time.perf_counter() - t0, 3)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return {"run_dir": str(out), **{k: v for k, v in metrics.items() if k != "history"}, "leaderboard": ranked}
+    return SweepResult(config=cfg, cache=cache, data=data, candidates=candidates, leaderboard=ranked, head=head,
+                       refit=refit, device=str(device), seconds=time.perf_counter() - t0)
+
+
+def run_fit_head(cfg: HeadConfig, progress: bool = True) -> dict:
+    """``featcache fit-head``: train every configuration, save the run folder, return the summary."""
+    check_config(cfg)
+    out = Path(cfg.output)
+    check_run_dir(out)
+    result = fit_sweep(cfg, read_cache(cfg.cache), progress=progress)
+    return summary(result, result.save(out))
+
+
+def summary(result: SweepResult, files: list[str]) -> dict:
+    """What ``fit-head --json`` prints: metrics.json without the history, plus the leaderboard."""
+    metrics = result.metrics
+    metrics.pop("history")
+    return {"run_dir": result.config.output, **metrics, "files": files, "leaderboard": list(result.leaderboard)}

@@ -4,7 +4,8 @@ curves.png       train vs val loss and accuracy per epoch of the best head
 weight_norm.png  Frobenius norm of the weights per epoch (best head bold, the next ones thin)
 confusion.png    confusion matrix of the saved head (test split, else val)
 sweep.png        val accuracy against each swept hyperparameter, one panel each
-Figures are built with ``matplotlib.figure.Figure`` (no pyplot state, nothing left open).
+Figures are built with ``matplotlib.figure.Figure`` (no pyplot state, nothing left open): each
+``*_figure`` function returns one (a notebook shows it inline), and the file writers below save it.
 """
 from __future__ import annotations
 
@@ -24,16 +25,32 @@ MAX_NORM_CURVES = 8  # weight-norm lines drawn besides the best head: more is un
 DPI = 100
 
 
-def _save(fig: Figure, path: Path) -> str:
-    fig.tight_layout()
+def save_figure(fig: Figure, path: Path) -> str:
+    """Write ``fig`` as a PNG at ``path``; returns the file name."""
     fig.savefig(path, dpi=DPI)
     return path.name
 
 
 def training_curves(history: list[dict], path: Path, title: str = "", best_epoch: int | None = None) -> str:
+    return save_figure(training_curves_figure(history, title, best_epoch), path)
+
+
+def weight_norm_curves(curves: list[tuple[str, list[dict]]], path: Path) -> str:
+    return save_figure(weight_norm_figure(curves), path)
+
+
+def confusion_plot(cm: np.ndarray, class_names: list[str], path: Path, title: str) -> str:
+    return save_figure(confusion_figure(cm, class_names, title), path)
+
+
+def sweep_plot(rows: list[dict], fields: list[str], path: Path, metric: str = "val_accuracy") -> str:
+    return save_figure(sweep_figure(rows, fields, metric), path)
+
+
+def training_curves_figure(history: list[dict], title: str = "", best_epoch: int | None = None) -> Figure:
     """Loss and accuracy per epoch, train vs val (val lines only when the history has them); a dotted
     line marks the epoch whose weights were kept."""
-    fig = Figure(figsize=(10, 4))
+    fig = Figure(figsize=(10, 4), layout="tight")
     epochs = [h["epoch"] for h in history]
     for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
         for split, style in (("train", "-"), ("val", "--")):
@@ -47,12 +64,12 @@ def training_curves(history: list[dict], path: Path, title: str = "", best_epoch
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title or "training curves")
-    return _save(fig, path)
+    return fig
 
 
-def weight_norm_curves(curves: list[tuple[str, list[dict]]], path: Path) -> str:
+def weight_norm_figure(curves: list[tuple[str, list[dict]]]) -> Figure:
     """Frobenius norm of each head's weight matrices per epoch; ``curves`` = (label, history), best first."""
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5), layout="tight")
     ax = fig.subplots()
     for n, (label, history) in enumerate(curves[: MAX_NORM_CURVES + 1]):
         ax.plot([h["epoch"] for h in history], [h["weight_norm"] for h in history], label=label,
@@ -62,29 +79,29 @@ def weight_norm_curves(curves: list[tuple[str, list[dict]]], path: Path) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     ax.set_title("weight norm per epoch (bold: best head)")
-    return _save(fig, path)
+    return fig
 
 
-def confusion_plot(cm: np.ndarray, class_names: list[str], path: Path, title: str) -> str:
+def confusion_figure(cm: np.ndarray, class_names: list[str], title: str) -> Figure:
     """Confusion matrix (rows: true class, columns: predicted), counts in the cells."""
     n = len(class_names)
     size = min(4 + 0.45 * n, 20)
-    fig = Figure(figsize=(size, size * 0.85))
+    fig = Figure(figsize=(size, size * 0.85), layout="tight")
     ax = fig.subplots()
     ConfusionMatrixDisplay(cm, display_labels=class_names).plot(
         ax=ax, include_values=n <= 30, xticks_rotation="vertical" if n > 6 else "horizontal", colorbar=True)
     ax.set_title(title, fontsize="small", wrap=True)
-    return _save(fig, path)
+    return fig
 
 
 def _numeric(values: list) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
-def sweep_plot(rows: list[dict], fields: list[str], path: Path, metric: str = "val_accuracy") -> str:
+def sweep_figure(rows: list[dict], fields: list[str], metric: str = "val_accuracy") -> Figure:
     """One panel per swept hyperparameter: ``metric`` of every configuration against its value.
     Rates use a log axis (symlog when 0 is among the values); categories are spread on an axis."""
-    fig = Figure(figsize=(4 * len(fields), 3.6))
+    fig = Figure(figsize=(4 * len(fields), 3.6), layout="tight")
     axes = np.atleast_1d(fig.subplots(1, len(fields)))
     best = rows[0]
     for ax, field in zip(axes, fields):
@@ -111,4 +128,4 @@ def sweep_plot(rows: list[dict], fields: list[str], path: Path, metric: str = "v
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     fig.suptitle(f"{metric.replace('_', ' ')} of {len(rows)} configurations")
-    return _save(fig, path)
+    return fig

@@ -9,6 +9,7 @@ import json
 import time
 from pathlib import Path
 
+from featcache.pipeline.config import HeadConfig
 from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.heads.report import fmt, table
 
@@ -16,9 +17,9 @@ REQUIRED = ("val_accuracy", "train_accuracy", "config")  # what makes a metrics.
 SORTS = {"val": "val_accuracy", "test": "test_accuracy", "train": "train_accuracy"}
 
 
-def _best(m: dict) -> str:
+def _best(m: dict, cfg: HeadConfig) -> str:
     """The winning configuration in a few words."""
-    p, head = m.get("params") or {}, m.get("head") or m["config"].get("head", "?")
+    p, head = m.get("params") or {}, cfg.head
     if head == "logreg":
         return f"C={p.get('C', '?'):g}" if isinstance(p.get("C"), (int, float)) else "C=?"
     arch = "linear" if not p.get("hidden") else "mlp " + "x".join(map(str, p["hidden"]))
@@ -28,15 +29,14 @@ def _best(m: dict) -> str:
     return " ".join(bits)
 
 
-def _row(root: Path, path: Path, m: dict) -> dict:
+def _row(root: Path, path: Path, m: dict, cfg: HeadConfig) -> dict:
     info = m.get("backbone_info") or {}
-    cfg = m["config"]
     return {
         "run": str(path.parent.relative_to(root)) if path.parent != root else ".",
         "backbone": m.get("backbone") or info.get("backbone"), "weights": info.get("weights"),
         "layer": info.get("layer"), "feature_dim": info.get("feature_dim"),
-        "cache": m.get("cache") or cfg.get("cache"), "head": m.get("head") or cfg.get("head"),
-        "best": _best(m), "n_configs": m.get("n_configs", 1), "search": m.get("search", "grid"),
+        "cache": cfg.cache, "head": cfg.head,
+        "best": _best(m, cfg), "n_configs": m.get("n_configs", 1), "search": m.get("search", "grid"),
         "best_epoch": m.get("best_epoch"), "refit": "refit" in m,
         "train_accuracy": m.get("train_accuracy"), "val_accuracy": m.get("val_accuracy"),
         "test_accuracy": m.get("test_accuracy"), "n_train": m.get("n_train"), "n_val": m.get("n_val"),
@@ -62,10 +62,14 @@ def find_runs(root: str | Path, sort: str = "val") -> dict:
         except (OSError, UnicodeDecodeError, ValueError) as e:
             skipped.append({"path": str(path), "reason": f"unreadable ({type(e).__name__})"})
             continue
-        if not isinstance(m, dict) or not all(k in m for k in REQUIRED) or not isinstance(m["config"], dict):
+        try:  # a finetune FT_DIR's metrics.json has another config: not a fit-head run
+            cfg = HeadConfig.from_dict(m["config"]) if isinstance(m, dict) and all(k in m for k in REQUIRED) else None
+        except FeatcacheError:
+            cfg = None
+        if cfg is None:
             skipped.append({"path": str(path), "reason": "not a fit-head metrics.json"})
             continue
-        runs.append(_row(root, path, m))
+        runs.append(_row(root, path, m, cfg))
     if sort in SORTS:  # best first, runs without that score last, ties by folder name
         key = SORTS[sort]
         runs.sort(key=lambda r: (r[key] is None, -(r[key] or 0.0), r["run"]))

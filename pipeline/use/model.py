@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from featcache.cache.fingerprint import fingerprint
+from featcache.pipeline.config import ExtractConfig
 from featcache.pipeline.extraction.backbones import build_backbone, load_state_dict_file
 from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.heads.headio import StandardizedHead, build_head, load_head
@@ -45,16 +46,21 @@ class Predictor:
     kind: str  # "run" (fit-head) | "finetune"
 
     @property
+    def extract_config(self) -> ExtractConfig:
+        """How the head's training features were extracted (the cache's recorded config)."""
+        return ExtractConfig.from_dict(self.meta["extract_config"])
+
+    @property
     def feature_dtype(self) -> torch.dtype:
         """The dtype the head's training features were stored in (predict and export round to it)."""
-        return getattr(torch, (self.meta.get("extract_config") or {}).get("dtype", "float32"))
+        return getattr(torch, self.extract_config.dtype)
 
 
-def _backbone_from_extract_config(ec: dict, expected_fp: str | None):
+def _backbone_from_extract_config(ec: ExtractConfig, expected_fp: str | None):
     from featcache.pipeline.extraction.extract import cache_identity  # deferred: extract imports heavy I/O modules
 
-    bb = build_backbone(ec["backbone"], ec["weights"], ec.get("layer"), ec.get("pool"), ec.get("seed", 0))
-    if expected_fp is not None and fingerprint(cache_identity(bb, ec.get("dtype", "float32"), ec.get("draft", True))) != expected_fp:
+    bb = build_backbone(ec.backbone, ec.weights, ec.layer, ec.pool, ec.seed)
+    if expected_fp is not None and fingerprint(cache_identity(bb, ec.dtype, ec.draft)) != expected_fp:
         raise FeatcacheError(
             "the backbone rebuilt from the run's extract settings does not match the cache the head was "
             "trained on (weights file changed?); re-extract and re-fit"
@@ -69,10 +75,10 @@ def classifier_from_head(head: nn.Sequential, meta: dict, backbone: nn.Module) -
 def load_run(run_dir: str | Path) -> Predictor:
     """Rebuild backbone + head from a fit-head RUN_DIR (or a head.pt path)."""
     head, meta = load_head(run_dir)
-    ec = meta.get("extract_config")
-    if not ec:
-        raise FeatcacheError(f"{run_dir}: head metadata lacks the extract configuration; re-run fit-head")
-    bb = _backbone_from_extract_config(ec, meta.get("cache_fingerprint"))
+    if not meta.get("extract_config"):  # a head trained on arrays through the Python API
+        raise FeatcacheError(f"{run_dir}: the head was not trained on a featcache cache, so there is no backbone "
+                             "to rebuild; predict from features instead (featcache.load(...).predict_features)")
+    bb = _backbone_from_extract_config(ExtractConfig.from_dict(meta["extract_config"]), meta["cache_fingerprint"])
     if bb.feature_dim != meta["in_dim"]:
         raise FeatcacheError(f"backbone gives {bb.feature_dim} features, head expects {meta['in_dim']}")
     return Predictor(classifier_from_head(head, meta, bb.model), bb.preprocess, meta["class_names"], meta, "run")
@@ -88,8 +94,8 @@ def load_finetuned(ft_dir: str | Path) -> Predictor:
     """Rebuild a fine-tuned classifier: architecture from model.json, every weight from model.pt."""
     ft_dir = Path(ft_dir)
     meta = json.loads((ft_dir / FT_META).read_text())
-    ec = {**meta["extract_config"], "weights": "none"}  # all weights come from model.pt
-    bb = build_backbone(ec["backbone"], "none", ec.get("layer"), ec.get("pool"), ec.get("seed", 0))
+    ec = ExtractConfig.from_dict(meta["extract_config"])
+    bb = build_backbone(ec.backbone, "none", ec.layer, ec.pool, ec.seed)  # every weight comes from model.pt
     model = classifier_from_head(build_head(meta), meta, bb.model)
     try:
         model.load_state_dict(load_state_dict_file(str(ft_dir / FT_WEIGHTS)))

@@ -57,9 +57,9 @@ def predict_files(pred: Predictor, files: list[Path], top_k: int, batch_size: in
     Images go through extraction's own path (the same decoding, JPEG draft policy, resize/crop
     stage and backbone form), so predictions on cached images equal the cached-feature ones.
     """
-    ec = pred.meta.get("extract_config") or {}
-    dataset = ImageFiles("", [str(f) for f in files], pred.preprocess, ec.get("draft", True))
-    runner = Runner(pred.model.backbone, pred.preprocess, device, optimize=ec.get("optimize", True))
+    ec = pred.extract_config
+    dataset = ImageFiles("", [str(f) for f in files], pred.preprocess, ec.draft)
+    runner = Runner(pred.model.backbone, pred.preprocess, device, optimize=ec.optimize)
     head = pred.model.head.to(device).eval()
     k = max(1, min(top_k, len(pred.class_names)))
     out: list[dict] = []

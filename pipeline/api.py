@@ -1,0 +1,331 @@
+"""The Python API: the CLI's own code paths, with typed results, and no files unless asked for.
+
+    import featcache
+    r = featcache.extract("digits/", "digits.h5", backbone="efficientnet_lite0")
+    cache = featcache.open_cache("digits.h5")
+    X, y = cache.arrays("train")
+    sweep = featcache.fit_heads(cache, head="mlp", dropout=[0.2, 0.5])   # in memory
+    sweep.leaderboard.to_pandas(); sweep.plot_curves(); sweep.save("runs/mlp")
+    model = featcache.load("runs/mlp")
+    model.predict(["photo.jpg"]); model.predict_features(X)
+
+Every option of a sweep takes a scalar or a list (a list sweeps); ``hidden`` takes a width, a tuple
+of widths (one MLP) or a list of those (a sweep of architectures).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featcache.cache.info import cache_info
+from featcache.cache.store import FeatureCache, read_cache
+from featcache.pipeline.config import ExtractConfig, HeadConfig
+from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.heads.result import Leaderboard, SweepResult
+
+__all__ = ["Cache", "ExtractResult", "Model", "SweepResult", "Leaderboard", "extract", "fit_heads", "load",
+           "open_cache"]
+
+PathLike = str | os.PathLike
+SWEPT = ("dropout", "weight_decay", "l1", "optimizer", "lr", "momentum", "C")  # HeadConfig's tuple fields
+
+
+def _options(cls, given: dict, fixed: tuple[str, ...], call: str) -> None:
+    """TypeError for keyword arguments the config does not have (as for any Python function)."""
+    known = {f.name for f in dataclasses.fields(cls)} - set(fixed)
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise TypeError(f"{call}() got unexpected keyword argument(s) {', '.join(unknown)}; "
+                        f"valid: {', '.join(sorted(known))}")
+
+
+# ---------------------------------------------------------------------------------------- extract
+@dataclass(frozen=True)
+class ExtractResult:
+    """What one extraction did (``featcache extract --json`` prints ``summary``)."""
+
+    cache: Path
+    n_images: int
+    feature_dim: int
+    extracted: int  # rows computed by the backbone in this run
+    reused: int  # rows copied from the previous cache
+    removed: int  # rows of the previous cache whose image is gone
+    skipped: int  # unusable files (see skipped_files)
+    skipped_files: list  # [(relative path, reason)], the first 20
+    seconds: float
+    summary: dict
+
+    def open(self) -> "Cache":
+        return Cache(self.cache)
+
+
+def extract(image_dir: PathLike, cache: PathLike, *, progress: bool = False, **options: Any) -> ExtractResult | None:
+    """Run the frozen backbone over ``image_dir`` once and store its features in ``cache``.
+
+    Args:
+        image_dir: an ImageFolder tree (``<class>/<image>`` or ``{train,val,test}/<class>/<image>``).
+        cache: the .h5 file to create or update incrementally.
+        progress: a tqdm bar on stderr.
+        **options: any ``featcache extract`` option by its ExtractConfig name (``backbone``,
+            ``weights``, ``layer``, ``pool``, ``batch_size``, ``dtype``, ``augment``, ...).
+    Returns:
+        An ExtractResult; None on a torchrun rank other than 0.
+    """
+    from featcache.pipeline.extraction.extract import run_extract
+
+    _options(ExtractConfig, options, ("image_dir", "output"), "extract")
+    if "augment_scale" in options:
+        options["augment_scale"] = tuple(options["augment_scale"])
+    s = run_extract(ExtractConfig(image_dir=str(image_dir), output=str(cache), **options), progress=progress)
+    if s is None:
+        return None
+    return ExtractResult(Path(s["cache"]), s["n_images"], s["feature_dim"], s["extracted"], s["reused"], s["removed"],
+                         s["skipped"], [tuple(x) for x in s["skipped_files"]], s["seconds"], s)
+
+
+# ---------------------------------------------------------------------------------------- caches
+class Cache:
+    """A feature cache opened for reading: arrays per split, paths, classes, recorded attributes.
+
+    Features are read from disk on the first ``arrays`` call and kept.
+    """
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        self._meta = read_cache(self.path, features=False)  # validates the file: one-line errors
+        self._full: FeatureCache | None = None
+
+    @property
+    def features(self) -> FeatureCache:
+        """The whole cache in memory (features included)."""
+        if self._full is None:
+            self._full = read_cache(self.path)
+        return self._full
+
+    @property
+    def class_names(self) -> list[str]:
+        return self._meta.class_names
+
+    @property
+    def attrs(self) -> dict:
+        """Every recorded attribute (backbone, weights, layer, pool, preprocess, config, ...)."""
+        return self._meta.attrs
+
+    @property
+    def fingerprint(self) -> str:
+        return self._meta.fingerprint
+
+    @property
+    def n_views(self) -> int:
+        return self._meta.n_views
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.attrs["feature_dim"])
+
+    @property
+    def splits(self) -> dict[str, int]:
+        """Rows per split (labeled or not)."""
+        names, counts = np.unique(self._meta.split.astype(str), return_counts=True)
+        return {str(n): int(c) for n, c in zip(names, counts)}
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """Files extraction could not use, with the reason."""
+        return list(self._meta.skipped)
+
+    def _rows(self, split: str, labeled: bool) -> np.ndarray:
+        if split not in ("train", "val", "test", "all"):
+            raise FeatcacheError(f"unknown split {split!r}: choose train, val, test or all")
+        m = self._meta
+        mask = np.ones(m.n_rows, bool) if split == "all" else (m.split == split)
+        if labeled:
+            mask &= m.labels >= 0
+        return np.flatnonzero(mask)
+
+    def arrays(self, split: str = "train", *, labeled: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(X (n, D) float32, y (n,) int64 indices into ``class_names``) of one split (or "all").
+        ``labeled=False`` also returns unlabeled rows (y = -1)."""
+        rows = self._rows(split, labeled)
+        return self.features.features[rows].astype(np.float32), self._meta.labels[rows].copy()
+
+    def paths(self, split: str = "train", *, labeled: bool = True) -> list[str]:
+        """Image paths (relative to the image folder) of the rows ``arrays`` returns, in order."""
+        return [self._meta.paths[i] for i in self._rows(split, labeled)]
+
+    def info(self) -> dict:
+        """What ``featcache info --json`` prints."""
+        return cache_info(str(self.path))
+
+    def __repr__(self) -> str:
+        a = self.attrs
+        return (f"Cache({str(self.path)!r}: {self._meta.n_rows} x {a.get('feature_dim')} {a.get('dtype')}, "
+                f"{len(self.class_names)} classes, splits {self.splits}, backbone {a.get('backbone')})")
+
+
+def open_cache(path: PathLike) -> Cache:
+    """Open a cache file for reading (one-line FeatcacheError if it is missing or not a whole cache)."""
+    return Cache(path)
+
+
+def _arrays_cache(data) -> FeatureCache:
+    """(X, y) or {"train": (X, y), "val": ..., "test": ...} -> an in-memory FeatureCache."""
+    splits = {"train": data} if isinstance(data, tuple) else dict(data)
+    if "train" not in splits or set(splits) - {"train", "val", "test"}:
+        raise FeatcacheError("fit_heads arrays: give (X, y) or a dict with 'train' and optionally 'val', 'test'")
+    Xs, ys = [], []
+    for split in ("train", "val", "test"):
+        if split in splits:
+            X, y = splits[split]
+            X, y = np.asarray(X, dtype=np.float32), np.asarray(y)
+            if X.ndim != 2 or y.ndim != 1 or len(X) != len(y):
+                raise FeatcacheError(f"fit_heads arrays: {split} needs X (n, D) and y (n,), got {X.shape} and {y.shape}")
+            Xs.append((split, X))
+            ys.append(y)
+    if len({X.shape[1] for _, X in Xs}) != 1:
+        raise FeatcacheError("fit_heads arrays: every split needs the same number of features")
+    classes, labels = np.unique(np.concatenate(ys), return_inverse=True)
+    n = sum(len(X) for _, X in Xs)
+    split = np.array([s for s, X in Xs for _ in range(len(X))], dtype=object)
+    attrs = {"class_names": [str(c) for c in classes], "fingerprint": "", "feature_dim": int(Xs[0][1].shape[1]),
+             "n_views": 0, "backbone": None}
+    return FeatureCache(path=Path("<arrays>"), attrs=attrs, labels=labels.astype(np.int64),
+                        paths=[f"{s}/{i}" for i, s in enumerate(split)], split=split,
+                        features=np.concatenate([X for _, X in Xs]), file_size=np.zeros(n, np.int64),
+                        file_mtime_ns=np.zeros(n, np.int64))
+
+
+# ---------------------------------------------------------------------------------------- heads
+def _hidden(value) -> tuple[tuple[int, ...], ...]:
+    """512 -> ((512,),); (512, 256) -> one MLP; [512, (256, 128), 0] -> a sweep (0 / () = linear)."""
+    def arch(v) -> tuple[int, ...]:
+        if isinstance(v, (int, np.integer)):
+            return () if v == 0 else (int(v),)
+        return tuple(int(w) for w in v)
+
+    if isinstance(value, list):
+        return tuple(dict.fromkeys(arch(v) for v in value))
+    return (arch(value),)
+
+
+def head_config(*, cache: str | None = None, output: str | None = None, **options: Any) -> HeadConfig:
+    """A HeadConfig from scalar-or-list keyword options (what ``fit_heads`` and HeadClassifier take)."""
+    _options(HeadConfig, options, ("cache", "output"), "fit_heads")
+    values = dict(options)
+    for name in SWEPT:
+        if name in values:
+            v = values[name]
+            values[name] = tuple(v) if isinstance(v, (list, tuple, np.ndarray)) else (v,)
+    if "hidden" in values:
+        values["hidden"] = _hidden(values["hidden"])
+    return HeadConfig(cache=cache, output=output, **values)
+
+
+def fit_heads(data, *, output: PathLike | None = None, progress: bool = False, **options: Any) -> SweepResult:
+    """Train every configuration in one stacked pass and rank them on the validation split.
+
+    Args:
+        data: a cache path, a ``Cache``, or arrays: ``(X, y)`` (a validation split is held out as
+            ``val_fraction`` says) or ``{"train": (X, y), "val": (X, y), "test": (X, y)}``.
+        output: a run folder to write (exactly what ``featcache fit-head -o`` writes); None = write nothing.
+        **options: any fit-head option by its HeadConfig name, each a scalar or a list to sweep
+            (``head``, ``hidden``, ``dropout``, ``weight_decay``, ``l1``, ``lr``, ``epochs``, ``C``, ...).
+    Returns:
+        The SweepResult: ``leaderboard`` (``.to_pandas()``), ``best``, ``history``, ``metrics``,
+        ``predict(X)``, ``plot_*()`` Figures, ``save(run_dir)``.
+    """
+    from featcache.pipeline.heads.fit import fit_sweep
+
+    if isinstance(data, Cache):
+        fc, path = data.features, str(data.path)
+    elif isinstance(data, FeatureCache):
+        fc, path = data, str(data.path)
+    elif isinstance(data, (str, os.PathLike)):
+        fc, path = read_cache(data), str(data)
+    else:
+        fc, path = _arrays_cache(data), None
+    cfg = head_config(cache=path, **options)
+    result = fit_sweep(cfg, fc, progress=progress)
+    if output is not None:
+        result.save(output)
+    return result
+
+
+# ---------------------------------------------------------------------------------------- models
+class Model:
+    """A saved model: a fit-head RUN_DIR (or head.pt), or a finetune FT_DIR.
+
+    ``predict_features`` uses only the head (no backbone is built); ``predict`` on image files
+    builds the backbone once, from what the run recorded, and runs extraction's own image path.
+    """
+
+    def __init__(self, path: PathLike):
+        from featcache.pipeline.heads.headio import StandardizedHead, load_head
+        from featcache.pipeline.use.model import FT_META
+
+        self.path = Path(path)
+        self.kind = "finetune" if (self.path / FT_META).exists() else "run"
+        self._predictor = None
+        if self.kind == "run":
+            head, self.meta = load_head(self.path)
+            self._head = StandardizedHead.from_metadata(head, self.meta).eval()
+        else:
+            self._head, self.meta = None, None
+            self._predictor = self._load_predictor()
+            self.meta = self._predictor.meta
+
+    def _load_predictor(self):
+        from featcache.pipeline.use.model import load_predictor
+
+        if self._predictor is None:
+            self._predictor = load_predictor(self.path)
+        return self._predictor
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    def predict_proba_features(self, X) -> np.ndarray:
+        """Class probabilities (N, C) for raw cached features X (N, D) of the run's cache."""
+        import torch
+
+        from featcache.pipeline.heads.metrics import predict_proba
+
+        if self._head is None:
+            raise FeatcacheError(f"{self.path} is a fine-tuned model: its backbone changed, so cached features "
+                                 "do not apply; use predict(images)")
+        X = np.asarray(X, dtype=np.float32)
+        if X.ndim != 2 or X.shape[1] != self.meta["in_dim"]:
+            raise FeatcacheError(f"expected features of shape (N, {self.meta['in_dim']}), got {X.shape}")
+        return predict_proba(self._head, torch.from_numpy(X)).numpy()
+
+    def predict_features(self, X) -> np.ndarray:
+        """Predicted class names (N,) for raw cached features X (N, D)."""
+        return np.asarray(self.class_names, dtype=object)[self.predict_proba_features(X).argmax(1)]
+
+    def predict(self, images, *, top_k: int = 5, batch_size: int = 32, device: str = "auto") -> list[dict]:
+        """Classify image files or folders, exactly as ``featcache predict`` does.
+
+        Returns:
+            One dict per file: {"path", "label", "top": [{"class", "probability"}, ...]}, or
+            {"path", "error"} for a file that could not be read.
+        """
+        from featcache.pipeline.device import resolve_device
+        from featcache.pipeline.use.predict import collect_files, predict_files
+
+        inputs = (images,) if isinstance(images, (str, os.PathLike)) else tuple(images)
+        files = collect_files(tuple(str(p) for p in inputs))
+        return predict_files(self._load_predictor(), files, top_k, batch_size, resolve_device(device))
+
+    def __repr__(self) -> str:
+        return f"Model({str(self.path)!r}: {self.kind}, {len(self.class_names)} classes)"
+
+
+def load(path: PathLike) -> Model:
+    """Load a fit-head RUN_DIR (or head.pt) or a finetune FT_DIR."""
+    return Model(path)

@@ -1,0 +1,287 @@
+"""What one fit-head sweep produced, held in memory: the ranked leaderboard, the winning head with its
+history and metrics. ``SweepResult.save(run_dir)`` writes exactly the files ``featcache fit-head``
+writes; the ``plot_*`` methods return matplotlib Figures (shown inline by a notebook).
+
+A run folder is written whole or not at all: every file goes into a temporary folder beside
+RUN_DIR, which is then renamed into place, so a reader never sees a new head beside old metrics.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from featcache.cache.store import FeatureCache
+from featcache.pipeline.config import HeadConfig
+from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.heads.data import Prepared
+from featcache.pipeline.heads.headio import StandardizedHead, save_head
+from featcache.pipeline.heads.leaderboard import write_leaderboard
+from featcache.pipeline.heads.metrics import predict_proba
+from featcache.pipeline.heads.sweep import swept
+from featcache.pipeline.heads.train import HeadParams
+
+BACKBONE_ATTRS = ("backbone", "weights", "layer", "pool", "preprocess", "feature_dim")  # what runs record of it
+
+
+class Leaderboard(list):
+    """Leaderboard rows (dicts), best first, as leaderboard.json holds them."""
+
+    def to_pandas(self):
+        """The rows as a pandas DataFrame (pandas is optional: installed separately)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise FeatcacheError("Leaderboard.to_pandas() needs pandas: pip install pandas") from None
+        return pd.DataFrame(list(self))
+
+
+@dataclass
+class Candidate:
+    """One trained configuration: its leaderboard row, its head and what is needed to retrain it."""
+
+    row: dict
+    head: nn.Sequential
+    history: list[dict] = field(default_factory=list)  # per epoch; empty for logreg
+    params: HeadParams | None = None  # None for logreg (its C is in the row)
+
+
+def backbone_record(cache: FeatureCache) -> dict:
+    """The backbone description a run records, read from the cache's attributes."""
+    return {k: cache.attrs.get(k) for k in BACKBONE_ATTRS}
+
+
+def label(row: dict) -> str:
+    """Short description of a configuration for legends: the swept-looking values."""
+    if row["head"] == "logreg":
+        return f"logreg C={row['C']:g}"
+    arch = "linear" if row["hidden"] == "0" else f"mlp {row['hidden']}"
+    return f"{arch} {row['optimizer']} lr={row['lr']:g} wd={row['weight_decay']:g} l1={row['l1']:g}" + (
+        f" do={row['dropout']:g}" if row["hidden"] != "0" else "")
+
+
+@dataclass
+class SweepResult:
+    """Every configuration of one sweep, ranked, and the head fit-head would save.
+
+    Attributes:
+        config: the HeadConfig that ran (``output`` is None until saved).
+        leaderboard: every configuration, best first (``.to_pandas()``).
+        head: the saved head, (N, D) standardised features -> logits: the winner, or its refit.
+        refit: what ``refit=True`` measured, else None.
+    """
+
+    config: HeadConfig
+    cache: FeatureCache  # features not needed any more; attrs, fingerprint and views count are
+    data: Prepared
+    candidates: list[Candidate]
+    leaderboard: Leaderboard
+    head: nn.Sequential
+    refit: dict | None
+    device: str
+    seconds: float  # training and scoring, wall clock
+
+    @property
+    def best(self) -> Candidate:
+        """The winning configuration (before any refit)."""
+        return self._by_index[self.leaderboard[0]["index"]]
+
+    @property
+    def _by_index(self) -> dict[int, Candidate]:
+        return {c.row["index"]: c for c in self.candidates}
+
+    @property
+    def history(self) -> list[dict]:
+        """Per-epoch train/val loss, accuracy and weight norm of the winner (empty for logreg)."""
+        return self.best.history
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.data.class_names
+
+    @property
+    def metrics(self) -> dict:
+        """What metrics.json holds (without ``files``)."""
+        cfg, win, best, cache, data = self.config, self.leaderboard[0], self.best, self.cache, self.data
+        m = {
+            "head": cfg.head, **{k: win.get(k) for k in ("train_accuracy", "val_accuracy", "test_accuracy", "train_loss",
+                                                          "val_loss", "test_loss", "best_epoch", "epochs_run")},
+            "history": best.history, "params": asdict(best.params) if best.params else {"C": win["C"]},
+            "config": asdict(cfg), "search": cfg.search, "n_configs": len(self.candidates),
+            "n_train": len(data.rows["train"]), "n_val": len(data.rows["val"]), "n_test": len(data.rows["test"]),
+            "val_source": data.val_source, "class_names": data.class_names, "cache": cfg.cache,
+            "cache_fingerprint": cache.fingerprint, "backbone": cache.attrs.get("backbone"),
+            "backbone_info": backbone_record(cache), "device": self.device, "augmented": self._augmented(),
+        }
+        if self.refit is not None:
+            m.update(refit=self.refit, test_accuracy_before_refit=win.get("test_accuracy"),
+                     test_accuracy=self.refit["test_accuracy"], test_loss=self.refit["test_loss"])
+        if m["test_accuracy"] is None:
+            for key in ("test_accuracy", "test_loss", "test_accuracy_before_refit"):
+                m.pop(key, None)
+        m["seconds"] = round(self.seconds, 3)
+        return m
+
+    def _augmented(self) -> dict:
+        """What the training rows were: views sampled per epoch, or the un-augmented features."""
+        data, cache = self.data, self.cache
+        if data.views is None:
+            return {"used": False, "views_in_cache": cache.n_views}
+        with_views = int((data.view_pos[data.rows["train"]] >= 0).sum())
+        return {"used": True, "views_in_cache": cache.n_views, "train_rows_with_views": with_views,
+                "train_rows": len(data.rows["train"]), "augment": cache.attrs.get("augment"),
+                "augment_fingerprint": cache.attrs.get("augment_fingerprint")}
+
+    def head_metadata(self) -> dict:
+        """head.pt's metadata: the architecture, standardisation and where the features came from."""
+        cfg, best, data, cache = self.config, self.best, self.data, self.cache
+        p = best.params or HeadParams()  # logreg: a linear head without dropout or batch norm
+        return {
+            "in_dim": int(data.X.shape[1]), "n_classes": len(data.class_names), "hidden": list(p.hidden),
+            "batchnorm": p.batchnorm, "dropout": p.dropout, "class_names": data.class_names,
+            "standardize": None if data.mean is None else {"mean": data.mean.tolist(), "scale": data.scale.tolist()},
+            "cache": cfg.cache, "cache_fingerprint": cache.fingerprint, "backbone": backbone_record(cache),
+            "extract_config": cache.attrs.get("config"),  # predict/export/finetune rebuild the backbone from it
+            "config": asdict(cfg), "head_type": cfg.head,
+            "params": asdict(best.params) if best.params else {"C": best.row["C"]},
+            "best_epoch": best.row.get("best_epoch"), "refit": cfg.refit, "augmented": self._augmented(),
+        }
+
+    # ------------------------------------------------------------------ prediction on features
+    def model(self) -> StandardizedHead:
+        """The saved head behind its standardisation: raw cached features (N, D) -> logits (N, C)."""
+        d = self.data
+        return StandardizedHead(self.head, d.mean, d.scale).eval()
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities (N, C) for raw (unstandardised) features X (N, D)."""
+        X = torch.as_tensor(np.asarray(X, dtype=np.float32))
+        return predict_proba(self.model(), X).numpy()
+
+    def predict(self, X) -> np.ndarray:
+        """Class names (N,) for raw features X (N, D)."""
+        return np.asarray(self.class_names, dtype=object)[self.predict_proba(X).argmax(1)]
+
+    # ------------------------------------------------------------------ pictures
+    def plot_curves(self):
+        """Train/val loss and accuracy per epoch of the winner (None for logreg: it has no epochs)."""
+        from featcache.pipeline.heads import plots
+
+        best = self.best
+        if not best.history:
+            return None
+        return plots.training_curves_figure(best.history, f"best head: {label(best.row)}", best.row["best_epoch"])
+
+    def plot_weight_norms(self):
+        """Weight norm per epoch of the best configurations (None for logreg)."""
+        from featcache.pipeline.heads import plots
+
+        if not self.best.history:
+            return None
+        return plots.weight_norm_figure([(label(r), self._by_index[r["index"]].history) for r in self.leaderboard])
+
+    def plot_confusion(self):
+        """Confusion matrix of the saved head on the test split (val when there is none), or None."""
+        from featcache.pipeline.heads import plots
+        from featcache.pipeline.heads.metrics import confusion
+
+        split = "test" if len(self.data.rows["test"]) else "val"
+        X, y = self.data.split(split)
+        if not len(X):
+            return None
+        title = f"{split} split, {'refit of ' if self.config.refit else ''}best head\n{label(self.best.row)}"
+        return plots.confusion_figure(confusion(self.head, X, y, len(self.class_names)), self.class_names, title)
+
+    def plot_sweep(self):
+        """Val accuracy against each swept hyperparameter (None when nothing was swept)."""
+        from featcache.pipeline.heads import plots
+
+        fields = swept(self.leaderboard)
+        if not fields:
+            return None
+        metric = "val_accuracy" if self.leaderboard[0].get("val_accuracy") is not None else "train_accuracy"
+        return plots.sweep_figure(self.leaderboard, fields, metric)
+
+    # ------------------------------------------------------------------ files
+    def save(self, run_dir: str | os.PathLike, *, plots: bool | None = None) -> list[str]:
+        """Write the run folder exactly as ``featcache fit-head`` does (head.pt, metrics.json,
+        leaderboard.json/.csv and, unless ``plots`` is False, the PNGs); returns the file names.
+
+        The folder is assembled beside ``run_dir`` and renamed into place: an interrupted save leaves
+        the previous run as it was, and a reader never sees a mix of two runs.
+        """
+        t0 = time.perf_counter()
+        out = Path(run_dir)
+        check_run_dir(out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FeatcacheError(f"cannot create the folder of run {out}: {e.strerror or e}") from None
+        self.config = replace(self.config, output=str(out))
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            files = self._write(tmp, self.config.plots if plots is None else plots, t0)
+            _replace_dir(tmp, out)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+                raise FeatcacheError(f"cannot write run folder {out}: {e.strerror or e}") from None
+            raise
+        return files
+
+    def _write(self, folder: Path, with_plots: bool, t0: float) -> list[str]:
+        save_head(folder / "head.pt", self.head, self.head_metadata())
+        files = ["head.pt", "metrics.json", *write_leaderboard(folder, self.leaderboard)]
+        if with_plots:
+            from featcache.pipeline.heads import plots
+
+            for name, make in (("curves.png", self.plot_curves), ("weight_norm.png", self.plot_weight_norms),
+                               ("confusion.png", self.plot_confusion), ("sweep.png", self.plot_sweep)):
+                fig = make()
+                if fig is not None:
+                    files.append(plots.save_figure(fig, folder / name))
+        metrics = {**self.metrics, "files": files}
+        metrics["seconds"] = round(self.seconds + time.perf_counter() - t0, 3)
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        for name in files:  # on disk before the rename makes the run visible
+            with open(folder / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        return files
+
+
+def check_run_dir(out: Path) -> None:
+    """One-line error, before any training, for a run folder that could not be written: it is a
+    file, or its nearest existing ancestor is a file or not writable."""
+    if out.exists() and not out.is_dir():
+        raise FeatcacheError(f"run folder {out} exists and is not a folder")
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise FeatcacheError(f"cannot write run folder {out}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise FeatcacheError(f"cannot write run folder {out}: {ancestor} is not writable")
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put folder ``new`` at ``target``: the old run (if any) is moved aside, then removed."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)  # put the previous run back
+        raise
+    shutil.rmtree(old, ignore_errors=True)

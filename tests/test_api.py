@@ -1,0 +1,158 @@
+"""The Python API as a contract: featcache.extract / open_cache / fit_heads / load and HeadClassifier."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import GridSearchCV, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+import featcache
+from conftest import FAST_KW, invoke
+
+
+def _blobs(n=90, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(3), n // 3)
+    X = rng.normal(size=(n, d)).astype(np.float32) + 2.5 * np.eye(3, d)[y]
+    return X, y
+
+
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory):
+    """240 of scikit-learn's digits as 32x32 PNGs in train/val/test folders, extracted through the API."""
+    root = tmp_path_factory.mktemp("digits")
+    d = load_digits()
+    for i in range(240):
+        split = "train" if i < 160 else "val" if i < 200 else "test"
+        folder = root / "images" / split / str(d.target[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (255 - d.images[i] * (255 / 16)).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").resize((32, 32), Image.NEAREST).save(folder / f"{i:04d}.png")
+    result = featcache.extract(root / "images", root / "digits.h5", workers=0, device="cpu", **FAST_KW)
+    return result
+
+
+def test_extract_returns_a_typed_result_and_open_cache_gives_arrays(digits_cache):
+    r = digits_cache
+    assert isinstance(r, featcache.ExtractResult)
+    assert (r.n_images, r.extracted, r.reused, r.removed, r.skipped, r.feature_dim) == (240, 240, 0, 0, 0, 64)
+    c = featcache.open_cache(r.cache)
+    assert c.splits == {"test": 40, "train": 160, "val": 40}
+    assert c.class_names == [str(i) for i in range(10)]
+    X, y = c.arrays("train")
+    assert X.shape == (160, 64) and X.dtype == np.float32 and y.shape == (160,) and y.dtype == np.int64
+    assert c.paths("train")[0].startswith("train/") and len(c.paths("val")) == 40
+    assert c.attrs["backbone"] == "resnet18" and c.feature_dim == 64 and c.fingerprint == r.summary["fingerprint"]
+    again = featcache.extract(r.cache.parent / "images", r.cache, workers=0, device="cpu", **FAST_KW)
+    assert (again.extracted, again.reused) == (0, 240)
+
+
+def test_extract_rejects_unknown_options_like_any_python_function(tmp_path):
+    with pytest.raises(TypeError, match="batchsize"):
+        featcache.extract(tmp_path, tmp_path / "c.h5", batchsize=3)
+    with pytest.raises(featcache.FeatcacheError, match="not found"):
+        featcache.open_cache(tmp_path / "missing.h5")
+
+
+def test_every_option_takes_a_scalar_or_a_list():
+    X, y = _blobs()
+    one = featcache.fit_heads((X, y), head="mlp", hidden=(16,), dropout=0.5, lr=1e-2, optimizer="adamw",
+                              weight_decay=1e-4, epochs=5, plots=False)
+    assert len(one.leaderboard) == 1
+    row = one.leaderboard[0]
+    assert (row["hidden"], row["dropout"], row["lr"], row["optimizer"]) == ("16", 0.5, 0.01, "adamw")
+    many = featcache.fit_heads((X, y), head="mlp", hidden=[16, (16, 8)], dropout=[0.0, 0.5], lr=[1e-2], epochs=3)
+    assert sorted((r["hidden"], r["dropout"]) for r in many.leaderboard) == [
+        ("16", 0.0), ("16", 0.5), ("16,8", 0.0), ("16,8", 0.5)]
+    c_path = featcache.fit_heads((X, y), head="logreg", C=[0.1, 1.0])
+    assert sorted(r["C"] for r in c_path.leaderboard) == [0.1, 1.0]
+    with pytest.raises(TypeError, match="learning_rate"):
+        featcache.fit_heads((X, y), learning_rate=1e-2)
+    with pytest.raises(featcache.FeatcacheError, match="dropout"):
+        featcache.fit_heads((X, y), head="mlp", dropout=1.5)
+
+
+def test_in_memory_fit_writes_nothing_and_predicts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    X, y = _blobs()
+    labels = np.array(["cat", "dog", "eel"])[y]
+    split = {"train": (X[:60], labels[:60]), "val": (X[60:75], labels[60:75]), "test": (X[75:], labels[75:])}
+    res = featcache.fit_heads(split, epochs=30, lr=1e-2)
+    assert os.listdir(tmp_path) == []  # nothing written anywhere
+    assert res.class_names == ["cat", "dog", "eel"]
+    assert res.metrics["n_train"] == 60 and res.metrics["n_val"] == 15 and res.metrics["n_test"] == 15
+    assert res.history and res.history[-1]["epoch"] == res.metrics["epochs_run"]
+    pred = res.predict(X[75:])
+    assert set(pred) <= {"cat", "dog", "eel"}
+    assert np.mean(pred == labels[75:]) == pytest.approx(res.metrics["test_accuracy"])
+    for fig in (res.plot_curves(), res.plot_weight_norms(), res.plot_confusion()):
+        assert isinstance(fig, Figure)
+    assert res.plot_sweep() is None  # nothing swept
+    frame = featcache.fit_heads(split, lr=[1e-3, 1e-2], epochs=3).leaderboard.to_pandas()
+    assert list(frame["rank"]) == [1, 2] and {"lr", "val_accuracy"} <= set(frame.columns)
+
+
+def _strip_timings(obj):
+    if isinstance(obj, dict):
+        return {k: _strip_timings(v) for k, v in obj.items() if k not in ("seconds", "output")}
+    if isinstance(obj, list):
+        return [_strip_timings(v) for v in obj]
+    return obj
+
+
+def test_save_writes_exactly_what_fit_head_writes(digits_cache, tmp_path):
+    cache = digits_cache.cache
+    opts = dict(head="mlp", hidden=32, dropout=[0.0, 0.3], lr=1e-2, epochs=8, patience=3)
+    res = featcache.fit_heads(cache, **opts)
+    files = res.save(tmp_path / "api")
+    cli = invoke("fit-head", cache, "-o", tmp_path / "cli", "--head", "mlp", "--hidden", "32", "--dropout",
+                 "0,0.3", "--lr", "1e-2", "--epochs", "8", "--patience", "3", "--json")
+    assert cli.exit_code == 0, cli.stderr
+    assert sorted(os.listdir(tmp_path / "api")) == sorted(os.listdir(tmp_path / "cli")) == sorted(files)
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("api", "cli"))
+    assert _strip_timings(a) == _strip_timings(b)
+    la, lb = (json.loads((tmp_path / d / "leaderboard.json").read_text()) for d in ("api", "cli"))
+    assert _strip_timings(la) == _strip_timings(lb)
+    ha, hb = (torch.load(tmp_path / d / "head.pt", weights_only=True) for d in ("api", "cli"))
+    assert ha["state_dict"].keys() == hb["state_dict"].keys()
+    for k in ha["state_dict"]:
+        torch.testing.assert_close(ha["state_dict"][k], hb["state_dict"][k], rtol=0, atol=0)
+    assert _strip_timings(ha["metadata"]) == _strip_timings(hb["metadata"])
+    # fit_heads(output=...) is the same as save
+    featcache.fit_heads(cache, output=tmp_path / "direct", **opts)
+    assert sorted(os.listdir(tmp_path / "direct")) == sorted(files)
+
+
+def test_load_predicts_from_features_and_from_images(digits_cache, tmp_path):
+    cache = featcache.open_cache(digits_cache.cache)
+    res = featcache.fit_heads(cache, epochs=20, lr=1e-2, output=tmp_path / "run")
+    model = featcache.load(tmp_path / "run")
+    Xv, yv = cache.arrays("val")
+    np.testing.assert_array_equal(model.predict_features(Xv), res.predict(Xv))
+    acc = np.mean(model.predict_features(Xv) == np.asarray(cache.class_names, dtype=object)[yv])
+    assert acc == pytest.approx(res.metrics["val_accuracy"])
+    images = [digits_cache.cache.parent / "images" / p for p in cache.paths("val")[:6]]
+    rows = model.predict(images)
+    assert [r["label"] for r in rows] == list(model.predict_features(Xv[:6]))
+    with pytest.raises(featcache.FeatcacheError, match="shape"):
+        model.predict_features(Xv[:, :10])
+
+
+def test_head_classifier_in_grid_search_and_pipelines_on_the_digits_features(digits_cache):
+    X, y = featcache.open_cache(digits_cache.cache).arrays("all")
+    grid = GridSearchCV(featcache.HeadClassifier(max_iter=40, batch_size=64),
+                        {"lr": [1e-3, 1e-2], "weight_decay": [0.0, 1e-2]}, cv=3).fit(X, y)
+    assert len(grid.cv_results_["params"]) == 4
+    assert grid.best_score_ > 0.5  # 10 classes: chance is 0.1
+    assert grid.best_estimator_.score(X, y) == pytest.approx(np.mean(grid.predict(X) == y))
+    scores = cross_val_score(make_pipeline(StandardScaler(), featcache.HeadClassifier(
+        hidden=(32,), dropout=0.2, lr=1e-2, max_iter=30, standardize=False)), X, y, cv=3)
+    assert scores.shape == (3,) and scores.mean() > 0.3  # random-init stem features; chance is 0.1
