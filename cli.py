@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 
 import click
 
@@ -30,6 +31,7 @@ class Group(click.Group):
     """
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        warnings.showwarning = _warning_line
         try:
             rv = super().main(args, prog_name or "featcache", complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as e:
@@ -45,6 +47,11 @@ class Group(click.Group):
                 raise
             fail(f"internal error: {type(e).__name__}: {e} (set FEATCACHE_DEBUG=1 for the traceback)")
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Library warnings as one line on stderr each (FeatcacheWarning and the rest alike)."""
+    click.echo(f"featcache: warning: {' '.join(str(message).split())}", err=True)
 
 
 def emit(summary: dict, as_json: bool, lines: list[str]) -> None:
@@ -158,6 +165,9 @@ def info(cache, as_json) -> None:
 @click.option("--use-augmented/--no-use-augmented", default=None,
               help="Train on one augmented view per image per epoch (val/test stay un-augmented) "
                    "[default: when the cache has views].")
+@click.option("--drop-nonfinite", is_flag=True,
+              help="Leave out rows whose cached features hold NaN/Inf (default: refuse such a cache).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run folder (the old one stays until the new is whole).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")

@@ -12,3 +12,8 @@ class FeatcacheError(Exception):
 
 class CacheError(FeatcacheError):
     """A cache file that cannot be used as asked (missing, not a cache, incomplete, corrupt)."""
+
+
+class FeatcacheWarning(UserWarning):
+    """Something a user should know that does not stop the run (a class too small to stratify, ...);
+    the CLI prints each as one ``featcache: warning: ...`` line on stderr."""

@@ -1,4 +1,5 @@
-"""An exclusive, non-blocking lock per cache path, so two extracts never write one cache."""
+"""An exclusive, non-blocking lock per output path, so two extracts never write one cache and two
+fit-heads never write one run folder."""
 from __future__ import annotations
 
 import fcntl
@@ -10,8 +11,12 @@ from featcache.cache.errors import CacheError
 
 
 @contextmanager
-def cache_lock(cache_path: str | Path):
-    """Hold ``CACHE.lock`` (flock) for the block. The kernel drops it if the process dies."""
+def cache_lock(cache_path: str | Path, writer: str = "featcache extract"):
+    """Hold ``PATH.lock`` (flock) for the block. The kernel drops it if the process dies.
+
+    Args:
+        writer: who holds it, for the error message (``featcache fit-head`` for run folders).
+    """
     lock_path = Path(f"{cache_path}.lock")
     fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
@@ -19,7 +24,7 @@ def cache_lock(cache_path: str | Path):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise CacheError(
-                f"another featcache extract is writing {cache_path} (lock {lock_path} is held); wait for it to finish"
+                f"another {writer} is writing {cache_path} (lock {lock_path} is held); wait for it to finish"
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())

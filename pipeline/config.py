@@ -93,3 +93,5 @@ class HeadConfig(_Recorded):
     refit: bool = False  # retrain the winner on train+val (its best epoch count) before testing
     plots: bool = True  # PNG curves, weight norms, confusion matrix and sweep plot beside metrics.json
     use_augmented: bool | None = None  # train on the cache's augmented views; None = when it has some
+    drop_nonfinite: bool = False  # drop rows whose features hold NaN/Inf (default: refuse the cache)
+    overwrite: bool = False  # replace an existing run folder (default: refuse to)

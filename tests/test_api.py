@@ -83,6 +83,8 @@ def test_every_option_takes_a_scalar_or_a_list():
 def test_in_memory_fit_writes_nothing_and_predicts(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     X, y = _blobs()
+    order = np.random.default_rng(1).permutation(len(y))  # every split gets every class
+    X, y = X[order], y[order]
     labels = np.array(["cat", "dog", "eel"])[y]
     split = {"train": (X[:60], labels[:60]), "val": (X[60:75], labels[60:75]), "test": (X[75:], labels[75:])}
     res = featcache.fit_heads(split, epochs=30, lr=1e-2)

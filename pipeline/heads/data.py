@@ -5,6 +5,7 @@ head then indexes that tensor (no DataLoader over files).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from featcache.cache.store import FeatureCache, read_views
-from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.errors import FeatcacheError, FeatcacheWarning
 
 
 @dataclass
@@ -56,16 +57,27 @@ def labeled_split_rows(split: np.ndarray, labels: np.ndarray) -> dict[str, np.nd
 
 def hold_out(train: np.ndarray, labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
     """Split ``train`` (row indices, ``labels`` their labels) into sorted (train, val, description):
-    ``round(val_fraction * n)`` validation rows, stratified when every class has 2+ rows and the
-    hold-out can hold every class, seeded. fit-head and finetune share it, so on the same images
-    they hold out the same ones."""
+    ``round(val_fraction * n)`` validation rows, stratified when every class has 2+ rows and both
+    parts can hold every class, seeded. fit-head and finetune share it, so on the same images they
+    hold out the same ones. A hold-out that cannot be stratified says so (FeatcacheWarning)."""
     counts = np.bincount(labels)
-    stratify = labels if counts[counts > 0].min() >= 2 else None
+    n_classes = int((counts > 0).sum())
     n_val = int(round(val_fraction * len(train)))
     if n_val < 1 or n_val >= len(train):
         raise FeatcacheError(f"--val-fraction {val_fraction} leaves no training or no validation rows ({len(train)} labeled)")
-    if stratify is not None and n_val < len(np.unique(stratify)):
-        stratify = None  # too few validation rows to hold every class
+    if len(train) - n_val < n_classes:
+        raise FeatcacheError(f"--val-fraction {val_fraction} leaves {len(train) - n_val} training rows for "
+                             f"{n_classes} classes; use a smaller fraction")
+    stratify = labels
+    if counts[counts > 0].min() < 2:
+        small = [str(c) for c in np.flatnonzero(counts == 1)]
+        warnings.warn(f"class index(es) {', '.join(small[:5])} have a single training image: the validation hold-out "
+                      "is not stratified (some classes may be missing from it)", FeatcacheWarning, stacklevel=2)
+        stratify = None
+    elif n_val < n_classes:
+        warnings.warn(f"{n_val} validation rows cannot hold all {n_classes} classes: the hold-out is not "
+                      "stratified", FeatcacheWarning, stacklevel=2)
+        stratify = None
     tr, va = train_test_split(train, test_size=n_val, stratify=stratify, random_state=seed)
     how = "stratified, " if stratify is not None else ""
     return np.sort(tr), np.sort(va), f"held out {val_fraction:.0%} of train ({how}seed {seed})"
@@ -85,9 +97,26 @@ def make_splits(cache: FeatureCache, val_fraction: float, seed: int) -> tuple[di
     return rows, source
 
 
+def _finite_rows(cache: FeatureCache, rows: dict[str, np.ndarray], drop: bool) -> dict[str, np.ndarray]:
+    """Refuse (or with ``drop`` leave out) labeled rows whose features hold NaN or Inf: one such row
+    would turn every head trained with it into NaN, and in val/test it skews the scores."""
+    used = np.concatenate(list(rows.values()))
+    bad = used[~np.isfinite(cache.features[used]).all(axis=1)]
+    if not len(bad):
+        return rows
+    first = ", ".join(cache.paths[i] for i in np.sort(bad)[:3])
+    if not drop:
+        raise FeatcacheError(f"{cache.path}: {len(bad)} row(s) have non-finite features (NaN or Inf), first: {first}; "
+                             "re-extract those images, or pass --drop-nonfinite to leave them out")
+    warnings.warn(f"left out {len(bad)} row(s) with non-finite features (first: {first})", FeatcacheWarning,
+                  stacklevel=3)
+    return {s: np.setdiff1d(r, bad) for s, r in rows.items()}
+
+
 def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bool, device: torch.device,
-            use_views: bool = False, val_views: bool = False) -> Prepared:
+            use_views: bool = False, val_views: bool = False, drop_nonfinite: bool = False) -> Prepared:
     """Args:
+        drop_nonfinite: leave out rows whose features are not all finite (default: refuse).
         use_views: also load the cache's augmented views of the training rows that have them.
         val_views: and of the validation rows that have them (a hold-out of the train split):
             only --refit trains on those rows; validation itself never uses views.
@@ -101,6 +130,12 @@ def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bo
             f"fit-head needs labeled training images of at least two classes; {cache.path} has "
             f"{len(train_classes)} ({', '.join(cache.class_names) or 'no class folders'})"
         )
+    unseen = sorted({cache.class_names[c] for s in ("val", "test") for c in np.unique(cache.labels[rows[s]])}
+                    - {cache.class_names[c] for c in train_classes})
+    if unseen:
+        warnings.warn(f"class(es) {', '.join(unseen[:5])} have validation/test images but no training images: "
+                      "no head can predict them", FeatcacheWarning, stacklevel=2)
+    rows = _finite_rows(cache, rows, drop_nonfinite)
     X = cache.features.astype(np.float32, copy=False)
     mean = scale = None
     if standardize:
@@ -115,6 +150,10 @@ def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bo
         wanted = np.concatenate([rows["train"], rows["val"]]) if val_views else rows["train"]
         with_views = np.intersect1d(np.flatnonzero(cache.split == "train"), wanted)
         v = read_views(cache.path, with_views)  # (M, V, D) float32
+        if not np.isfinite(v).all():
+            n_bad = int((~np.isfinite(v).all(axis=(1, 2))).sum())
+            raise FeatcacheError(f"{cache.path}: augmented views of {n_bad} row(s) are not finite (NaN or Inf); "
+                                 "re-extract, or train without them (--no-use-augmented)")
         if standardize:  # in place: views are the largest array here
             v -= mean
             v /= scale

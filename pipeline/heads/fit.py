@@ -6,6 +6,7 @@ refit), metrics.json, leaderboard.json/.csv (every configuration, best first) an
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from featcache.cache.lock import cache_lock
 from featcache.cache.store import FeatureCache, read_cache
 from featcache.pipeline.config import HeadConfig
 from featcache.pipeline.device import resolve_device
@@ -38,12 +40,19 @@ def check_config(cfg: HeadConfig) -> None:
     for opt in cfg.optimizer:
         if opt not in OPTIMIZERS:
             raise FeatcacheError(f"unknown optimizer {opt!r}: choose from {', '.join(OPTIMIZERS)}")
-    bad = [f"--dropout {d}" for d in cfg.dropout if not 0 <= d < 1] + [f"--lr {v}" for v in cfg.lr if v <= 0]
-    bad += [f"--weight-decay {v}" for v in cfg.weight_decay if v < 0] + [f"--l1 {v}" for v in cfg.l1 if v < 0]
-    bad += [f"--momentum {v}" for v in cfg.momentum if not 0 <= v < 1] + [f"--C {v}" for v in cfg.C if v <= 0]
+    # Every comparison is written so that NaN fails it (NaN compares False): a NaN learning rate
+    # would otherwise "train" an untouched epoch-0 head that looks like a result.
+    ranges = {"--dropout": (cfg.dropout, lambda v: 0 <= v < 1), "--lr": (cfg.lr, lambda v: 0 < v < math.inf),
+              "--weight-decay": (cfg.weight_decay, lambda v: 0 <= v < math.inf),
+              "--l1": (cfg.l1, lambda v: 0 <= v < math.inf), "--momentum": (cfg.momentum, lambda v: 0 <= v < 1),
+              "--C": (cfg.C, lambda v: 0 < v < math.inf)}
+    bad = [f"{flag} {v} (must be finite{', in [0, 1)' if flag in ('--dropout', '--momentum') else ''})"
+           for flag, (values, ok) in ranges.items() for v in values if not ok(v)]
     bad += [f"--hidden {h}" for hs in cfg.hidden for h in hs if h < 1]
     if cfg.epochs < 1 or cfg.batch_size < 1:
         bad.append("--epochs and --batch-size must be at least 1")
+    if cfg.patience < 0:
+        bad.append(f"--patience {cfg.patience} (0 disables early stopping; negative has no meaning)")
     if cfg.batchnorm and cfg.batch_size < 2 and cfg.head == "mlp":
         bad.append("--batchnorm needs --batch-size of at least 2 (batch norm cannot normalise one row)")
     if bad:
@@ -121,7 +130,8 @@ def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False) -
     if cfg.use_augmented and not cache.n_views:
         raise FeatcacheError(f"--use-augmented: {cache.path} has no augmented views (extract with --augment N)")
     use_views = cache.n_views > 0 and cfg.use_augmented is not False
-    data = prepare(cache, cfg.val_fraction, cfg.seed, cfg.standardize, device, use_views, val_views=cfg.refit)
+    data = prepare(cache, cfg.val_fraction, cfg.seed, cfg.standardize, device, use_views, val_views=cfg.refit,
+                   drop_nonfinite=cfg.drop_nonfinite)
     if cfg.refit and not len(data.rows["val"]):
         raise FeatcacheError("--refit retrains on train+val, but this run has no validation split (--val-fraction 0)")
     candidates = _train_logreg(cfg, data) if cfg.head == "logreg" else _train_torch(cfg, data)
@@ -136,9 +146,13 @@ def run_fit_head(cfg: HeadConfig, progress: bool = True) -> dict:
     """``featcache fit-head``: train every configuration, save the run folder, return the summary."""
     check_config(cfg)
     out = Path(cfg.output)
-    check_run_dir(out)
-    result = fit_sweep(cfg, read_cache(cfg.cache), progress=progress)
-    return summary(result, result.save(out))
+    check_run_dir(out, cfg.overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Held from before training to the rename: a second fit-head into RUN_DIR is refused at once.
+    with cache_lock(out, writer="featcache fit-head"):
+        result = fit_sweep(cfg, read_cache(cfg.cache), progress=progress)
+        files = result.save(out, lock=False)
+    return summary(result, files)
 
 
 def summary(result: SweepResult, files: list[str]) -> dict:

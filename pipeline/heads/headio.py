@@ -40,6 +40,12 @@ def load_head(path: str | Path) -> tuple[nn.Sequential, dict]:
     if not isinstance(obj, dict) or obj.get("format") != HEAD_FORMAT:
         raise FeatcacheError(f"{path} is not a featcache head file")
     meta = obj["metadata"]
+    try:
+        names, n_classes = list(meta["class_names"]), int(meta["n_classes"])
+    except (KeyError, TypeError, ValueError):
+        raise FeatcacheError(f"{path}: head metadata lacks class_names/n_classes") from None
+    if len(names) != n_classes:
+        raise FeatcacheError(f"{path}: {len(names)} class names recorded for a head with {n_classes} outputs")
     head = build_head(meta)
     try:
         head.load_state_dict(obj["state_dict"])

@@ -7,6 +7,7 @@ RUN_DIR, which is then renamed into place, so a reader never sees a new head bes
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from featcache.cache.lock import cache_lock
 from featcache.cache.store import FeatureCache
 from featcache.pipeline.config import HeadConfig
 from featcache.pipeline.errors import FeatcacheError
@@ -210,23 +212,33 @@ class SweepResult:
         return plots.sweep_figure(self.leaderboard, fields, metric)
 
     # ------------------------------------------------------------------ files
-    def save(self, run_dir: str | os.PathLike, *, plots: bool | None = None) -> list[str]:
+    def save(self, run_dir: str | os.PathLike, *, overwrite: bool | None = None, plots: bool | None = None,
+             lock: bool = True) -> list[str]:
         """Write the run folder exactly as ``featcache fit-head`` does (head.pt, metrics.json,
         leaderboard.json/.csv and, unless ``plots`` is False, the PNGs); returns the file names.
 
         The folder is assembled beside ``run_dir`` and renamed into place: an interrupted save leaves
-        the previous run as it was, and a reader never sees a mix of two runs.
+        the previous run as it was, and a reader never sees a mix of two runs. An existing run is
+        replaced only with ``overwrite`` (default: the config's ``overwrite``).
+
+        Args:
+            lock: hold RUN_DIR.lock while writing (False: the caller holds it).
         """
         t0 = time.perf_counter()
         out = Path(run_dir)
-        check_run_dir(out)
+        overwrite = self.config.overwrite if overwrite is None else overwrite
+        check_run_dir(out, overwrite)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise FeatcacheError(f"cannot create the folder of run {out}: {e.strerror or e}") from None
-        self.config = replace(self.config, output=str(out))
+        if lock:
+            with cache_lock(out, writer="featcache fit-head"):
+                return self.save(out, overwrite=overwrite, plots=plots, lock=False)
+        self.config = replace(self.config, output=str(out), overwrite=overwrite)
+        for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):  # left by a killed save; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir()
             files = self._write(tmp, self.config.plots if plots is None else plots, t0)
@@ -240,6 +252,8 @@ class SweepResult:
 
     def _write(self, folder: Path, with_plots: bool, t0: float) -> list[str]:
         save_head(folder / "head.pt", self.head, self.head_metadata())
+        if os.environ.get("FEATCACHE_TEST_KILL_AFTER_HEAD"):  # fault injection: tests/test_trust_fit.py
+            os.kill(os.getpid(), 9)
         files = ["head.pt", "metrics.json", *write_leaderboard(folder, self.leaderboard)]
         if with_plots:
             from featcache.pipeline.heads import plots
@@ -258,11 +272,15 @@ class SweepResult:
         return files
 
 
-def check_run_dir(out: Path) -> None:
-    """One-line error, before any training, for a run folder that could not be written: it is a
-    file, or its nearest existing ancestor is a file or not writable."""
+def check_run_dir(out: Path, overwrite: bool) -> None:
+    """One-line error, before any training, for a run folder that could not or should not be
+    written: it is a file, it holds files and ``overwrite`` is off, or its nearest existing
+    ancestor is a file or not writable."""
     if out.exists() and not out.is_dir():
         raise FeatcacheError(f"run folder {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FeatcacheError(f"run folder {out} already holds files; pass --overwrite to replace it "
+                             "(the old run stays as it is until the new one is complete)")
     ancestor = out.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
