@@ -15,22 +15,21 @@ def _items(value: str, name: str, kind: str) -> list[str]:
     return items
 
 
+def _parse(value: str, name: str, kind: str, convert) -> tuple:
+    try:
+        return tuple(convert(v) for v in _items(value, name, kind))
+    except ValueError:
+        raise FeatcacheError(f"invalid value for {name}: expected {kind} or comma list, got {value!r}") from None
+
+
 def float_list(value: str, name: str) -> tuple[float, ...]:
     """``"1e-3,1e-2"`` -> (0.001, 0.01). Non-finite values parse here; configs refuse them."""
-    items = _items(value, name, "a number")
-    try:
-        return tuple(float(v) for v in items)
-    except ValueError:
-        raise FeatcacheError(f"invalid value for {name}: expected a number or comma list, got {value!r}") from None
+    return _parse(value, name, "a number", float)
 
 
 def int_list(value: str, name: str) -> tuple[int, ...]:
     """``"512,256"`` -> (512, 256)."""
-    items = _items(value, name, "an integer")
-    try:
-        return tuple(int(v) for v in items)
-    except ValueError:
-        raise FeatcacheError(f"invalid value for {name}: expected an integer or comma list, got {value!r}") from None
+    return _parse(value, name, "an integer", int)
 
 
 def str_list(value: str, name: str) -> tuple[str, ...]:
