@@ -77,10 +77,14 @@ def main() -> None:
 @main.command()
 @click.argument("image_dir", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Cache file to create or update (.h5).")
-@click.option("--backbone", default="resnet18", show_default=True, help="torchvision model name or efficientnet_lite0.")
-@click.option("--weights", default="DEFAULT", show_default=True, help="DEFAULT, a weights enum name, none, or a state_dict PATH.")
-@click.option("--layer", default=None, help="Graph node to read (default: the classifier's input).")
-@click.option("--pool", type=click.Choice(["avg", "max", "flatten"]), default=None, help="Reduce spatial maps.")
+@click.option("--backbone", default="resnet18", show_default=True, help="torchvision model name, timm:NAME[.TAG][@SIZE] (any timm model; @SIZE = input pixels) "
+                   "or efficientnet_lite0 (bundled ImageNet weights).")
+@click.option("--weights", default="DEFAULT", show_default=True, help="DEFAULT (torchvision's or timm's pretrained), a torchvision weights enum name, none "
+                   "(seeded random init), or a PATH (.safetensors or state_dict).")
+@click.option("--layer", default=None, help="Layer(s) to read, comma list = one pass, concatenated (`featcache layers BACKBONE` "
+                   "lists them; default: the classifier's input).")
+@click.option("--pool", type=click.Choice(["avg", "max", "flatten"]), default=None,
+              help="Reduce each spatial map or token sequence (default avg; flat layers are stored as they are).")
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--workers", default=None, type=int,
@@ -133,6 +137,20 @@ def info(cache, as_json) -> None:
 
     data = cache_info(cache)
     emit(data, as_json, info_lines(data))
+
+
+@main.command()
+@click.argument("backbone")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def layers(backbone, as_json) -> None:
+    """List the layer names --layer accepts for BACKBONE, with output shapes (random init, no download)."""
+    from featcache.pipeline.extraction.backbones import list_layers
+
+    s = list_layers(backbone)
+    width = max(len(r["name"]) for r in s["layers"])
+    emit(s, as_json, [f"{s['backbone']} at {s['input_size']}x{s['input_size']}: layer, output shape per image, "
+                      "features once pooled (--pool avg/max)",
+                      *(f"  {r['name']:<{width}}  {'x'.join(map(str, r['shape'])):<14} {r['features']}" for r in s["layers"])])
 
 
 @main.command("fit-head")

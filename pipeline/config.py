@@ -44,10 +44,10 @@ class _Recorded:
 class ExtractConfig(_Recorded):
     image_dir: str
     output: str
-    backbone: str = "resnet18"
-    weights: str = "DEFAULT"  # DEFAULT | <enum name> | none | PATH to a state_dict
-    layer: str | None = None  # torchvision graph node; None = input of the classifier
-    pool: str | None = None  # avg | max | flatten; None = flatten for the default layer, avg otherwise
+    backbone: str = "resnet18"  # torchvision name | timm:NAME[.TAG][@SIZE] | efficientnet_lite0
+    weights: str = "DEFAULT"  # DEFAULT | <torchvision enum name> | none | PATH (.safetensors or state_dict)
+    layer: str | None = None  # layer name or comma list (featcache layers); None = input of the classifier
+    pool: str | None = None  # avg | max | flatten per layer; None = flatten for the default layer, avg otherwise
     batch_size: int = 64
     device: str = "auto"
     workers: int | None = None  # None = sized to the cores this process may use

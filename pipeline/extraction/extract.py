@@ -202,6 +202,7 @@ def _assemble(cfg, bb, disc, plan, old, computed, identity, fp, views: Views) ->
             "torchvision_version": torchvision.__version__, "h5py_version": h5py.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": asdict(cfg),
             "description": identity, "n_views": views.n, "augment_fingerprint": views.fingerprint,
+            "layers": bb.layers,  # each layer's name, shape, pool and [start, stop) columns of /features
             **({"augment": views.recipe.to_dict()} if views.recipe else {}),
         }
         writer.finish(attrs, skipped)
@@ -265,7 +266,7 @@ def _extract(cfg: ExtractConfig, disc, device, ctx: DistContext, progress: bool,
     return {
         "cache": str(out), **{k: result[k] for k in ("n_images", "splits")}, "feature_dim": bb.feature_dim,
         "backbone": cfg.backbone, "weights": bb.description["weights"], "layer": bb.description["layer"],
-        "pool": bb.description["pool"], "dtype": cfg.dtype, "device": str(device),
+        "pool": bb.description["pool"], "layers": bb.layers, "dtype": cfg.dtype, "device": str(device),
         "classes": list(disc.class_names), "extracted": result["n_images"] - len(plan.reuse), "reused": len(plan.reuse),
         "removed": plan.removed, "skipped": result["skipped"], "skipped_files": result["skipped_files"],
         "resumed_batches": resumed, "fingerprint": fp, **speed,
