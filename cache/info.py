@@ -31,6 +31,7 @@ def info_lines(info: dict) -> list[str]:
              f"{a['augment']['hflip']}, rotate {a['augment']['rotate']}, seed {a['augment']['seed']}"]
           if a.get("n_views") else []),
         f"backbone   {a.get('backbone')}  weights={a.get('weights')}  layer={a.get('layer')}  pool={a.get('pool')}",
+        *layer_lines(a.get("layers") or []),
         f"splits     " + ", ".join(f"{s}={n}" for s, n in sorted(info["splits"].items())),
         f"classes    {len(info['classes'])}",
     ]
@@ -41,6 +42,16 @@ def info_lines(info: dict) -> list[str]:
         lines.append(f"  {s['path']}: {s['reason']}")
     lines.append("attributes")
     for key in sorted(a):
-        if key not in ("class_names",):
+        if key not in ("class_names", "layers"):
             lines.append(f"  {key}: {a[key]}")
     return lines
+
+
+def layer_lines(layers: list[dict]) -> list[str]:
+    """One line per stored layer: its columns [start, stop) of /features, shape and reduction."""
+    if not layers:  # caches written before layers were recorded
+        return []
+    width = max(len(str(r["name"])) for r in layers)
+    return [f"layers     {len(layers)}, columns of /features:"] + [
+        f"  {r['name']:<{width}}  [{r['start']}:{r['stop']})  {'x'.join(map(str, r['shape']))} pool={r['pool']}"
+        for r in layers]
