@@ -180,6 +180,9 @@ def layers(backbone, as_json) -> None:
 @click.option("--standardize/--no-standardize", default=True, show_default=True)
 @click.option("--refit", is_flag=True, help="Retrain the winner on train+val (its best epoch count), then test.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG curves, confusion and sweep plots.")
+@click.option("--layers", multiple=True,
+              help="Train on these layers of a multi-layer cache (comma list, e.g. blocks.3,blocks.4); "
+                   "repeat to sweep layer sets [default: every column].")
 @click.option("--use-augmented/--no-use-augmented", default=None,
               help="Train on one augmented view per image per epoch (val/test stay un-augmented) "
                    "[default: when the cache has views].")
@@ -189,16 +192,18 @@ def layers(backbone, as_json) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
-def fit_head(cache, output, hidden, dropout, weight_decay, l1, optimizer, lr, momentum, C, as_json, **opts) -> None:
+def fit_head(cache, output, hidden, dropout, weight_decay, l1, optimizer, lr, momentum, C, layers, as_json,
+             **opts) -> None:
     """Train heads on cached features (comma lists sweep); keep the best by validation accuracy."""
     from featcache.pipeline.heads.fit import run_fit_head
+    from featcache.pipeline.heads.layersets import parse_layer_sets
     from featcache.pipeline.heads.report import fit_lines, parse_hidden
 
     cfg = HeadConfig(
         cache=cache, output=output, hidden=parse_hidden(hidden), dropout=float_list(dropout, "--dropout"),
         weight_decay=float_list(weight_decay, "--weight-decay"), l1=float_list(l1, "--l1"),
         optimizer=str_list(optimizer, "--optimizer"), lr=float_list(lr, "--lr"),
-        momentum=float_list(momentum, "--momentum"), C=float_list(C, "--C"), **opts)
+        momentum=float_list(momentum, "--momentum"), C=float_list(C, "--C"), layers=parse_layer_sets(layers), **opts)
     s = run_fit_head(cfg, progress=progress_enabled(as_json))
     emit({k: v for k, v in s.items() if k != "leaderboard" or len(v) > 1}, as_json, fit_lines(s))
 

@@ -20,6 +20,7 @@ from featcache.pipeline.config import HeadConfig
 from featcache.pipeline.device import resolve_device
 from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.heads.data import Prepared, prepare
+from featcache.pipeline.heads.layersets import layer_columns, layer_set_label
 from featcache.pipeline.heads.leaderboard import logreg_row, rank, rank_key, torch_row
 from featcache.pipeline.heads.logreg import fit_logreg
 from featcache.pipeline.heads.metrics import score
@@ -130,16 +131,29 @@ def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False) -
     if cfg.use_augmented and not cache.n_views:
         raise FeatcacheError(f"--use-augmented: {cache.path} has no augmented views (extract with --augment N)")
     use_views = cache.n_views > 0 and cfg.use_augmented is not False
-    data = prepare(cache, cfg.val_fraction, cfg.seed, cfg.standardize, device, use_views, val_views=cfg.refit,
-                   drop_nonfinite=cfg.drop_nonfinite)
-    if cfg.refit and not len(data.rows["val"]):
-        raise FeatcacheError("--refit retrains on train+val, but this run has no validation split (--val-fraction 0)")
-    candidates = _train_logreg(cfg, data) if cfg.head == "logreg" else _train_torch(cfg, data)
+    # --layers: every layer set is one more swept option, prepared (and standardised) on its own
+    columns_of = {layer_set_label(names, cache.attrs): cols for names in cfg.layers  # validated first
+                  for cols in [layer_columns(cache.attrs, names, cache.path)]}  # one entry per distinct set
+    sets = list(columns_of.items()) or [(None, None)]
+    candidates: list[Candidate] = []
+    set_of: dict[int, tuple[str | None, np.ndarray | None, Prepared]] = {}  # row index -> its set
+    for label, columns in sets:
+        data = prepare(cache, cfg.val_fraction, cfg.seed, cfg.standardize, device, use_views, val_views=cfg.refit,
+                       drop_nonfinite=cfg.drop_nonfinite, columns=columns)
+        if cfg.refit and not len(data.rows["val"]):
+            raise FeatcacheError("--refit retrains on train+val, but this run has no validation split (--val-fraction 0)")
+        for c in _train_logreg(cfg, data) if cfg.head == "logreg" else _train_torch(cfg, data):
+            c.row = {"index": len(candidates), **({"layers": label} if label else {}),
+                     **{k: v for k, v in c.row.items() if k != "index"}}
+            set_of[len(candidates)] = (label, columns, data)
+            candidates.append(c)
     ranked = Leaderboard(rank([c.row for c in candidates]))
     best = next(c for c in candidates if c.row["index"] == ranked[0]["index"])
+    label, columns, data = set_of[best.row["index"]]
     head, refit = _refit(cfg, data, best) if cfg.refit else (best.head, None)
     return SweepResult(config=cfg, cache=cache, data=data, candidates=candidates, leaderboard=ranked, head=head,
-                       refit=refit, device=str(device), seconds=time.perf_counter() - t0)
+                       refit=refit, device=str(device), seconds=time.perf_counter() - t0, columns=columns,
+                       layers=label)
 
 
 def run_fit_head(cfg: HeadConfig, progress: bool = True) -> dict:

@@ -89,6 +89,8 @@ class SweepResult:
     refit: dict | None
     device: str
     seconds: float  # training and scoring, wall clock
+    columns: np.ndarray | None = None  # the winner's columns of the cache's features (fit-head --layers)
+    layers: str | None = None  # the winner's layer set, e.g. "blocks.3,blocks.4"
 
     @property
     def best(self) -> Candidate:
@@ -121,6 +123,7 @@ class SweepResult:
             "val_source": data.val_source, "class_names": data.class_names, "cache": cfg.cache,
             "cache_fingerprint": cache.fingerprint, "backbone": cache.attrs.get("backbone"),
             "backbone_info": backbone_record(cache), "device": self.device, "augmented": self._augmented(),
+            **({"layers": self.layers} if self.layers else {}),
         }
         if self.refit is not None:
             m.update(refit=self.refit, test_accuracy_before_refit=win.get("test_accuracy"),
@@ -154,13 +157,16 @@ class SweepResult:
             "config": asdict(cfg), "head_type": cfg.head,
             "params": asdict(best.params) if best.params else {"C": best.row["C"]},
             "best_epoch": best.row.get("best_epoch"), "refit": cfg.refit, "augmented": self._augmented(),
+            **({"layers": self.layers, "columns": self.columns.tolist(),
+                "input_dim": int(cache.attrs.get("feature_dim") or cache.features.shape[1])}
+               if self.columns is not None else {}),
         }
 
     # ------------------------------------------------------------------ prediction on features
     def model(self) -> StandardizedHead:
         """The saved head behind its standardisation: raw cached features (N, D) -> logits (N, C)."""
         d = self.data
-        return StandardizedHead(self.head, d.mean, d.scale).eval()
+        return StandardizedHead(self.head, d.mean, d.scale, self.columns).eval()
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities (N, C) for raw (unstandardised) features X (N, D)."""
