@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import glob
-import itertools
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 import time
 from dataclasses import asdict, dataclass
@@ -130,15 +128,17 @@ def _run_backbone(job: Job, *, device: torch.device, journal: Journal, ctx: Dist
     # with the same form as an uninterrupted one (identical features).
     # Counted in backbone rows: with --augment each train image costs 1 + V of them.
     compile_model = bool(pending) and compile_wanted(cfg.compile, device, sum(views.rows(i) for i in plan.compute))
+    t_setup = time.perf_counter()
+    # Not overlapped with decoding: BN folding traces with torch.fx, which patches nn.Module.__call__
+    # process-wide, so decoding threads running torchvision transforms meanwhile would be traced too.
+    runner = Runner(bb.model, bb.preprocess, device, cfg.optimize, compile_model, cfg.batch_size,
+                    compile_fallback=cfg.compile == "auto")
+    phases = {"setup_s": time.perf_counter() - t_setup, "decode_s": 0.0, "compute_s": 0.0}
     layout = decode_layout(device, cfg.workers)
     dataset = ImageFiles(disc.root, [r.path for r in disc.records], bb.preprocess, cfg.draft, views.recipe,
                          frozenset(i for i in plan.compute if views.wants(i)))
     loader = decode_batches(dataset, [batches[b] for b in pending], layout.processes, layout.threads,
                             pin_memory=device.type == "cuda", prefetch=layout.prefetch)
-    t_setup = time.perf_counter()
-    runner, first = _runner_while_decoding(job, device=device, compile_model=compile_model,
-                                           batches=loader if pending else None)
-    phases = {"setup_s": time.perf_counter() - t_setup, "decode_s": 0.0, "compute_s": 0.0}
     bar = tqdm(total=sum(len(batches[b]) for b in pending), unit="img",
                desc=f"extract (+{views.n} views)" if views.n else "extract",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
@@ -148,7 +148,7 @@ def _run_backbone(job: Job, *, device: torch.device, journal: Journal, ctx: Dist
     try:
         with torch.inference_mode(), heap_reuse(cfg.optimize and device.type == "cpu"):
             t = time.perf_counter()
-            for n, (b, (_, x, reasons)) in enumerate(zip(pending, itertools.chain(first, loader))):
+            for n, (b, (_, x, reasons)) in enumerate(zip(pending, loader)):
                 t1 = time.perf_counter()
                 phases["decode_s"] += t1 - t  # waiting for the batch (all of its decoding when alternating)
                 feats = runner(x) if x is not None else np.zeros((0, bb.feature_dim), np.float32)
@@ -177,28 +177,6 @@ def _run_backbone(job: Job, *, device: torch.device, journal: Journal, ctx: Dist
              "decode": layout.describe(), "phases": {k: round(v, 2) for k, v in phases.items()}}
     return ({i: (parts[b], j) for b, batch in enumerate(batches) if b in parts for j, i in enumerate(batch)},
             resumed, speed)
-
-
-def _runner_while_decoding(job: Job, *, device: torch.device, compile_model: bool, batches) -> tuple[Runner, list]:
-    """Build the Runner (BN folding, layout, optional compile) and, meanwhile, decode the first batch.
-
-    Optimising the model is Python work that holds the GIL; decoding threads spend their time in
-    Pillow, which releases it. Folding in a helper thread while the main thread waits for the first
-    batch overlaps the two (compiling stays on the main thread: dynamo is not thread-safe).
-    Returns (runner, [first batch] or [] when there is nothing to decode).
-    """
-    cfg, bb = job.cfg, job.bb
-
-    def make() -> Runner:
-        return Runner(bb.model, bb.preprocess, device, cfg.optimize, compile_model, cfg.batch_size,
-                      compile_fallback=cfg.compile == "auto")
-
-    if batches is None or compile_model:
-        return make(), []
-    with ThreadPoolExecutor(1, thread_name_prefix="featcache-setup") as pool:
-        runner = pool.submit(make)
-        first = next(iter(batches), None)
-        return runner.result(), [first] if first is not None else []
 
 
 def _assemble(job: Job, old, computed: dict) -> dict:

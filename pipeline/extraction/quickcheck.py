@@ -205,6 +205,7 @@ def _decide(cfg: ExtractConfig, old) -> dict | None:
         "classes": list(disc.class_names), "extracted": 0, "reused": n, "removed": 0, "skipped": 0,
         "skipped_files": [], "resumed_batches": 0, "fingerprint": old.fingerprint,
         "inference": "not run (cache up to date)", "compile_seconds": 0.0, "decode": "none",
+        "phases": {"setup_s": 0.0, "decode_s": 0.0, "compute_s": 0.0},
         **({"views": {"per_image": n_views, "augment_fingerprint": a.get("augment_fingerprint", ""),
                       "images": sum(1 for r in disc.records if r.split == "train" and r.label >= 0)}}
            if n_views else {}),
