@@ -153,7 +153,7 @@ def up_to_date(cfg: ExtractConfig) -> dict | None:
         try:
             old = read_cache(out, features=False)
             summary = _decide(cfg, old)
-        except FeatcacheError:
+        except (FeatcacheError, OSError, KeyError, ValueError):
             return None  # an unusable cache or folder: the full run says why, as before
     if summary is not None:
         summary["seconds"] = round(time.perf_counter() - t0, 3)
