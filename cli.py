@@ -113,9 +113,14 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 def extract(image_dir, output, as_json, **opts) -> None:
     """Run the frozen backbone over IMAGE_DIR once and store features in an HDF5 cache."""
-    from featcache.pipeline.extraction.extract import run_extract
+    from featcache.pipeline.extraction.quickcheck import up_to_date
 
-    s = run_extract(ExtractConfig(image_dir=image_dir, output=output, **opts), progress=progress_enabled(as_json))
+    cfg = ExtractConfig(image_dir=image_dir, output=output, **opts)
+    s = up_to_date(cfg)  # nothing changed: answered from the cache, without importing torch
+    if s is None:
+        from featcache.pipeline.extraction.extract import run_extract
+
+        s = run_extract(cfg, progress=progress_enabled(as_json))
     if s is None:  # a torchrun rank other than 0: rank 0 reports for everyone
         return
     emit(s, as_json, [
