@@ -201,7 +201,7 @@ def _decide(cfg: ExtractConfig, old) -> dict | None:
         "cache": str(cfg.output), "n_images": n,
         "splits": {s: splits.count(s) for s in ("train", "val", "test") if s in splits},
         "feature_dim": int(a["feature_dim"]), "backbone": cfg.backbone, "weights": a["weights"],
-        "layer": a["layer"], "pool": a["pool"], "dtype": a["dtype"], "device": "none",
+        "layer": a["layer"], "pool": a["pool"], "layers": a.get("layers"), "dtype": a["dtype"], "device": "none",
         "classes": list(disc.class_names), "extracted": 0, "reused": n, "removed": 0, "skipped": 0,
         "skipped_files": [], "resumed_batches": 0, "fingerprint": old.fingerprint,
         "inference": "not run (cache up to date)", "compile_seconds": 0.0, "decode": "none",
