@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import time
 import warnings
 from pathlib import Path
@@ -31,7 +32,7 @@ from featcache.pipeline.heads.logreg import MAX_ITER, to_linear
 def machine() -> str:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
-    blas = [ln.strip() for ln in torch.__config__.show().splitlines() if "BLAS_INFO" in ln or "LAPACK_INFO" in ln]
+    blas = re.findall(r"(?:BLAS_INFO|LAPACK_INFO|USE_MKL)=\w+", torch.__config__.show())
     np_blas = [f"{i['internal_api']} {i.get('version')} {i.get('architecture')} threads={i['num_threads']}"
                for i in threadpool_info() if i["user_api"] == "blas"]
     return (f"CPU: {cpu}, {torch.get_num_threads()} torch threads, {len(__import__('os').sched_getaffinity(0))} "
