@@ -1,6 +1,8 @@
 """The exact linear probe solves scikit-learn's LogisticRegression objective, along a C path."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -139,3 +141,52 @@ def test_gpu_solves_the_same_problem():
         assert b.head[0].weight.device.type == "cpu" and b.converged
         assert abs(a.objective - b.objective) / a.objective < 1e-5
         assert np.mean(_predict(a.head, X) == _predict(b.head, X)) >= 0.998
+
+
+# fit-head wiring: --head linear is the exact probe unless the run asks for epochs
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    from synthcache import write_cache
+
+    return write_cache(tmp_path_factory.mktemp("exact") / "feats.h5", sep=0.5, dim=12)
+
+
+def test_fit_head_linear_is_the_exact_c_path(cache, tmp_path):
+    from synthcache import fit
+
+    from featcache.cache.store import read_cache
+    from featcache.pipeline.heads.data import prepare
+
+    s = fit(cache, tmp_path / "r", "--no-plots")
+    rows = s["leaderboard"]
+    assert sorted(r["C"] for r in rows) == sorted(DEFAULT_C_PATH) and s["n_configs"] == len(DEFAULT_C_PATH)
+    for r in rows:
+        assert r["solver"] == "exact" and r["head"] == "linear" and r["n_iter"] >= 1 and r["converged"]
+        assert r["val_accuracy"] is not None and r["test_accuracy"] is not None
+    data = prepare(read_cache(cache), 0.2, 0, True, torch.device("cpu"))
+    Xtr, ytr = data.split("train")
+    ref = _reference(Xtr.numpy(), ytr.numpy(), s["params"]["C"])
+    Xv, yv = data.split("val")
+    assert s["val_accuracy"] == pytest.approx(ref.score(Xv.numpy(), yv.numpy()), abs=1e-9)
+    refit = fit(cache, tmp_path / "rf", "--C", "0.01,1", "--refit", "--no-plots")
+    assert refit["refit"]["n_rows"] == refit["n_train"] + refit["n_val"] and refit["refit"]["epochs"] is None
+
+
+def test_epoch_options_or_solver_epochs_keep_the_epoch_trainer(cache, tmp_path):
+    from synthcache import fit
+
+    for args in (["--lr", "1e-3,1e-2", "--epochs", "3"], ["--solver", "epochs", "--epochs", "3"], ["--l1", "1e-4"]):
+        s = fit(cache, tmp_path / args[0].strip("-"), *args, "--no-plots")
+        rows = json.loads((tmp_path / args[0].strip("-") / "leaderboard.json").read_text())
+        assert len(rows) == s["n_configs"] and s["best_epoch"] >= 1
+        assert all("solver" not in r and r["best_epoch"] >= 1 for r in rows), args
+
+
+def test_solver_exact_with_l1_is_a_one_line_error(cache, tmp_path):
+    from synthcache import run_cli
+
+    code, out, err = run_cli("fit-head", cache, "-o", tmp_path / "r", "--solver", "exact", "--l1", "0.1")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code != 0 and out == "" and len(lines) == 1 and "--solver exact" in lines[0]
