@@ -124,7 +124,8 @@ def main() -> None:
     print("(shared machine: other jobs may run at the same time; figures are wall-clock)")
     print(gemm_forms())
     cs = list(DEFAULT_C_PATH)
-    compare("synthetic", *synthetic(args.n, args.dim), cs, args.block)
+    if args.n > 0:  # --n 0: the real cache only
+        compare("synthetic", *synthetic(args.n, args.dim), cs, args.block)
     if Path(args.cache).exists():
         compare(f"cache {args.cache}", *real(args.cache), cs, args.block)
     else:
