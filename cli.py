@@ -158,6 +158,21 @@ def layers(backbone, as_json) -> None:
                       *(f"  {r['name']:<{width}}  {'x'.join(map(str, r['shape'])):<14} {r['features']}" for r in s["layers"])])
 
 
+def _c_path(C: str | None, opts: dict) -> tuple[float, ...]:
+    """--C as given, else the head's default path; and --solver auto -> epochs when the user set
+    an option only the epoch solver reads (an explicit --lr list asks for an epoch sweep)."""
+    from featcache.pipeline.heads.exact import DEFAULT_C_PATH
+
+    ctx = click.get_current_context()
+    epoch_opts = ("lr", "weight_decay", "optimizer", "momentum", "epochs", "batch_size", "patience")
+    if opts["solver"] == "auto" and any(ctx.get_parameter_source(o) == click.core.ParameterSource.COMMANDLINE
+                                        for o in epoch_opts):
+        opts["solver"] = "epochs"
+    if C is not None:
+        return float_list(C, "--C")
+    return HeadConfig.C if ctx.params["head"] != "linear" or opts["solver"] == "epochs" else DEFAULT_C_PATH
+
+
 @main.command("fit-head")
 @click.argument("cache", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Run folder for head.pt, metrics, leaderboard, plots.")
@@ -172,8 +187,14 @@ def layers(backbone, as_json) -> None:
 @click.option("--optimizer", default="adam", show_default=True, help="adam, adamw or sgd (comma list sweeps).")
 @click.option("--lr", default="1e-3", show_default=True)
 @click.option("--momentum", default="0.9", show_default=True, help="SGD momentum.")
-@click.option("--C", "C", default="1e-4,1e-3,1e-2,1e-1,1", show_default=True,
-              help="--head logreg: inverse L2 strength (comma list sweeps).")
+@click.option("--C", "C", default=None,
+              help="Inverse L2 strength, sklearn's C (comma list sweeps) of --head logreg [default: 1e-4,1e-3,1e-2,"
+                   "1e-1,1] and of the exact linear probe [default: 10 values, 1e-4..10].")
+@click.option("--solver", type=click.Choice(["auto", "exact", "epochs"]), default="auto", show_default=True,
+              help="--head linear: exact = L-BFGS to sklearn's LogisticRegression optimum over --C; epochs = "
+                   "mini-batch training over --lr/--weight-decay; auto = exact unless --l1 > 0, augmented views "
+                   "or an epoch option (--lr, --weight-decay, --optimizer, --momentum, --epochs, --batch-size, "
+                   "--patience) is given.")
 @click.option("--search", type=click.Choice(["grid", "random"]), default="grid", show_default=True,
               help="grid: every combination; random: --trials samples, each list read as a range "
                    "(log-uniform for lr/weight-decay/l1/C, uniform for dropout/momentum).")
@@ -208,7 +229,7 @@ def fit_head(cache, output, hidden, dropout, weight_decay, l1, optimizer, lr, mo
         cache=cache, output=output, hidden=parse_hidden(hidden), dropout=float_list(dropout, "--dropout"),
         weight_decay=float_list(weight_decay, "--weight-decay"), l1=float_list(l1, "--l1"),
         optimizer=str_list(optimizer, "--optimizer"), lr=float_list(lr, "--lr"),
-        momentum=float_list(momentum, "--momentum"), C=float_list(C, "--C"), layers=parse_layer_sets(layers), **opts)
+        momentum=float_list(momentum, "--momentum"), C=_c_path(C, opts), layers=parse_layer_sets(layers), **opts)
     s = run_fit_head(cfg, progress=progress_enabled(as_json))
     emit({k: v for k, v in s.items() if k != "leaderboard" or len(v) > 1}, as_json, fit_lines(s))
 

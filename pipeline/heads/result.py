@@ -62,8 +62,8 @@ def backbone_record(cache: FeatureCache) -> dict:
 
 def label(row: dict) -> str:
     """Short description of a configuration for legends: the swept-looking values."""
-    if row["head"] == "logreg":
-        return f"logreg C={row['C']:g}"
+    if row["head"] == "logreg" or row.get("solver") == "exact":
+        return f"{row['head']} C={row['C']:g}"
     arch = "linear" if row["hidden"] == "0" else f"mlp {row['hidden']}"
     return f"{arch} {row['optimizer']} lr={row['lr']:g} wd={row['weight_decay']:g} l1={row['l1']:g}" + (
         f" do={row['dropout']:g}" if row["hidden"] != "0" else "")
