@@ -73,11 +73,7 @@ class TransformedFiles(ImageFiles):
 def blocks(backbone: nn.Module) -> list[nn.Module]:
     """Backbone blocks in forward order: top-level children with parameters, containers opened once."""
     trunk = getattr(backbone, "trunk", backbone)
-    while True:  # open wrappers with a single child (the layer selectors around a feature extractor)
-        holders = [c for c in trunk.children() if any(True for _ in c.parameters())]
-        if len(holders) != 1 or isinstance(holders[0], (nn.Sequential, nn.ModuleList)):
-            break
-        trunk = holders[0]
+    trunk = getattr(trunk, "inner", trunk)  # multi-layer wrappers (extraction/layers.py) hold the model here
     out: list[nn.Module] = []
     for child in trunk.children():
         if not any(True for _ in child.parameters()):
