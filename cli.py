@@ -215,21 +215,29 @@ def _c_path(C: str | None, opts: dict) -> tuple[float, ...]:
 @click.option("--drop-nonfinite", is_flag=True,
               help="Leave out rows whose cached features hold NaN/Inf (default: refuse such a cache).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder (the old one stays until the new is whole).")
+@click.option("--views-keep-original", default=0.0, show_default=True, type=float,
+              help="Probability that an epoch's draw of a row is its un-augmented features instead of a view.")
+@click.option("--cv", default=0, show_default=True, type=int,
+              help="Stratified K-fold CV over the train rows, ranked by mean fold accuracy; the winner is "
+                   "refitted on all train rows and scored on val/test (0 = off).")
+@click.option("--train-sizes", default=None,
+              help="Learning curve: training images per class, e.g. 10,50,all (learning_curve.png).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
-def fit_head(cache, output, hidden, dropout, weight_decay, l1, optimizer, lr, momentum, C, layers, as_json,
-             **opts) -> None:
+def fit_head(cache, output, hidden, dropout, weight_decay, l1, optimizer, lr, momentum, C, layers, train_sizes,
+             as_json, **opts) -> None:
     """Train heads on cached features (comma lists sweep); keep the best by validation accuracy."""
     from featcache.pipeline.heads.fit import run_fit_head
     from featcache.pipeline.heads.layersets import parse_layer_sets
-    from featcache.pipeline.heads.report import fit_lines, parse_hidden
+    from featcache.pipeline.heads.report import fit_lines, parse_hidden, parse_train_sizes
 
     cfg = HeadConfig(
         cache=cache, output=output, hidden=parse_hidden(hidden), dropout=float_list(dropout, "--dropout"),
         weight_decay=float_list(weight_decay, "--weight-decay"), l1=float_list(l1, "--l1"),
         optimizer=str_list(optimizer, "--optimizer"), lr=float_list(lr, "--lr"),
-        momentum=float_list(momentum, "--momentum"), C=_c_path(C, opts), layers=parse_layer_sets(layers), **opts)
+        momentum=float_list(momentum, "--momentum"), C=_c_path(C, opts), layers=parse_layer_sets(layers),
+        train_sizes=parse_train_sizes(train_sizes), **opts)
     s = run_fit_head(cfg, progress=progress_enabled(as_json))
     emit({k: v for k, v in s.items() if k != "leaderboard" or len(v) > 1}, as_json, fit_lines(s))
 

@@ -31,7 +31,7 @@ from featcache.pipeline.device import usable_cores  # noqa: E402
 from featcache.pipeline.heads.logreg import fit_logreg  # noqa: E402
 from featcache.pipeline.heads.metrics import score  # noqa: E402
 from featcache.pipeline.heads.sweep import expand  # noqa: E402
-from featcache.pipeline.heads.train import TrainSettings, train_many  # noqa: E402
+from featcache.pipeline.heads.train import TrainData, TrainSettings, train_many  # noqa: E402
 
 # 4 learning rates x 5 L2 strengths x 5 L1 strengths = 100 linear heads (Adam). The L2 strengths are
 # those of the scikit-learn C grid: sklearn minimises C * sum(loss) + |w|^2 / 2, i.e. the mean loss
@@ -90,13 +90,13 @@ def main() -> None:
 
     print(f"\n[1] batched ({load()}) ...", flush=True)
     t0 = time.perf_counter()
-    batched = train_many(params, Xtr, ytr, Xv, yv, n_classes, settings)
+    batched = train_many(params, data=TrainData(Xtr, ytr, n_classes, Xv, yv), settings=settings)
     t_batched = time.perf_counter() - t0
     alone, t_alone = batched, float("nan")
     if not args.skip_sequential:
         print(f"[1] one at a time ({load()}) ...", flush=True)
         t0 = time.perf_counter()
-        alone = [train_many([p], Xtr, ytr, Xv, yv, n_classes, settings)[0] for p in params]
+        alone = [train_many([p], data=TrainData(Xtr, ytr, n_classes, Xv, yv), settings=settings)[0] for p in params]
         t_alone = time.perf_counter() - t0
     print(f"[1] done ({load()})")
     val_b = [r.history[r.best_epoch - 1]["val_accuracy"] for r in batched]

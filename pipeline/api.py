@@ -227,6 +227,10 @@ def head_config(*, cache: str | None = None, output: str | None = None, **option
         from featcache.pipeline.heads.layersets import parse_layer_sets
 
         values["layers"] = parse_layer_sets(values["layers"])
+    if "train_sizes" in values:  # 10, [10, 50, "all"]: images per class, "all" (or 0) = every train row
+        v = values["train_sizes"]
+        v = list(v) if isinstance(v, (list, tuple, np.ndarray)) else [v]
+        values["train_sizes"] = tuple(0 if str(s).lower() == "all" else int(s) for s in v)
     return HeadConfig(cache=cache, output=output, **values)
 
 

@@ -97,3 +97,6 @@ class HeadConfig(_Recorded):
     use_augmented: bool | None = None  # train on the cache's augmented views; None = when it has some
     drop_nonfinite: bool = False  # drop rows whose features hold NaN/Inf (default: refuse the cache)
     overwrite: bool = False  # replace an existing run folder (default: refuse to)
+    cv: int = 0  # stratified K-fold cross-validation over the train rows; 0 = off (rank on the val split)
+    train_sizes: tuple[int, ...] = ()  # learning curve: training images per class; 0 = all (always added)
+    views_keep_original: float = 0.0  # probability that an epoch's draw of a row is its un-augmented features

@@ -17,7 +17,7 @@ from conftest import FAST, assert_one_line_error, invoke, run_subprocess
 from featcache.pipeline.extraction.augment import AugmentRecipe, crop_params, make_view, view_rng
 from featcache.pipeline.extraction.backbones import build_backbone
 from featcache.pipeline.extraction.images import load_rgb
-from featcache.pipeline.heads.train import HeadParams, TrainSettings, train_group
+from featcache.pipeline.heads.train import HeadParams, TrainData, TrainSettings, train_group
 
 ARGS = [*FAST, "--device", "cpu", "--workers", "0"]
 
@@ -265,9 +265,9 @@ def test_train_group_with_identical_views_equals_training_without_views():
     Xv, yv = torch.randn(12, 6, generator=g), torch.arange(12) % 3
     p = [HeadParams(hidden=(8,), dropout=0.2, lr=1e-2), HeadParams(hidden=(8,), dropout=0.0, lr=3e-3)]
     settings = TrainSettings(epochs=6, batch_size=16, patience=0)
-    plain = train_group(p, X, y, Xv, yv, 3, settings)
-    same = train_group(p, X, y, Xv, yv, 3, settings, views=X[:, None].repeat(1, 3, 1))
-    other = train_group(p, X, y, Xv, yv, 3, settings, views=X[:, None].repeat(1, 3, 1) + torch.randn(40, 3, 6, generator=g))
+    plain = train_group(p, data=TrainData(X, y, 3, Xv, yv), settings=settings)
+    same = train_group(p, data=TrainData(X, y, 3, Xv, yv, views=X[:, None].repeat(1, 3, 1)), settings=settings)
+    other = train_group(p, data=TrainData(X, y, 3, Xv, yv, views=X[:, None].repeat(1, 3, 1) + torch.randn(40, 3, 6, generator=g)), settings=settings)
     for a, b, c in zip(plain, same, other):
         for ta, tb, tc in zip(a.head.state_dict().values(), b.head.state_dict().values(), c.head.state_dict().values()):
             assert torch.equal(ta, tb)

@@ -14,7 +14,7 @@ from synthcache import fit, run_cli, write_cache
 from featcache.pipeline.config import HeadConfig
 from featcache.pipeline.heads.headio import StandardizedHead, load_head
 from featcache.pipeline.heads.sweep import c_values, expand, sample
-from featcache.pipeline.heads.train import HeadParams, TrainSettings, train_many
+from featcache.pipeline.heads.train import HeadParams, TrainData, TrainSettings, train_many
 
 HYPER = ("head", "hidden", "dropout", "batchnorm", "weight_decay", "l1", "optimizer", "lr", "momentum", "seed")
 
@@ -145,10 +145,10 @@ def test_train_many_stacked_equals_alone_while_heads_drop_out(hidden, batchnorm,
                          momentum=0.9 if optimizer == "sgd" else 0.0, seed=2)
               for lr in (3e-3, 0.3) for wd in (0.0, 1e-2) for l1 in (0.0, 1e-3)]
     settings = TrainSettings(epochs=25, batch_size=32, patience=2)
-    stacked = train_many(params, X, y, Xv, yv, 3, settings)
+    stacked = train_many(params, data=TrainData(X, y, 3, Xv, yv), settings=settings)
     assert len({len(r.history) for r in stacked}) > 1  # heads stopped at different epochs
     for p, s in zip(params, stacked):
-        a = train_many([p], X, y, Xv, yv, 3, settings)[0]
+        a = train_many([p], data=TrainData(X, y, 3, Xv, yv), settings=settings)[0]
         assert (a.best_epoch, len(a.history)) == (s.best_epoch, len(s.history))
         for ha, hs in zip(a.history, s.history):
             assert ha.keys() == hs.keys()
@@ -165,7 +165,7 @@ def test_dropout_masks_are_drawn_per_configuration():
     def losses(dropout):
         # weight decays 0 and 1e-12 train identically up to rounding unless their masks differ
         ps = [HeadParams(hidden=(16,), dropout=dropout, weight_decay=wd, seed=1) for wd in (0.0, 1e-12)]
-        return [[h["train_loss"] for h in r.history] for r in train_many(ps, X, y, Xv, yv, 3, settings)]
+        return [[h["train_loss"] for h in r.history] for r in train_many(ps, data=TrainData(X, y, 3, Xv, yv), settings=settings)]
 
     a, b = losses(0.0)
     assert np.allclose(a, b, atol=1e-6)

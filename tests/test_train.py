@@ -10,7 +10,7 @@ import torch
 
 from featcache.pipeline.heads.stacked import StackedHead
 from featcache.pipeline.heads.metrics import score
-from featcache.pipeline.heads.train import HeadParams, TrainSettings, train_group, train_many
+from featcache.pipeline.heads.train import HeadParams, TrainData, TrainSettings, train_group, train_many
 
 
 def blobs(n_per: int, d: int = 8, sep: float = 1.0, seed: int = 0, flip: float = 0.0):
@@ -45,7 +45,7 @@ def noisy():
 def test_separable_problem_reaches_high_accuracy(params):
     X, y = blobs(30, sep=4.0, seed=2)
     Xv, yv = blobs(15, sep=4.0, seed=3)
-    (res,) = train_many([params], X, y, Xv, yv, 3, TrainSettings(epochs=40, batch_size=32, patience=10))
+    (res,) = train_many([params], data=TrainData(X, y, 3, Xv, yv), settings=TrainSettings(epochs=40, batch_size=32, patience=10))
     assert score(res.head, Xv, yv)["accuracy"] >= 0.95
     assert score(res.head, X, y)["accuracy"] >= 0.95
     assert not res.head.training
@@ -56,8 +56,7 @@ def test_separable_problem_reaches_high_accuracy(params):
 def test_early_stopping_stops_and_restores_best(noisy):
     X, y, Xv, yv = noisy
     patience, epochs = 5, 80
-    (res,) = train_group([HeadParams(hidden=(32,), lr=0.05)], X, y, Xv, yv, 3,
-                         TrainSettings(epochs=epochs, batch_size=16, patience=patience))
+    (res,) = train_group([HeadParams(hidden=(32,), lr=0.05)], data=TrainData(X, y, 3, Xv, yv), settings=TrainSettings(epochs=epochs, batch_size=16, patience=patience))
     epochs_run = len(res.history)
     assert res.best_epoch < epochs_run < epochs  # it stopped early
     assert epochs_run == res.best_epoch + patience
@@ -74,10 +73,10 @@ def test_early_stopping_stops_and_restores_best(noisy):
 def test_without_validation_or_patience_every_epoch_runs(noisy):
     X, y, Xv, yv = noisy
     p = [HeadParams(hidden=(8,), lr=0.05)]
-    (no_val,) = train_group(p, X, y, None, None, 3, TrainSettings(epochs=12, batch_size=16, patience=2))
+    (no_val,) = train_group(p, data=TrainData(X, y, 3, None, None), settings=TrainSettings(epochs=12, batch_size=16, patience=2))
     assert len(no_val.history) == 12 and no_val.best_epoch == 12
     assert "val_loss" not in no_val.history[0]
-    (no_patience,) = train_group(p, X, y, Xv, yv, 3, TrainSettings(epochs=12, batch_size=16, patience=0))
+    (no_patience,) = train_group(p, data=TrainData(X, y, 3, Xv, yv), settings=TrainSettings(epochs=12, batch_size=16, patience=0))
     assert len(no_patience.history) == 12 and no_patience.best_epoch == 12
 
 
@@ -85,11 +84,11 @@ def test_training_is_seeded_and_reproducible(noisy):
     X, y, Xv, yv = noisy
     p = [HeadParams(hidden=(16,), dropout=0.3, lr=0.02, seed=4)]
     s = TrainSettings(epochs=10, batch_size=16, patience=3)
-    a, b = train_group(p, X, y, Xv, yv, 3, s)[0], train_group(p, X, y, Xv, yv, 3, s)[0]
+    a, b = train_group(p, data=TrainData(X, y, 3, Xv, yv), settings=s)[0], train_group(p, data=TrainData(X, y, 3, Xv, yv), settings=s)[0]
     assert a.history == b.history and a.best_epoch == b.best_epoch
     for (ka, va), (kb, vb) in zip(a.head.state_dict().items(), b.head.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
-    (other,) = train_group([HeadParams(hidden=(16,), dropout=0.3, lr=0.02, seed=5)], X, y, Xv, yv, 3, s)
+    (other,) = train_group([HeadParams(hidden=(16,), dropout=0.3, lr=0.02, seed=5)], data=TrainData(X, y, 3, Xv, yv), settings=s)
     assert other.history != a.history
 
 
@@ -125,10 +124,10 @@ def test_batched_configs_equal_each_trained_alone(noisy, group):
     X, y, Xv, yv = noisy
     params = GROUPS[group]
     settings = TrainSettings(epochs=40, batch_size=16, patience=4)
-    stacked = train_group(params, X, y, Xv, yv, 3, settings)
+    stacked = train_group(params, data=TrainData(X, y, 3, Xv, yv), settings=settings)
     assert [r.params for r in stacked] == params
     for p, s in zip(params, stacked):
-        (alone,) = train_group([p], X, y, Xv, yv, 3, settings)
+        (alone,) = train_group([p], data=TrainData(X, y, 3, Xv, yv), settings=settings)
         _assert_same_result(s, alone)
     # the heads really are different configurations (not one head copied K times)
     assert len({tuple(round(h["train_loss"], 6) for h in r.history) for r in stacked}) == len(params)
@@ -139,9 +138,9 @@ def test_batched_batchnorm_adamw_configs_equal_each_trained_alone(noisy):
     params = [HeadParams(hidden=(16, 8), batchnorm=True, optimizer="adamw", lr=lr, weight_decay=wd)
               for lr, wd in [(0.02, 0.01), (0.05, 0.0)]]
     settings = TrainSettings(epochs=40, batch_size=16, patience=4)
-    stacked = train_group(params, X, y, Xv, yv, 3, settings)
+    stacked = train_group(params, data=TrainData(X, y, 3, Xv, yv), settings=settings)
     for p, s in zip(params, stacked):
-        _assert_same_result(s, train_group([p], X, y, Xv, yv, 3, settings)[0])
+        _assert_same_result(s, train_group([p], data=TrainData(X, y, 3, Xv, yv), settings=settings)[0])
 
 
 def test_train_many_mixed_groups_keeps_order_and_equals_alone(noisy):
@@ -149,10 +148,10 @@ def test_train_many_mixed_groups_keeps_order_and_equals_alone(noisy):
     params = [HeadParams(lr=0.05), HeadParams(hidden=(8,), lr=0.02), HeadParams(lr=0.01),
               HeadParams(hidden=(8,), optimizer="sgd", lr=0.1, momentum=0.9), HeadParams(hidden=(8,), lr=0.05)]
     settings = TrainSettings(epochs=25, batch_size=16, patience=4)
-    results = train_many(params, X, y, Xv, yv, 3, settings)
+    results = train_many(params, data=TrainData(X, y, 3, Xv, yv), settings=settings)
     assert [r.params for r in results] == params
     for p, r in zip(params, results):
-        _assert_same_result(r, train_many([p], X, y, Xv, yv, 3, settings)[0])
+        _assert_same_result(r, train_many([p], data=TrainData(X, y, 3, Xv, yv), settings=settings)[0])
 
 
 # ---- dropout, regularisation, heads ------------------------------------------------------------
@@ -202,7 +201,7 @@ def test_weight_decay_and_l1_shrink_weights(noisy):
     X, y, Xv, yv = noisy
     params = [HeadParams(lr=0.05, weight_decay=0.0), HeadParams(lr=0.05, weight_decay=0.5),
               HeadParams(lr=0.05, weight_decay=0.0, l1=0.05)]
-    res = train_group(params, X, y, Xv, yv, 3, TrainSettings(epochs=30, batch_size=16, patience=0))
+    res = train_group(params, data=TrainData(X, y, 3, Xv, yv), settings=TrainSettings(epochs=30, batch_size=16, patience=0))
     norm = [r.history[-1]["weight_norm"] for r in res]
     assert norm[1] < 0.7 * norm[0]
     assert norm[2] < 0.7 * norm[0]
@@ -214,7 +213,7 @@ def test_weight_decay_and_l1_shrink_weights(noisy):
 def test_to_sequential_matches_the_stack_in_eval_mode(noisy):
     X, y, Xv, yv = noisy
     params = [HeadParams(hidden=(16, 8), batchnorm=True, dropout=d, lr=0.02) for d in (0.0, 0.3)]
-    res = train_group(params, X, y, Xv, yv, 3, TrainSettings(epochs=5, batch_size=16, patience=0))
+    res = train_group(params, data=TrainData(X, y, 3, Xv, yv), settings=TrainSettings(epochs=5, batch_size=16, patience=0))
     for r, p in zip(res, params):
         kinds = [type(m).__name__ for m in r.head]
         assert kinds.count("BatchNorm1d") == 2 and kinds.count("Linear") == 3
@@ -298,8 +297,8 @@ def test_training_on_cuda_matches_cpu(cuda_device, noisy):
     X, y, Xv, yv = noisy
     p = [HeadParams(hidden=(16,), lr=0.02)]
     s = TrainSettings(epochs=8, batch_size=16, patience=0)
-    (cpu,) = train_group(p, X, y, Xv, yv, 3, s)
-    (gpu,) = train_group(p, X.to(cuda_device), y.to(cuda_device), Xv.to(cuda_device), yv.to(cuda_device), 3, s)
+    (cpu,) = train_group(p, data=TrainData(X, y, 3, Xv, yv), settings=s)
+    (gpu,) = train_group(p, data=TrainData(X.to(cuda_device), y.to(cuda_device), 3, Xv.to(cuda_device), yv.to(cuda_device)), settings=s)
     assert next(gpu.head.parameters()).device.type == "cpu"  # results come back on the CPU
     for a, b in zip(cpu.history, gpu.history):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3, abs=1e-4)
@@ -309,9 +308,23 @@ def test_batchnorm_with_batch_size_one_does_not_silently_skip_training(noisy):
     X, y, Xv, yv = noisy
     p = HeadParams(hidden=(8,), batchnorm=True, lr=0.05)
     try:
-        (res,) = train_group([p], X, y, Xv, yv, 3, TrainSettings(epochs=3, batch_size=1, patience=0))
+        (res,) = train_group([p], data=TrainData(X, y, 3, Xv, yv), settings=TrainSettings(epochs=3, batch_size=1, patience=0))
     except Exception as e:  # refusing clearly is fine too
         assert "batch" in str(e).lower()
         return
     initial = StackedHead(X.shape[1], (8,), 3, [p.seed], batchnorm=True).weights[0][0].T  # same seeded init
     assert not torch.allclose(res.head[0].weight, initial), "three epochs and not a single update"
+
+
+# ---- diverged configurations -------------------------------------------------------------------
+
+def test_a_head_whose_loss_overflows_is_failed_and_leaves_the_others_alone(noisy):
+    X, y, Xv, yv = noisy
+    good, huge = HeadParams(lr=0.05), HeadParams(lr=1e30)
+    s = TrainSettings(epochs=12, batch_size=16, patience=3)
+    a, b = train_group([good, huge], data=TrainData(X, y, 3, Xv, yv), settings=s)
+    assert b.failed and not a.failed
+    assert not np.isfinite(b.history[-1]["train_loss"]) and len(b.history) < 12  # it stopped there
+    _assert_same_result(a, train_group([good], data=TrainData(X, y, 3, Xv, yv), settings=s)[0])
+    (c,) = train_group([huge], data=TrainData(X, y, 3), settings=TrainSettings(epochs=5, batch_size=16, patience=0))
+    assert c.failed  # without validation too

@@ -22,7 +22,7 @@ from featcache.pipeline.device import resolve_device
 from featcache.pipeline.heads.data import hold_out
 from featcache.pipeline.heads.metrics import predict_proba
 from featcache.pipeline.heads.optim import OPTIMIZERS
-from featcache.pipeline.heads.train import HeadParams, TrainSettings, train_many
+from featcache.pipeline.heads.train import HeadParams, TrainData, TrainSettings, train_many
 
 
 class HeadClassifier(ClassifierMixin, BaseEstimator):
@@ -119,8 +119,9 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
                                  int(self.n_iter_no_change) if self.early_stopping else 0)
         tr = torch.as_tensor(rows, device=dev)
         vl = torch.as_tensor(val, device=dev) if val is not None else None
-        (res,) = train_many([params], Xt[tr], yt[tr], Xt[vl] if vl is not None else None,
-                            yt[vl] if vl is not None else None, len(self.classes_), settings)
+        data = TrainData(Xt[tr], yt[tr], len(self.classes_), Xt[vl] if vl is not None else None,
+                         yt[vl] if vl is not None else None)
+        (res,) = train_many([params], data=data, settings=settings)
         self.head_, self.n_iter_, self.history_ = res.head, res.best_epoch, res.history
         return self
 

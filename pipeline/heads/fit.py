@@ -19,16 +19,17 @@ from featcache.cache.store import FeatureCache, read_cache
 from featcache.pipeline.config import HeadConfig
 from featcache.pipeline.device import resolve_device
 from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.heads.cv import refit_cv_winner, train_torch
 from featcache.pipeline.heads.data import Prepared, prepare
-from featcache.pipeline.heads.layersets import layer_columns, layer_set_label
 from featcache.pipeline.heads.exact import fit_exact
-from featcache.pipeline.heads.leaderboard import exact_row, logreg_row, rank, rank_key, torch_row
+from featcache.pipeline.heads.layersets import layer_columns, layer_set_label
+from featcache.pipeline.heads.leaderboard import exact_row, logreg_row, rank, rank_key
 from featcache.pipeline.heads.logreg import fit_logreg
 from featcache.pipeline.heads.metrics import score
 from featcache.pipeline.heads.optim import OPTIMIZERS
-from featcache.pipeline.heads.sweep import c_values, check_search, configurations, expand
+from featcache.pipeline.heads.sweep import c_values, check_search, expand
 from featcache.pipeline.heads.result import Candidate, Leaderboard, SweepResult, check_run_dir
-from featcache.pipeline.heads.train import TrainSettings, train_many
+from featcache.pipeline.heads.train import TrainData, TrainSettings, train_many
 
 HEADS = ("linear", "mlp", "logreg")
 SOLVERS = ("auto", "exact", "epochs")  # of --head linear, see _solver
@@ -62,23 +63,18 @@ def check_config(cfg: HeadConfig) -> None:
         bad.append(f"--patience {cfg.patience} (0 disables early stopping; negative has no meaning)")
     if cfg.batchnorm and cfg.batch_size < 2 and cfg.head == "mlp":
         bad.append("--batchnorm needs --batch-size of at least 2 (batch norm cannot normalise one row)")
+    if cfg.cv == 1 or cfg.cv < 0:
+        bad.append(f"--cv {cfg.cv} (needs at least 2 folds; 0 = off)")
+    bad += [f"--train-sizes {v} (images per class; 0 or all = every train row)" for v in cfg.train_sizes if v < 0]
+    if not 0 <= cfg.views_keep_original <= 1:
+        bad.append(f"--views-keep-original {cfg.views_keep_original} (a probability in [0, 1])")
+    if cfg.head == "logreg" and (cfg.cv or cfg.train_sizes):
+        bad.append("--cv/--train-sizes with --head logreg (they train linear/mlp heads as masked stacks)")
     if bad:
         raise FeatcacheError(f"invalid value: {bad[0]}")
     lists = (cfg.dropout, cfg.weight_decay, cfg.l1, cfg.optimizer, cfg.lr, cfg.momentum, cfg.hidden, cfg.C)
     if not all(len(v) for v in lists):
         raise FeatcacheError("every swept option needs at least one value")
-
-
-def _val(data: Prepared) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    Xv, yv = data.split("val")
-    return (Xv, yv) if len(Xv) else (None, None)
-
-
-def _train_torch(cfg: HeadConfig, data: Prepared) -> list[Candidate]:
-    params = configurations(cfg)
-    results = train_many(params, *data.split("train"), *_val(data), len(data.class_names),
-                         TrainSettings(cfg.epochs, cfg.batch_size, cfg.patience), data.views_of(data.rows["train"]))
-    return [Candidate(torch_row(i, r, data), r.head, r.history, r.params) for i, r in enumerate(results)]
 
 
 def _with_views(X: torch.Tensor, y: torch.Tensor, views: torch.Tensor | None):
@@ -97,6 +93,10 @@ def _solver(cfg: HeadConfig, data: Prepared) -> str:
     augmented views to sample per epoch (the CLI also picks epochs when --lr, --weight-decay,
     --optimizer, --momentum, --epochs, --batch-size or --patience is given: those configure epochs)."""
     if cfg.head != "linear" or cfg.solver == "epochs":
+        return "epochs"
+    if cfg.cv or cfg.train_sizes:  # folds and sizes are masked heads of the epoch trainer
+        if cfg.solver == "exact":
+            raise FeatcacheError("--cv/--train-sizes train masked stacks of epoch-trained heads: use --solver epochs")
         return "epochs"
     if cfg.solver == "exact":
         return "exact"
@@ -135,8 +135,7 @@ def _refit(cfg: HeadConfig, data: Prepared, best: Candidate) -> tuple[nn.Sequent
         epochs = None
     else:
         epochs = best.row["best_epoch"]
-        head = train_many([best.params], X, y, None, None, n_classes,
-                          TrainSettings(epochs, cfg.batch_size, patience=0), views)[0].head
+        head = train_many([best.params], data=TrainData(X, y, n_classes, None, None, views=views), settings=TrainSettings(epochs, cfg.batch_size, patience=0))[0].head
     fitted, test = score(head, X, y), score(head, *data.split("test"))
     info = {"n_rows": len(rows), "epochs": epochs, "train_val_accuracy": fitted["accuracy"],
             "train_val_loss": fitted["loss"], "test_accuracy": test.get("accuracy"), "test_loss": test.get("loss"),
@@ -171,15 +170,25 @@ def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False) -
         if cfg.refit and not len(data.rows["val"]):
             raise FeatcacheError("--refit retrains on train+val, but this run has no validation split (--val-fraction 0)")
         train = {"logreg": _train_logreg, "exact": _train_exact}.get(
-            "logreg" if cfg.head == "logreg" else _solver(cfg, data), _train_torch)
+            "logreg" if cfg.head == "logreg" else _solver(cfg, data), train_torch)
         for c in train(cfg, data):
             c.row = {"index": len(candidates), **({"layers": label} if label else {}),
                      **{k: v for k, v in c.row.items() if k != "index"}}
             set_of[len(candidates)] = (label, columns, data)
             candidates.append(c)
     ranked = Leaderboard(rank([c.row for c in candidates]))
+    if ranked[0].get("status") == "failed":
+        raise FeatcacheError(f"every configuration diverged (non-finite training loss) in all {len(ranked)}; "
+                             "try a smaller --lr")
     best = next(c for c in candidates if c.row["index"] == ranked[0]["index"])
     label, columns, data = set_of[best.row["index"]]
+    if cfg.cv >= 2:  # the winner of the folds, refitted on all train rows (train+val with --refit)
+        candidates = [refit_cv_winner(cfg, data, best) if c is best else c for c in candidates]
+        best = next(c for c in candidates if c.row["index"] == ranked[0]["index"])
+        ranked[0] = {"rank": 1, **best.row}
+        return SweepResult(config=cfg, cache=cache, data=data, candidates=candidates, leaderboard=ranked,
+                           head=best.head, refit=None, device=str(device), seconds=time.perf_counter() - t0,
+                           columns=columns, layers=label)
     head, refit = _refit(cfg, data, best) if cfg.refit else (best.head, None)
     return SweepResult(config=cfg, cache=cache, data=data, candidates=candidates, leaderboard=ranked, head=head,
                        refit=refit, device=str(device), seconds=time.perf_counter() - t0, columns=columns,

@@ -55,10 +55,16 @@ def exact_row(i: int, res: ExactResult, data: Prepared, seed: int) -> dict:
 
 def rank_key(r: dict) -> tuple:
     """Best first: highest val accuracy, then lowest val loss, then the earlier configuration.
-    Without a validation split the same order is taken on the training scores."""
-    split = "val" if r.get("val_accuracy") is not None else "train"
-    acc, loss = r.get(f"{split}_accuracy"), r.get(f"{split}_loss")
-    return (-(acc if acc is not None else -1.0), loss if loss is not None else float("inf"), r["index"])
+    Without a validation split the same order is taken on the training scores; with --cv on the
+    mean held-out fold scores. Failed (diverged) configurations come last, and learning-curve rows
+    of a smaller training set after those trained on all train rows."""
+    if "cv_folds" in r:
+        acc, loss = r.get("cv_accuracy_mean"), r.get("cv_loss_mean")
+    else:
+        split = "val" if r.get("val_accuracy") is not None else "train"
+        acc, loss = r.get(f"{split}_accuracy"), r.get(f"{split}_loss")
+    return (r.get("status") == "failed", r.get("train_size", "all") != "all", -(acc if acc is not None else -1.0),
+            loss if loss is not None else float("inf"), r["index"])
 
 
 def rank(rows: list[dict]) -> list[dict]:

@@ -4,6 +4,7 @@ curves.png       train vs val loss and accuracy per epoch of the best head
 weight_norm.png  Frobenius norm of the weights per epoch (best head bold, the next ones thin)
 confusion.png    confusion matrix of the saved head (test split, else val)
 sweep.png        val accuracy against each swept hyperparameter, one panel each
+learning_curve.png  val (or mean CV) accuracy against training-set size, one line per head family
 Figures are built with ``matplotlib.figure.Figure`` (no pyplot state, nothing left open): each
 ``*_figure`` function returns one (a notebook shows it inline), and the file writers below save it.
 """
@@ -128,4 +129,34 @@ def sweep_figure(rows: list[dict], fields: list[str], metric: str = "val_accurac
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     fig.suptitle(f"{metric.replace('_', ' ')} of {len(rows)} configurations")
+    return fig
+
+
+def learning_curve_figure(rows: list[dict], metric: str = "val_accuracy") -> Figure:
+    """``metric`` against training-set size (mean training rows per head), one line per head family
+    (architecture, with or without augmented views): at each size the best configuration of that
+    family. With --cv the points are mean held-out fold accuracies with their std as error bars."""
+    fig = Figure(figsize=(7, 4.5), layout="tight")
+    ax = fig.subplots()
+    families: dict[str, dict[float, dict]] = {}
+    for r in rows:
+        if r.get(metric) is None:
+            continue
+        name = ("linear" if r["head"] == "linear" else f"mlp {r['hidden']}") + (" + views" if r.get("views") else "")
+        at = families.setdefault(name, {})
+        x = r["n_train_rows"]
+        if x not in at or r[metric] > at[x][metric]:
+            at[x] = r
+    std = metric.replace("_mean", "_std")
+    for name, at in sorted(families.items()):
+        xs = sorted(at)
+        ys = [at[x][metric] for x in xs]
+        err = [at[x].get(std) or 0.0 for x in xs] if std != metric else None
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, linestyle="--" if "views" in name else "-", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("training rows (log scale)")
+    ax.set_ylabel(metric.replace("_", " ") + (" ± std over folds" if std != metric else ""))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    ax.set_title("learning curve: best configuration per head family at each training-set size")
     return fig

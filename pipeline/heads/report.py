@@ -21,6 +21,14 @@ def parse_hidden(values: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
     return tuple(dict.fromkeys(archs))
 
 
+def parse_train_sizes(value: str | None) -> tuple[int, ...]:
+    """``--train-sizes 10,50,all`` -> (10, 50, 0): images per class, 0 = every train row."""
+    if value is None:
+        return ()
+    items = [v.strip().lower() for v in str(value).split(",")]
+    return tuple(0 if v == "all" else int_list(v, "--train-sizes")[0] for v in items)
+
+
 def fmt(v, col: str = "") -> str:
     """Scores with 4 decimals, seconds with 2, hyperparameters in short %g form."""
     if v is None:
@@ -42,9 +50,11 @@ def leaderboard_lines(rows: list[dict], limit: int = 20) -> list[str]:
     from featcache.pipeline.heads.sweep import swept
 
     epochs = ["n_iter"] if rows and "n_iter" in rows[0] else ["best_epoch"]  # logreg and exact: L-BFGS
-    scores = [c for c in ("train_accuracy", "val_accuracy", "val_loss", "test_accuracy")
-              if any(r.get(c) is not None for r in rows)]
-    cols = ["rank", *(swept(rows) or (["C"] if epochs == ["n_iter"] else ["lr"])), *epochs, *scores, "seconds"]
+    scores = [c for c in ("cv_accuracy_mean", "cv_accuracy_std", "train_accuracy", "val_accuracy", "val_loss",
+                          "test_accuracy") if any(r.get(c) is not None for r in rows)]
+    extra = [c for c in ("train_size", "views") if len({str(r.get(c)) for r in rows}) > 1]
+    extra += ["status"] if any(r.get("status") == "failed" for r in rows) else []
+    cols = ["rank", *(swept(rows) or (["C"] if epochs == ["n_iter"] else ["lr"])), *extra, *epochs, *scores, "seconds"]
     lines = table(cols, [[fmt(r.get(c), c) for c in cols] for r in rows[:limit]])
     if len(rows) > limit:
         lines.append(f"... {len(rows) - limit} more in leaderboard.csv")

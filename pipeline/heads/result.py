@@ -30,6 +30,8 @@ from featcache.pipeline.heads.metrics import predict_proba
 from featcache.pipeline.heads.sweep import swept
 from featcache.pipeline.heads.train import HeadParams
 
+CV_KEYS = ("cv_folds", "cv_accuracy_mean", "cv_accuracy_std", "cv_loss_mean", "cv_loss_std", "fold_accuracies",
+           "fold_best_epochs", "refit_rows", "refit_epochs")
 BACKBONE_ATTRS = ("backbone", "weights", "layer", "pool", "preprocess", "feature_dim")  # what runs record of it
 
 
@@ -125,6 +127,10 @@ class SweepResult:
             "backbone_info": backbone_record(cache), "device": self.device, "augmented": self._augmented(),
             **({"layers": self.layers} if self.layers else {}),
         }
+        if "cv_folds" in win:  # --cv: the winner's fold scores and its refit on all train rows
+            m["cv"] = {k: win.get(k) for k in CV_KEYS}
+        if cfg.train_sizes:
+            m["train_size"] = win.get("train_size")
         if self.refit is not None:
             m.update(refit=self.refit, test_accuracy_before_refit=win.get("test_accuracy"),
                      test_accuracy=self.refit["test_accuracy"], test_loss=self.refit["test_loss"])
@@ -141,7 +147,8 @@ class SweepResult:
             return {"used": False, "views_in_cache": cache.n_views}
         with_views = int((data.view_pos[data.rows["train"]] >= 0).sum())
         return {"used": True, "views_in_cache": cache.n_views, "train_rows_with_views": with_views,
-                "train_rows": len(data.rows["train"]), "augment": cache.attrs.get("augment"),
+                "train_rows": len(data.rows["train"]), "keep_original": self.config.views_keep_original,
+                "augment": cache.attrs.get("augment"),
                 "augment_fingerprint": cache.attrs.get("augment_fingerprint")}
 
     def head_metadata(self) -> dict:
@@ -215,7 +222,20 @@ class SweepResult:
         if not fields:
             return None
         metric = "val_accuracy" if self.leaderboard[0].get("val_accuracy") is not None else "train_accuracy"
-        return plots.sweep_figure(self.leaderboard, fields, metric)
+        metric = "cv_accuracy_mean" if self.config.cv >= 2 else metric
+        return plots.sweep_figure([r for r in self.leaderboard if r.get(metric) is not None], fields, metric)
+
+    def plot_learning_curve(self):
+        """Val accuracy (mean held-out fold accuracy with --cv) against training-set size, one line
+        per head family; None without ``train_sizes``."""
+        from featcache.pipeline.heads import plots
+
+        if not self.config.train_sizes:
+            return None
+        metric = "cv_accuracy_mean" if self.config.cv >= 2 else "val_accuracy"
+        if all(r.get(metric) is None for r in self.leaderboard):
+            return None
+        return plots.learning_curve_figure(self.leaderboard, metric)
 
     # ------------------------------------------------------------------ files
     def save(self, run_dir: str | os.PathLike, *, overwrite: bool | None = None, plots: bool | None = None,
@@ -265,7 +285,8 @@ class SweepResult:
             from featcache.pipeline.heads import plots
 
             for name, make in (("curves.png", self.plot_curves), ("weight_norm.png", self.plot_weight_norms),
-                               ("confusion.png", self.plot_confusion), ("sweep.png", self.plot_sweep)):
+                               ("confusion.png", self.plot_confusion), ("sweep.png", self.plot_sweep),
+                               ("learning_curve.png", self.plot_learning_curve)):
                 fig = make()
                 if fig is not None:
                     files.append(plots.save_figure(fig, folder / name))

@@ -41,6 +41,10 @@ def _row(root: Path, path: Path, m: dict, cfg: HeadConfig) -> dict:
         "train_accuracy": m.get("train_accuracy"), "val_accuracy": m.get("val_accuracy"),
         "test_accuracy": m.get("test_accuracy"), "n_train": m.get("n_train"), "n_val": m.get("n_val"),
         "n_test": m.get("n_test"), "seconds": m.get("seconds"),
+        "cv_folds": cfg.cv or None, "cv_accuracy_mean": (m.get("cv") or {}).get("cv_accuracy_mean"),
+        "cv_accuracy_std": (m.get("cv") or {}).get("cv_accuracy_std"),
+        "train_sizes": ",".join("all" if v == 0 else str(v) for v in cfg.train_sizes) or None,
+        "views_keep_original": cfg.views_keep_original,
         "modified": time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime)),
     }
 
@@ -76,15 +80,23 @@ def find_runs(root: str | Path, sort: str = "val") -> dict:
     return {"experiments_dir": str(root), "sort": sort, "runs": runs, "skipped": skipped}
 
 
+def _cv(r: dict) -> str:
+    """Mean ± std of the winner's held-out fold accuracies, "-" for a run without --cv."""
+    if r["cv_accuracy_mean"] is None:
+        return "-"
+    return f"{r['cv_accuracy_mean']:.4f}±{r['cv_accuracy_std']:.3f} ({r['cv_folds']}-fold)"
+
+
 def runs_lines(data: dict) -> list[str]:
     """The comparison table for people, plus one line per skipped file."""
     runs = data["runs"]
     if not runs:
         lines = [f"no fit-head runs (metrics.json) under {data['experiments_dir']}"]
     else:
-        cols = ["run", "backbone", "dim", "cache", "head", "configs", "best", "train_acc", "val_acc", "test_acc", "seconds"]
+        cols = ["run", "backbone", "dim", "cache", "head", "configs", "best", "cv_acc", "train_acc", "val_acc",
+                "test_acc", "seconds"]
         body = [[r["run"], str(r["backbone"] or "-"), fmt(r["feature_dim"]), Path(str(r["cache"])).name,
-                 r["head"] + (" +refit" if r["refit"] else ""), str(r["n_configs"]), r["best"],
+                 r["head"] + (" +refit" if r["refit"] else ""), str(r["n_configs"]), r["best"], _cv(r),
                  fmt(r["train_accuracy"], "accuracy"), fmt(r["val_accuracy"], "accuracy"),
                  fmt(r["test_accuracy"], "accuracy"), fmt(r["seconds"], "seconds")] for r in runs]
         lines = table(cols, body, left=("run", "backbone", "cache", "head", "best"))

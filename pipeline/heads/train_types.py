@@ -1,0 +1,67 @@
+"""The trainer's small frozen inputs and its result: one head's hyperparameters, the loop's settings,
+the tensors a stack trains on, and what one trained head is (``train.py`` re-exports them)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    """Hyperparameters of one head (one row of a sweep)."""
+
+    hidden: tuple[int, ...] = ()  # () = linear head (multinomial logistic regression)
+    dropout: float = 0.0
+    batchnorm: bool = False
+    weight_decay: float = 1e-4
+    l1: float = 0.0
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    seed: int = 0
+
+    def group_key(self) -> tuple:
+        """Configurations with equal keys can be stacked into one model."""
+        return (self.hidden, self.batchnorm, self.optimizer, self.seed)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 100
+    batch_size: int = 256
+    patience: int = 10  # <= 0: no early stopping, keep the last epoch
+
+
+@dataclass(frozen=True, eq=False)
+class TrainData:
+    """What a stack trains and is scored on, all on the training device.
+
+    Attributes:
+        X, y: the training pool (N, D) float32 and labels (N,) int64; heads train on all of it or
+            on their own rows of it (``HeadTask.rows``).
+        n_classes: C.
+        Xv, yv: evaluation rows (early stopping, history), or None (then no early stopping).
+        views: (N, V, D) augmented views of the pool rows, or None. Each epoch a view-sampling head
+            trains on one view per row, drawn uniformly (seeded, shared by the group).
+        keep_original: probability that a row's draw is its un-augmented features instead of a view.
+    """
+
+    X: torch.Tensor
+    y: torch.Tensor
+    n_classes: int
+    Xv: torch.Tensor | None = None
+    yv: torch.Tensor | None = None
+    views: torch.Tensor | None = None
+    keep_original: float = 0.0
+
+
+@dataclass
+class FitResult:
+    params: HeadParams
+    head: nn.Sequential  # best-epoch weights, CPU, eval mode
+    best_epoch: int  # 1-based
+    history: list[dict] = field(default_factory=list)  # per epoch, up to this head's own stop
+    seconds: float = 0.0  # this head's share of its group's wall-clock time (epoch time / heads alive)
+    failed: bool = False  # its training loss became non-finite: the configuration diverged
