@@ -113,9 +113,14 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 def extract(image_dir, output, as_json, **opts) -> None:
     """Run the frozen backbone over IMAGE_DIR once and store features in an HDF5 cache."""
-    from featcache.pipeline.extraction.extract import run_extract
+    from featcache.pipeline.extraction.quickcheck import up_to_date
 
-    s = run_extract(ExtractConfig(image_dir=image_dir, output=output, **opts), progress=progress_enabled(as_json))
+    cfg = ExtractConfig(image_dir=image_dir, output=output, **opts)
+    s = up_to_date(cfg)  # nothing changed: answered from the cache, without importing torch
+    if s is None:
+        from featcache.pipeline.extraction.extract import run_extract
+
+        s = run_extract(cfg, progress=progress_enabled(as_json))
     if s is None:  # a torchrun rank other than 0: rank 0 reports for everyone
         return
     emit(s, as_json, [
@@ -153,6 +158,21 @@ def layers(backbone, as_json) -> None:
                       *(f"  {r['name']:<{width}}  {'x'.join(map(str, r['shape'])):<14} {r['features']}" for r in s["layers"])])
 
 
+def _c_path(C: str | None, opts: dict) -> tuple[float, ...]:
+    """--C as given, else the head's default path; and --solver auto -> epochs when the user set
+    an option only the epoch solver reads (an explicit --lr list asks for an epoch sweep)."""
+    from featcache.pipeline.heads.exact import DEFAULT_C_PATH
+
+    ctx = click.get_current_context()
+    epoch_opts = ("lr", "weight_decay", "optimizer", "momentum", "epochs", "batch_size", "patience")
+    if opts["solver"] == "auto" and any(ctx.get_parameter_source(o) == click.core.ParameterSource.COMMANDLINE
+                                        for o in epoch_opts):
+        opts["solver"] = "epochs"
+    if C is not None:
+        return float_list(C, "--C")
+    return HeadConfig.C if ctx.params["head"] != "linear" or opts["solver"] == "epochs" else DEFAULT_C_PATH
+
+
 @main.command("fit-head")
 @click.argument("cache", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Run folder for head.pt, metrics, leaderboard, plots.")
@@ -167,8 +187,14 @@ def layers(backbone, as_json) -> None:
 @click.option("--optimizer", default="adam", show_default=True, help="adam, adamw or sgd (comma list sweeps).")
 @click.option("--lr", default="1e-3", show_default=True)
 @click.option("--momentum", default="0.9", show_default=True, help="SGD momentum.")
-@click.option("--C", "C", default="1e-4,1e-3,1e-2,1e-1,1", show_default=True,
-              help="--head logreg: inverse L2 strength (comma list sweeps).")
+@click.option("--C", "C", default=None,
+              help="Inverse L2 strength, sklearn's C (comma list sweeps) of --head logreg [default: 1e-4,1e-3,1e-2,"
+                   "1e-1,1] and of the exact linear probe [default: 10 values, 1e-4..10].")
+@click.option("--solver", type=click.Choice(["auto", "exact", "epochs"]), default="auto", show_default=True,
+              help="--head linear: exact = L-BFGS to sklearn's LogisticRegression optimum over --C; epochs = "
+                   "mini-batch training over --lr/--weight-decay; auto = exact unless --l1 > 0, augmented views "
+                   "or an epoch option (--lr, --weight-decay, --optimizer, --momentum, --epochs, --batch-size, "
+                   "--patience) is given.")
 @click.option("--search", type=click.Choice(["grid", "random"]), default="grid", show_default=True,
               help="grid: every combination; random: --trials samples, each list read as a range "
                    "(log-uniform for lr/weight-decay/l1/C, uniform for dropout/momentum).")
@@ -180,6 +206,9 @@ def layers(backbone, as_json) -> None:
 @click.option("--standardize/--no-standardize", default=True, show_default=True)
 @click.option("--refit", is_flag=True, help="Retrain the winner on train+val (its best epoch count), then test.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG curves, confusion and sweep plots.")
+@click.option("--layers", multiple=True,
+              help="Train on these layers of a multi-layer cache (comma list, e.g. blocks.3,blocks.4); "
+                   "repeat to sweep layer sets [default: every column].")
 @click.option("--use-augmented/--no-use-augmented", default=None,
               help="Train on one augmented view per image per epoch (val/test stay un-augmented) "
                    "[default: when the cache has views].")
@@ -196,17 +225,18 @@ def layers(backbone, as_json) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
-def fit_head(cache, output, hidden, dropout, weight_decay, l1, optimizer, lr, momentum, C, train_sizes, as_json,
-             **opts) -> None:
+def fit_head(cache, output, hidden, dropout, weight_decay, l1, optimizer, lr, momentum, C, layers, train_sizes,
+             as_json, **opts) -> None:
     """Train heads on cached features (comma lists sweep); keep the best by validation accuracy."""
     from featcache.pipeline.heads.fit import run_fit_head
+    from featcache.pipeline.heads.layersets import parse_layer_sets
     from featcache.pipeline.heads.report import fit_lines, parse_hidden, parse_train_sizes
 
     cfg = HeadConfig(
         cache=cache, output=output, hidden=parse_hidden(hidden), dropout=float_list(dropout, "--dropout"),
         weight_decay=float_list(weight_decay, "--weight-decay"), l1=float_list(l1, "--l1"),
         optimizer=str_list(optimizer, "--optimizer"), lr=float_list(lr, "--lr"),
-        momentum=float_list(momentum, "--momentum"), C=float_list(C, "--C"),
+        momentum=float_list(momentum, "--momentum"), C=_c_path(C, opts), layers=parse_layer_sets(layers),
         train_sizes=parse_train_sizes(train_sizes), **opts)
     s = run_fit_head(cfg, progress=progress_enabled(as_json))
     emit({k: v for k, v in s.items() if k != "leaderboard" or len(v) > 1}, as_json, fit_lines(s))

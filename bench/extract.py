@@ -5,12 +5,16 @@ For each backbone, on a folder of generated photo-sized JPEGs (bench/photos.py):
                (NCHW, same batch size, one untimed warm-up batch) -- the model alone;
   (b) naive  : torchvision ImageFolder + DataLoader(num_workers=0) + the eager model in a Python
                loop, features saved with numpy.save -- the obvious script;
-  (c) featcache: ``run_extract`` (what ``featcache extract`` runs) end to end in a fresh process:
-               model build and optimisation, discovery, decoding, compute, journal, HDF5 cache;
-  (c+)         the same timed from process spawn to exit (adds interpreter start + imports).
-All three run with the same torch thread count (the usable cores). Ratios c/b and c/a compare
-figures taken minutes apart on the same machine; other load on the machine shifts them, so the
-load average is printed before and after, and the script is meant to be run more than once.
+  (c) featcache: ``featcache extract`` (cli.py) in a fresh process, rate over the run itself
+               (its summary's ``seconds``): model build and optimisation, discovery, decoding,
+               compute, journal, HDF5 cache;
+  (c+)         the same process timed from spawn to exit: the whole-process figure (adds
+               interpreter start and importing torch/torchvision), the one a user waits for;
+  no-op        (with --noop-check) the same command again on the unchanged folder, spawn to exit.
+All three run with the same torch thread count (the usable cores), interleaved round by round
+(a, b, c, a, b, c, ...) so that load from other jobs falls on every arm alike; the load average
+is printed before and after, and the script is meant to be run more than once. c+/a compares
+the whole featcache process against the bare model's loop alone (issue 14's target: >= 1.3).
 
     .venv/bin/python bench/extract.py            # 512 images x resnet18, alexnet, efficientnet_lite0
     .venv/bin/python bench/extract.py --quick    # 128 images, resnet18 only (smoke run)
@@ -22,6 +26,8 @@ import argparse
 import json
 import os
 import platform
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,6 +52,14 @@ def weights_for(name: str) -> str:
 
 
 def cpu_model() -> str:
+    """The CPU as lscpu names it (falls back to /proc/cpuinfo)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout if shutil.which("lscpu") else ""
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -97,37 +111,61 @@ def naive(name: str, root: Path, n: int, batch: int, out: Path) -> float:
     return n / (time.perf_counter() - t0)
 
 
-RUN_EXTRACT = """
-import json, sys, time
-t0 = time.perf_counter()
-from featcache.pipeline.config import ExtractConfig
-from featcache.pipeline.extraction.extract import run_extract
-t1 = time.perf_counter()
-s = run_extract(ExtractConfig(**json.loads(sys.argv[1])), progress=False)
-s["bench_import_s"], s["bench_run_s"] = t1 - t0, time.perf_counter() - t1
-print(json.dumps(s))
-"""
+def blas() -> str:
+    """torch's BLAS and oneDNN, from its build configuration."""
+    show = torch.__config__.show()
+    info = re.search(r"BLAS_INFO=([^,\s]+)", show)
+    onednn = re.search(r"MKL-DNN (v[\d.]+)", show)
+    return f"BLAS {info.group(1) if info else 'unknown'}, oneDNN {onednn.group(1) if onednn else 'unknown'}"
 
 
-def featcache(name: str, root: Path, n: int, batch: int, out: Path, extra: dict) -> tuple[float, float, dict]:
-    """(c) ``run_extract`` in a fresh process (isolated: featcache tunes its process's allocator).
+def cli_args(extra: dict) -> list[str]:
+    """ExtractConfig overrides -> ``featcache extract`` options (True flags, False --no-flags)."""
+    args = []
+    for key, value in extra.items():
+        opt = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(opt if value else "--no-" + key.replace("_", "-"))
+        else:
+            args += [opt, *(map(str, value) if isinstance(value, (list, tuple)) else [str(value)])]
+    return args
 
-    Returns images/s over run_extract itself (model build, optimisation, discovery, decoding,
-    compute, journal and HDF5 cache: everything after ``import``), images/s from process spawn
-    to exit (adds interpreter start and importing torch/torchvision), and the JSON summary.
-    """
-    out.unlink(missing_ok=True)
-    cfg = dict(image_dir=str(root), output=str(out), backbone=name, weights=weights_for(name), batch_size=batch,
-               device="cpu", **extra)
+
+def run_cli(name: str, root: Path, batch: int, out: Path, extra: dict) -> tuple[float, dict]:
+    """``python cli.py extract ... --json`` in a fresh process -> (seconds spawn to exit, summary)."""
+    cmd = [sys.executable, str(REPO / "cli.py"), "extract", str(root), "-o", str(out), "--backbone", name,
+           "--weights", weights_for(name), "--batch-size", str(batch), "--device", "cpu", "--json", *cli_args(extra)]
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", RUN_EXTRACT, json.dumps(cfg)], capture_output=True, text=True,
-                       cwd=str(REPO))
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO))
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"featcache extract failed: {p.stderr.strip()[-2000:]}")
-    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    return wall, json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def featcache(name: str, root: Path, n: int, batch: int, out: Path, extra: dict) -> tuple[float, float, dict]:
+    """(c) ``featcache extract`` in a fresh process (isolated: featcache tunes its process's allocator).
+
+    Returns images/s over the run itself (the summary's seconds: model build, optimisation,
+    discovery, decoding, compute, journal and HDF5 cache), images/s from process spawn to exit
+    (adds interpreter start and importing torch/torchvision), and the JSON summary (with
+    ``bench_wall_s``).
+    """
+    out.unlink(missing_ok=True)
+    wall, summary = run_cli(name, root, batch, out, extra)
     assert summary["n_images"] == n and summary["extracted"] == n, summary
-    return n / summary["bench_run_s"], n / wall, summary
+    summary["bench_wall_s"] = wall
+    return n / summary["seconds"], n / wall, summary
+
+
+def where_time_went(s: dict) -> str:
+    """Spawn-to-exit seconds split into start-up (interpreter + imports + exit), model build +
+    discovery + plan, runner set-up (overlapping the first decode), decode waits, compute, write."""
+    ph = s["phases"]
+    run_backbone = ph["setup_s"] + ph["decode_s"] + ph["compute_s"]
+    other = s["seconds"] - run_backbone  # build_backbone, discovery, plan, journal, cache write
+    return (f"start+imports+exit {s['bench_wall_s'] - s['seconds']:.1f}s, build+discover+plan+write {other:.1f}s, "
+            f"runner set-up {ph['setup_s']:.1f}s, decode {ph['decode_s']:.1f}s, compute {ph['compute_s']:.1f}s")
 
 
 def compile_check(name: str, batch: int, batches: int = 4) -> str:
@@ -201,6 +239,8 @@ def main() -> None:
                     help="also run (c) for the first model with one prefetching decode process (--workers 1)")
     ap.add_argument("--draft-check", action="store_true", help="also time JPEG draft decoding on 4000x3000 photos")
     ap.add_argument("--compile-check", action="store_true", help="also time torch.compile's cost and gain")
+    ap.add_argument("--noop-check", action="store_true",
+                    help="also time re-running extract on the unchanged folder (spawn to exit)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="ExtractConfig override for (c), e.g. --set compile=on --set workers=1")
     args = ap.parse_args()
@@ -217,12 +257,12 @@ def main() -> None:
     make_photo_folder(folder, n, size)
     print(f"machine : {cpu_model()}, {threads} usable cores (sched_getaffinity), {os.cpu_count()} online")
     print(f"software: python {platform.python_version()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} intra-op threads, {torch.backends.cpu.get_cpu_capability()}")
+          f"{torch.get_num_threads()} intra-op threads, {torch.backends.cpu.get_cpu_capability()}, {blas()}")
     print(f"data    : {n} JPEGs {size[0]}x{size[1]} q90 in {folder} (ready in {time.perf_counter() - t0:.1f}s), "
           f"batch {args.batch_size}" + (f", featcache overrides {overrides}" if overrides else ""))
     print(f"before  : {load()}")
     header = (f"{'model':18s} {'(a) bare':>8s} {'(b) naive':>9s} {'(c) featcache':>13s} {'c/b':>5s} {'c/a':>5s}"
-              f" {'(c+) +start':>11s} {'c+/b':>5s}")
+              f" {'(c+) whole':>10s} {'c+/b':>5s} {'c+/a':>5s}")
     print(header)
     print("-" * len(header))
     details = []
@@ -235,12 +275,19 @@ def main() -> None:
         a, b = max(r[0] for r in runs), max(r[1] for r in runs)
         c, cp, s = max((r[2] for r in runs), key=lambda x: x[0])
         cp = max(r[2][1] for r in runs)
-        print(f"{name:18s} {a:8.1f} {b:9.1f} {c:13.1f} {c / b:5.2f} {c / a:5.2f} {cp:11.1f} {cp / b:5.2f}", flush=True)
-        details.append(f"  {name}: {s['inference']}; decode: {s['decode']}; run_extract {s['bench_run_s']:.1f}s "
-                       f"(decode+compute {n / s['images_per_second']:.1f}s), imports {s['bench_import_s']:.1f}s")
-    print(f"img/s, best of {rounds} interleaved round(s). (a) model alone on preprocessed tensors; (b) naive "
-          "script incl. model build; (c) featcache run_extract incl. model build and cache write; (c+) (c) "
-          "plus process start and imports")
+        print(f"{name:18s} {a:8.1f} {b:9.1f} {c:13.1f} {c / b:5.2f} {c / a:5.2f} {cp:10.1f} {cp / b:5.2f} "
+              f"{cp / a:5.2f}", flush=True)
+        details.append(f"  {name}: {s['inference']}; decode: {s['decode']}; whole process {s['bench_wall_s']:.1f}s = "
+                       f"{where_time_went(s)}")
+        details.append(f"  {name}: every round (a, b, c, c+): " +
+                       "; ".join(f"{r[0]:.1f} {r[1]:.1f} {r[2][0]:.1f} {r[2][1]:.1f}" for r in runs))
+        if args.noop_check:
+            walls = [run_cli(name, folder, args.batch_size, tmp / f"{name}.h5", overrides)[0] for _ in range(2)]
+            details.append(f"  {name}: no-op re-extract of the unchanged folder, spawn to exit: "
+                           + ", ".join(f"{w:.2f}s" for w in walls))
+    print(f"img/s, best of {rounds} interleaved round(s). (a) model alone on preprocessed tensors, loop only; "
+          "(b) naive script incl. model build; (c) featcache extract, its run incl. model build and cache write; "
+          "(c+) the whole featcache process, spawn to exit")
     print("\n".join(details))
     if args.decode_check:  # overlap (a decode process prefetching) vs the default (alternating), back to back
         name, runs = models[0], {}

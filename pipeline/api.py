@@ -223,6 +223,10 @@ def head_config(*, cache: str | None = None, output: str | None = None, **option
             values[name] = tuple(v) if isinstance(v, (list, tuple, np.ndarray)) else (v,)
     if "hidden" in values:
         values["hidden"] = _hidden(values["hidden"])
+    if "layers" in values:  # "b,c", ["c", "b,c"] or [["c"], ["b", "c"]], as fit-head --layers
+        from featcache.pipeline.heads.layersets import parse_layer_sets
+
+        values["layers"] = parse_layer_sets(values["layers"])
     if "train_sizes" in values:  # 10, [10, 50, "all"]: images per class, "all" (or 0) = every train row
         v = values["train_sizes"]
         v = list(v) if isinstance(v, (list, tuple, np.ndarray)) else [v]
@@ -304,8 +308,10 @@ class Model:
             raise FeatcacheError(f"{self.path} is a fine-tuned model: its backbone changed, so cached features "
                                  "do not apply; use predict(images)")
         X = np.asarray(X, dtype=np.float32)
-        if X.ndim != 2 or X.shape[1] != self.meta["in_dim"]:
-            raise FeatcacheError(f"expected features of shape (N, {self.meta['in_dim']}), got {X.shape}")
+        from featcache.pipeline.heads.headio import input_dim
+
+        if X.ndim != 2 or X.shape[1] != input_dim(self.meta):
+            raise FeatcacheError(f"expected features of shape (N, {input_dim(self.meta)}), got {X.shape}")
         return predict_proba(self._head, torch.from_numpy(X)).numpy()
 
     def predict_features(self, X) -> np.ndarray:

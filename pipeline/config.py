@@ -92,6 +92,8 @@ class HeadConfig(_Recorded):
     trials: int | None = None  # random search only; None = 20
     refit: bool = False  # retrain the winner on train+val (its best epoch count) before testing
     plots: bool = True  # PNG curves, weight norms, confusion matrix and sweep plot beside metrics.json
+    layers: tuple[tuple[str, ...], ...] = ()  # layer sets of a multi-layer cache to sweep; () = every column
+    solver: str = "epochs"  # linear head: epochs (mini-batch) | exact (L-BFGS over C) | auto (fit._solver; the CLI default)
     use_augmented: bool | None = None  # train on the cache's augmented views; None = when it has some
     drop_nonfinite: bool = False  # drop rows whose features hold NaN/Inf (default: refuse the cache)
     overwrite: bool = False  # replace an existing run folder (default: refuse to)

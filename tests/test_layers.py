@@ -199,3 +199,11 @@ def test_extract_cli_bad_layer_is_one_line(tmp_path, small_tree_ro):
     res = invoke("extract", small_tree_ro, "-o", tmp_path / "c.h5", "--backbone", "efficientnet_lite0",
                  "--layer", "blocks.4,blocks.99", "--workers", "0")
     assert_one_line_error(res, "unknown layer 'blocks.99'", "blocks.6")
+
+
+def test_finetune_sees_the_blocks_behind_multi_layer_wrappers():
+    from featcache.pipeline.use.finetune import blocks
+
+    for name in ("timm:resnet18@64", "resnet18"):
+        bb = build_backbone(name, "none", layer="layer2,layer4")
+        assert len(blocks(bb.model)) >= 5, name  # stem parts and the four stages, not one wrapper

@@ -8,6 +8,7 @@ column range of the D features (``Backbone.layers``).
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -211,20 +212,13 @@ def build_backbone(name: str, weights: str = "DEFAULT", layer: str | None = None
         p.requires_grad_(False)
     layers, start = [], 0
     for n, s, p in zip(names or [layer_desc], shapes, pools):
-        width = s[0] if p in ("avg", "max") and len(s) == 3 else s[-1] if p in ("avg", "max") else _numel(s)
+        width = s[0] if p in ("avg", "max") and len(s) == 3 else s[-1] if p in ("avg", "max") else math.prod(s)
         layers.append({"name": n, "shape": list(s), "pool": p, "start": start, "stop": start + width})
         start += width
     desc = {"backbone": name, "weights": identity, "layer": layer_desc, "pool": pool, "init_seed": seed}
     if name == LITE0:
         desc["architecture"] = f"timm:{LITE0_TIMM_ARCH}"
     return Backbone(fm, spec, desc, start, layers)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def list_layers(name: str, seed: int = 0) -> dict:

@@ -6,7 +6,7 @@ import os
 import sys
 from contextlib import nullcontext
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from featcache.pipeline.extraction.accel import COMPILE_MODES, Runner, compile_w
 from featcache.pipeline.extraction.backbones import Backbone, build_backbone
 from featcache.pipeline.config import ExtractConfig
 from featcache.pipeline.device import compute_threads, decode_layout, resolve_device
-from featcache.pipeline.extraction.discover import discover
+from featcache.pipeline.extraction.discover import IMG_EXTENSIONS, Discovery, discover
 from featcache.pipeline.extraction.distributed import DistContext, barrier, gather, shutdown
 from featcache.pipeline.extraction.distributed import init as dist_init
 from featcache.pipeline.errors import FeatcacheError
@@ -33,10 +33,25 @@ from featcache.cache.featwrite import write_feature_rows
 from featcache.pipeline.extraction.images import IMAGE_POLICY
 from featcache.pipeline.extraction.loader import ImageFiles, decode_batches, draft_min_side
 from featcache.pipeline.extraction.plan import Plan, batches_of, make_plan
+from featcache.pipeline.extraction.quickcheck import quick_attrs
 from featcache.cache.saver import PartSaver
 from featcache.pipeline.extraction.views import Views, split_rows, write_views
 
 DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One extraction, fixed once the backbone is built and the plan made: what to compute and
+    how to describe it (``identity`` is what ``fp`` fingerprints)."""
+
+    cfg: ExtractConfig
+    bb: Backbone
+    disc: Discovery
+    plan: Plan
+    views: Views
+    identity: dict
+    fp: str
 
 
 def _check(cfg: ExtractConfig) -> None:
@@ -92,13 +107,14 @@ def _previous_cache(cfg: ExtractConfig, fp: str):
     return old
 
 
-def _run_backbone(cfg, bb, device, disc, plan, journal, progress, ctx: DistContext,
-                  views: Views) -> tuple[dict, int, dict]:
+def _run_backbone(job: Job, *, device: torch.device, journal: Journal, ctx: DistContext,
+                  progress: bool) -> tuple[dict, int, dict]:
     """Run the backbone on every planned batch not already in the journal (under torchrun: only
     this rank's batches, b % world_size == rank; rank 0 then collects everyone's parts).
 
     Returns ({record index: (part, position)}, batches resumed from the journal, speed facts).
     """
+    cfg, bb, disc, plan, views = job.cfg, job.bb, job.disc, job.plan, job.views
     batches = batches_of(plan.compute, cfg.batch_size, views.rows if views.n else None)
     keys = [[plan.key(i) for i in b] for b in batches]
     parts: dict[int, Part] = {}
@@ -112,8 +128,12 @@ def _run_backbone(cfg, bb, device, disc, plan, journal, progress, ctx: DistConte
     # with the same form as an uninterrupted one (identical features).
     # Counted in backbone rows: with --augment each train image costs 1 + V of them.
     compile_model = bool(pending) and compile_wanted(cfg.compile, device, sum(views.rows(i) for i in plan.compute))
+    t_setup = time.perf_counter()
+    # Not overlapped with decoding: BN folding traces with torch.fx, which patches nn.Module.__call__
+    # process-wide, so decoding threads running torchvision transforms meanwhile would be traced too.
     runner = Runner(bb.model, bb.preprocess, device, cfg.optimize, compile_model, cfg.batch_size,
                     compile_fallback=cfg.compile == "auto")
+    phases = {"setup_s": time.perf_counter() - t_setup, "decode_s": 0.0, "compute_s": 0.0}
     layout = decode_layout(device, cfg.workers)
     dataset = ImageFiles(disc.root, [r.path for r in disc.records], bb.preprocess, cfg.draft, views.recipe,
                          frozenset(i for i in plan.compute if views.wants(i)))
@@ -127,12 +147,17 @@ def _run_backbone(cfg, bb, device, disc, plan, journal, progress, ctx: DistConte
     finished = False
     try:
         with torch.inference_mode(), heap_reuse(cfg.optimize and device.type == "cpu"):
+            t = time.perf_counter()
             for n, (b, (_, x, reasons)) in enumerate(zip(pending, loader)):
+                t1 = time.perf_counter()
+                phases["decode_s"] += t1 - t  # waiting for the batch (all of its decoding when alternating)
                 feats = runner(x) if x is not None else np.zeros((0, bb.feature_dim), np.float32)
                 firsts, view_feats = split_rows(feats, batches[b], reasons, views)
                 parts[b] = Part(keys[b], firsts, reasons, view_feats)
                 saver.save(b, parts[b])
                 bar.update(len(reasons))
+                t = time.perf_counter()
+                phases["compute_s"] += t - t1
                 if n + 1 == crash_after and os.environ.get("FEATCACHE_TEST_CRASH_RANK", str(ctx.rank)) == str(ctx.rank):
                     saver.close()  # exactly n + 1 parts committed, as when they were saved inline
                     os.kill(os.getpid(), 9)
@@ -149,13 +174,14 @@ def _run_backbone(cfg, bb, device, disc, plan, journal, progress, ctx: DistConte
                 if parts[b] is None:
                     raise FeatcacheError(f"batch {b} is missing from {journal.dir} after every rank finished")
     speed = {"ran_here": sum(len(batches[b]) for b in pending), "inference": runner.accel.describe(), "compile_seconds": round(runner.accel.compile_seconds, 2),
-             "decode": layout.describe()}
+             "decode": layout.describe(), "phases": {k: round(v, 2) for k, v in phases.items()}}
     return ({i: (parts[b], j) for b, batch in enumerate(batches) if b in parts for j, i in enumerate(batch)},
             resumed, speed)
 
 
-def _assemble(cfg, bb, disc, plan, old, computed, identity, fp, views: Views) -> dict:
+def _assemble(job: Job, old, computed: dict) -> dict:
     """Write the final cache: reused rows, newly computed rows and the skipped list, in path order."""
+    cfg, bb, disc, plan, views = job.cfg, job.bb, job.disc, job.plan, job.views
     skipped: list[tuple[str, str]] = [(disc.records[i].path, r) for i, r in plan.stat_errors.items()]
     row_of: dict[int, int] = {}
     for i in range(len(plan.records)):
@@ -195,15 +221,16 @@ def _assemble(cfg, bb, disc, plan, old, computed, identity, fp, views: Views) ->
             "file_sha256": [s.sha256 for s in states],
         })
         attrs = {
-            "fingerprint": fp, "class_names": list(disc.class_names), "backbone": bb.description["backbone"],
+            "fingerprint": job.fp, "class_names": list(disc.class_names), "backbone": bb.description["backbone"],
             "weights": bb.description["weights"], "layer": bb.description["layer"], "pool": bb.description["pool"],
             "preprocess": bb.preprocess.to_dict(), "image_policy": IMAGE_POLICY, "dtype": cfg.dtype,
             "feature_dim": bb.feature_dim, "n_images": len(row_of), "torch_version": torch.__version__,
             "torchvision_version": torchvision.__version__, "h5py_version": h5py.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": asdict(cfg),
-            "description": identity, "n_views": views.n, "augment_fingerprint": views.fingerprint,
+            "description": job.identity, "n_views": views.n, "augment_fingerprint": views.fingerprint,
             "layers": bb.layers,  # each layer's name, shape, pool and [start, stop) columns of /features
             **({"augment": views.recipe.to_dict()} if views.recipe else {}),
+            **quick_attrs(cfg.weights, bb.description["weights"], IMG_EXTENSIONS),  # for quickcheck.up_to_date
         }
         writer.finish(attrs, skipped)
     except BaseException:
@@ -226,12 +253,13 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict | None:
     device = resolve_device(cfg.device)
     ctx = dist_init(device.type)
     try:
-        return _extract(cfg, disc, device, ctx, progress and ctx.is_main, t0)
+        return _extract(cfg, disc, device=device, ctx=ctx, progress=progress and ctx.is_main, t0=t0)
     finally:
         shutdown(ctx)
 
 
-def _extract(cfg: ExtractConfig, disc, device, ctx: DistContext, progress: bool, t0: float) -> dict | None:
+def _extract(cfg: ExtractConfig, disc: Discovery, *, device: torch.device, ctx: DistContext, progress: bool,
+             t0: float) -> dict | None:
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)  # each rank pins its own GPU
     threads = compute_threads(device)
@@ -254,13 +282,14 @@ def _extract(cfg: ExtractConfig, disc, device, ctx: DistContext, progress: bool,
         if ctx.is_main:
             journal.open()
         barrier(ctx)  # the journal exists before any rank writes to it
+        job = Job(cfg, bb, disc, plan, views, identity, fp)
         t1 = time.perf_counter()
-        computed, resumed, speed = _run_backbone(cfg, bb, device, disc, plan, journal, progress, ctx, views)
+        computed, resumed, speed = _run_backbone(job, device=device, journal=journal, ctx=ctx, progress=progress)
         compute_s = time.perf_counter() - t1
         ranks = gather(ctx, {"rank": ctx.rank, "extracted": speed.pop("ran_here"), "device": str(device)})
         if not ctx.is_main:
             return None
-        result = _assemble(cfg, bb, disc, plan, old, computed, identity, fp, views)
+        result = _assemble(job, old, computed)
         journal.remove()
     n_new = len(plan.compute)  # files sent to the backbone (this run or a resumed one)
     return {
@@ -273,6 +302,6 @@ def _extract(cfg: ExtractConfig, disc, device, ctx: DistContext, progress: bool,
         **({"views": {"per_image": views.n, "images": result["view_rows"], "augment_fingerprint": views.fingerprint}}
            if views.n else {}),
         "images_per_second": round(n_new / compute_s, 2) if n_new and compute_s > 0 else None,
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": round(time.perf_counter() - t0, 3), "up_to_date": False,
         **({"world_size": ctx.world_size, "ranks": ranks} if ctx.enabled else {}),
     }

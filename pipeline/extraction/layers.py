@@ -59,7 +59,7 @@ class TimmLayers(nn.Module):
 
     def __init__(self, model: nn.Module, names: list[str]):
         super().__init__()
-        self.model = model
+        self.inner = model  # "inner": finetune's blocks() looks through it
         self.names = list(names)
         valid = timm_layer_names(model)
         self.extra_blocks = bool(valid and valid[0] == "stem")
@@ -68,7 +68,7 @@ class TimmLayers(nn.Module):
         self.prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)  # ViT class/register tokens
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        fi = self.model.forward_intermediates
+        fi = self.inner.forward_intermediates
         kw = {"extra_blocks": True} if self.extra_blocks else {}
         taken: dict[int, torch.Tensor] = {}
         final = None
@@ -80,11 +80,11 @@ class TimmLayers(nn.Module):
                 inter = fi(x, indices=idx, intermediates_only=True, stop_early=True, **kw)
             taken = dict(zip(idx, inter))
         elif self.final:
-            final = self.model.forward_features(x)
+            final = self.inner.forward_features(x)
         out = []
         for n in self.names:
             if n == "pre_logits":
-                out.append(self.model.forward_head(final, pre_logits=True))
+                out.append(self.inner.forward_head(final, pre_logits=True))
             elif n == "features":  # tokens (N, L, C): keep the patch tokens only
                 out.append(final[:, self.prefix:] if final.ndim == 3 else final)
             else:
@@ -105,11 +105,11 @@ class NodeList(nn.Module):
 
     def __init__(self, extractor: nn.Module, nodes: list[str]):
         super().__init__()
-        self.extractor = extractor
+        self.inner = extractor  # "inner": finetune's blocks() looks through it
         self.nodes = list(nodes)  # the graph node each requested name resolves to
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out = self.extractor(x)
+        out = self.inner(x)
         return [out[n] for n in self.nodes]
 
 
@@ -125,7 +125,7 @@ def torchvision_nodes(model: nn.Module) -> tuple[list[str], list[str]]:
     return nodes, sorted(last, key=lambda m: (last[m], -m.count(".")))
 
 
-def torchvision_trunk(model: nn.Module, names: list[str], backbone: str) -> NodeList:
+def torchvision_trunk(model: nn.Module, names: list[str], backbone: str) -> nn.Module:
     nodes, short = torchvision_nodes(model)
     resolved = []
     for n in names:
@@ -133,6 +133,8 @@ def torchvision_trunk(model: nn.Module, names: list[str], backbone: str) -> Node
         if n not in nodes and not inside:
             raise unknown_layer(n, backbone, short if len(short) <= 60 else nodes, listed_all=len(short) <= 60)
         resolved.append(n if n in nodes else inside[-1])  # a module gives its last node's output
+    if len(names) == 1:  # one layer: the extractor itself, {"feat": tensor}, as before multi-layer existed
+        return create_feature_extractor(model, return_nodes={names[0]: "feat"})  # (fine-tuned state_dict keys unchanged)
     unique = list(dict.fromkeys(resolved))
     return NodeList(create_feature_extractor(model, return_nodes={n: n for n in unique}), resolved)
 

@@ -114,8 +114,10 @@ def _finite_rows(cache: FeatureCache, rows: dict[str, np.ndarray], drop: bool) -
 
 
 def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bool, device: torch.device,
-            use_views: bool = False, val_views: bool = False, drop_nonfinite: bool = False) -> Prepared:
+            use_views: bool = False, val_views: bool = False, drop_nonfinite: bool = False,
+            columns: np.ndarray | None = None) -> Prepared:
     """Args:
+        columns: train on these columns of /features only (fit-head --layers); None = all.
         drop_nonfinite: leave out rows whose features are not all finite (default: refuse).
         use_views: also load the cache's augmented views of the training rows that have them.
         val_views: and of the validation rows that have them (a hold-out of the train split):
@@ -137,6 +139,8 @@ def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bo
                       "no head can predict them", FeatcacheWarning, stacklevel=2)
     rows = _finite_rows(cache, rows, drop_nonfinite)
     X = cache.features.astype(np.float32, copy=False)
+    if columns is not None:
+        X = X[:, columns]
     mean = scale = None
     if standardize:
         tr = X[rows["train"]].astype(np.float64)
@@ -150,6 +154,8 @@ def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bo
         wanted = np.concatenate([rows["train"], rows["val"]]) if val_views else rows["train"]
         with_views = np.intersect1d(np.flatnonzero(cache.split == "train"), wanted)
         v = read_views(cache.path, with_views)  # (M, V, D) float32
+        if columns is not None:
+            v = np.ascontiguousarray(v[:, :, columns])
         if not np.isfinite(v).all():
             n_bad = int((~np.isfinite(v).all(axis=(1, 2))).sum())
             raise FeatcacheError(f"{cache.path}: augmented views of {n_bad} row(s) are not finite (NaN or Inf); "

@@ -12,15 +12,15 @@ from featcache.cache.store import FeatureCache, read_cache
 from featcache.pipeline.heads.data import labeled_split_rows
 from featcache.pipeline.device import resolve_device
 from featcache.pipeline.errors import FeatcacheError
-from featcache.pipeline.heads.headio import StandardizedHead, load_head
+from featcache.pipeline.heads.headio import StandardizedHead, input_dim, load_head
 from featcache.pipeline.heads.metrics import score
 
 
 def check_head_cache(meta: dict, cache: FeatureCache, head_path: str) -> None:
     """Raise FeatcacheError unless the head was trained on features like this cache's."""
     dim = int(cache.attrs.get("feature_dim", -1))
-    if meta["in_dim"] != dim:
-        raise FeatcacheError(f"{head_path} expects {meta['in_dim']}-d features but {cache.path} has {dim}-d")
+    if input_dim(meta) != dim:
+        raise FeatcacheError(f"{head_path} expects {input_dim(meta)}-d features but {cache.path} has {dim}-d")
     if list(meta["class_names"]) != cache.class_names:
         raise FeatcacheError(
             f"{head_path} was trained on classes {meta['class_names']} but {cache.path} has {cache.class_names}"

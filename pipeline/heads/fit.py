@@ -21,7 +21,9 @@ from featcache.pipeline.device import resolve_device
 from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.heads.cv import refit_cv_winner, train_torch
 from featcache.pipeline.heads.data import Prepared, prepare
-from featcache.pipeline.heads.leaderboard import logreg_row, rank, rank_key
+from featcache.pipeline.heads.exact import fit_exact
+from featcache.pipeline.heads.layersets import layer_columns, layer_set_label
+from featcache.pipeline.heads.leaderboard import exact_row, logreg_row, rank, rank_key
 from featcache.pipeline.heads.logreg import fit_logreg
 from featcache.pipeline.heads.metrics import score
 from featcache.pipeline.heads.optim import OPTIMIZERS
@@ -30,6 +32,7 @@ from featcache.pipeline.heads.result import Candidate, Leaderboard, SweepResult,
 from featcache.pipeline.heads.train import TrainData, TrainSettings, train_many
 
 HEADS = ("linear", "mlp", "logreg")
+SOLVERS = ("auto", "exact", "epochs")  # of --head linear, see _solver
 __all__ = ["HEADS", "check_config", "expand", "fit_sweep", "rank_key", "run_fit_head"]
 
 
@@ -38,6 +41,10 @@ def check_config(cfg: HeadConfig) -> None:
     if cfg.head not in HEADS:
         raise FeatcacheError(f"unknown head {cfg.head!r}: choose from {', '.join(HEADS)}")
     check_search(cfg)
+    if cfg.solver not in SOLVERS:
+        raise FeatcacheError(f"unknown --solver {cfg.solver!r}: choose from {', '.join(SOLVERS)}")
+    if cfg.solver == "exact" and (cfg.head != "linear" or any(v > 0 for v in cfg.l1)):
+        raise FeatcacheError("--solver exact solves an L2 linear probe: it needs --head linear and no --l1 > 0")
     for opt in cfg.optimizer:
         if opt not in OPTIMIZERS:
             raise FeatcacheError(f"unknown optimizer {opt!r}: choose from {', '.join(OPTIMIZERS)}")
@@ -81,6 +88,29 @@ def _with_views(X: torch.Tensor, y: torch.Tensor, views: torch.Tensor | None):
             np.full(len(y) * k, 1.0 / k))
 
 
+def _solver(cfg: HeadConfig, data: Prepared) -> str:
+    """exact or epochs for a linear head. auto = exact for a plain L2 probe: no --l1 > 0 and no
+    augmented views to sample per epoch (the CLI also picks epochs when --lr, --weight-decay,
+    --optimizer, --momentum, --epochs, --batch-size or --patience is given: those configure epochs)."""
+    if cfg.head != "linear" or cfg.solver == "epochs":
+        return "epochs"
+    if cfg.cv or cfg.train_sizes:  # folds and sizes are masked heads of the epoch trainer
+        if cfg.solver == "exact":
+            raise FeatcacheError("--cv/--train-sizes train masked stacks of epoch-trained heads: use --solver epochs")
+        return "epochs"
+    if cfg.solver == "exact":
+        return "exact"
+    return "epochs" if any(v > 0 for v in cfg.l1) or data.views is not None else "exact"
+
+
+def _train_exact(cfg: HeadConfig, data: Prepared) -> list[Candidate]:
+    """One candidate per C (``cfg.C``, grid or random as logreg): the exact L-BFGS probe. With
+    --solver exact and augmented views, views are extra rows weighted as for logreg."""
+    X, y, weights = _with_views(*data.split("train"), data.views_of(data.rows["train"]))
+    results = fit_exact(c_values(cfg), X, y, len(data.class_names), sample_weight=weights)
+    return [Candidate(exact_row(i, r, data, cfg.seed), r.head) for i, r in enumerate(results)]
+
+
 def _train_logreg(cfg: HeadConfig, data: Prepared) -> list[Candidate]:
     X, y, weights = _with_views(*data.split("train"), data.views_of(data.rows["train"]))
     results = fit_logreg(c_values(cfg), X, y, len(data.class_names), cfg.seed, weights)
@@ -89,7 +119,7 @@ def _train_logreg(cfg: HeadConfig, data: Prepared) -> list[Candidate]:
 
 def _refit(cfg: HeadConfig, data: Prepared, best: Candidate) -> tuple[nn.Sequential, dict]:
     """Retrain the winner's exact configuration on train+val (its best epoch count, no early
-    stopping; logreg: its C) and score it. Standardisation keeps the train-only statistics."""
+    stopping; logreg and the exact linear probe: its C) and score it. Standardisation keeps the train-only statistics."""
     t0 = time.perf_counter()
     rows = np.sort(np.concatenate([data.rows["train"], data.rows["val"]]))
     idx = torch.as_tensor(rows, device=data.X.device)
@@ -98,7 +128,10 @@ def _refit(cfg: HeadConfig, data: Prepared, best: Candidate) -> tuple[nn.Sequent
     views = data.views_of(rows)
     if best.params is None:
         Xr, yr, weights = _with_views(X, y, views)
-        head = fit_logreg([best.row["C"]], Xr, yr, n_classes, cfg.seed, weights)[0].head
+        if best.row.get("solver") == "exact":
+            head = fit_exact([best.row["C"]], Xr, yr, n_classes, sample_weight=weights)[0].head
+        else:
+            head = fit_logreg([best.row["C"]], Xr, yr, n_classes, cfg.seed, weights)[0].head
         epochs = None
     else:
         epochs = best.row["best_epoch"]
@@ -125,25 +158,41 @@ def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False) -
     if cfg.use_augmented and not cache.n_views:
         raise FeatcacheError(f"--use-augmented: {cache.path} has no augmented views (extract with --augment N)")
     use_views = cache.n_views > 0 and cfg.use_augmented is not False
-    data = prepare(cache, cfg.val_fraction, cfg.seed, cfg.standardize, device, use_views, val_views=cfg.refit,
-                   drop_nonfinite=cfg.drop_nonfinite)
-    if cfg.refit and not len(data.rows["val"]):
-        raise FeatcacheError("--refit retrains on train+val, but this run has no validation split (--val-fraction 0)")
-    candidates = _train_logreg(cfg, data) if cfg.head == "logreg" else train_torch(cfg, data)
+    # --layers: every layer set is one more swept option, prepared (and standardised) on its own
+    columns_of = {layer_set_label(names, cache.attrs): cols for names in cfg.layers  # validated first
+                  for cols in [layer_columns(cache.attrs, names, cache.path)]}  # one entry per distinct set
+    sets = list(columns_of.items()) or [(None, None)]
+    candidates: list[Candidate] = []
+    set_of: dict[int, tuple[str | None, np.ndarray | None, Prepared]] = {}  # row index -> its set
+    for label, columns in sets:
+        data = prepare(cache, cfg.val_fraction, cfg.seed, cfg.standardize, device, use_views, val_views=cfg.refit,
+                       drop_nonfinite=cfg.drop_nonfinite, columns=columns)
+        if cfg.refit and not len(data.rows["val"]):
+            raise FeatcacheError("--refit retrains on train+val, but this run has no validation split (--val-fraction 0)")
+        train = {"logreg": _train_logreg, "exact": _train_exact}.get(
+            "logreg" if cfg.head == "logreg" else _solver(cfg, data), train_torch)
+        for c in train(cfg, data):
+            c.row = {"index": len(candidates), **({"layers": label} if label else {}),
+                     **{k: v for k, v in c.row.items() if k != "index"}}
+            set_of[len(candidates)] = (label, columns, data)
+            candidates.append(c)
     ranked = Leaderboard(rank([c.row for c in candidates]))
     if ranked[0].get("status") == "failed":
         raise FeatcacheError(f"every configuration diverged (non-finite training loss) in all {len(ranked)}; "
                              "try a smaller --lr")
     best = next(c for c in candidates if c.row["index"] == ranked[0]["index"])
+    label, columns, data = set_of[best.row["index"]]
     if cfg.cv >= 2:  # the winner of the folds, refitted on all train rows (train+val with --refit)
         candidates = [refit_cv_winner(cfg, data, best) if c is best else c for c in candidates]
         best = next(c for c in candidates if c.row["index"] == ranked[0]["index"])
         ranked[0] = {"rank": 1, **best.row}
         return SweepResult(config=cfg, cache=cache, data=data, candidates=candidates, leaderboard=ranked,
-                           head=best.head, refit=None, device=str(device), seconds=time.perf_counter() - t0)
+                           head=best.head, refit=None, device=str(device), seconds=time.perf_counter() - t0,
+                           columns=columns, layers=label)
     head, refit = _refit(cfg, data, best) if cfg.refit else (best.head, None)
     return SweepResult(config=cfg, cache=cache, data=data, candidates=candidates, leaderboard=ranked, head=head,
-                       refit=refit, device=str(device), seconds=time.perf_counter() - t0)
+                       refit=refit, device=str(device), seconds=time.perf_counter() - t0, columns=columns,
+                       layers=label)
 
 
 def run_fit_head(cfg: HeadConfig, progress: bool = True) -> dict:

@@ -54,12 +54,24 @@ def load_head(path: str | Path) -> tuple[nn.Sequential, dict]:
     return head.eval(), meta
 
 
-class StandardizedHead(nn.Module):
-    """(x - mean) / scale followed by the head: raw cached features in, logits out."""
+def input_dim(meta: dict) -> int:
+    """Width of the cached features a saved head reads (its ``columns`` select ``in_dim`` of them)."""
+    return int(meta.get("input_dim") or meta["in_dim"])
 
-    def __init__(self, head: nn.Module, mean: np.ndarray | None, scale: np.ndarray | None):
+
+class StandardizedHead(nn.Module):
+    """(x - mean) / scale followed by the head: raw cached features in, logits out.
+
+    ``columns``: the head reads only these columns of the features (fit-head --layers).
+    """
+
+    def __init__(self, head: nn.Module, mean: np.ndarray | None, scale: np.ndarray | None,
+                 columns: np.ndarray | None = None):
         super().__init__()
         d = head[0].in_features
+        self.select = columns is not None
+        if self.select:
+            self.register_buffer("columns", torch.as_tensor(np.asarray(columns), dtype=torch.long))
         self.register_buffer("mean", torch.as_tensor(mean if mean is not None else np.zeros(d), dtype=torch.float32))
         self.register_buffer("scale", torch.as_tensor(scale if scale is not None else np.ones(d), dtype=torch.float32))
         self.head = head
@@ -68,7 +80,9 @@ class StandardizedHead(nn.Module):
     def from_metadata(cls, head: nn.Module, meta: dict) -> "StandardizedHead":
         """With the train-split statistics recorded in ``meta["standardize"]`` (identity if none)."""
         std = meta.get("standardize") or {}
-        return cls(head, std.get("mean"), std.get("scale"))
+        return cls(head, std.get("mean"), std.get("scale"), meta.get("columns"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.select:
+            x = x.index_select(1, self.columns)
         return self.head((x - self.mean) / self.scale)

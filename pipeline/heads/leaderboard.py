@@ -13,6 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from featcache.pipeline.heads.data import Prepared
+from featcache.pipeline.heads.exact import ExactResult
 from featcache.pipeline.heads.logreg import LogregResult
 from featcache.pipeline.heads.metrics import score
 from featcache.pipeline.heads.train import FitResult
@@ -42,6 +43,13 @@ def torch_row(i: int, res: FitResult, data: Prepared) -> dict:
 def logreg_row(i: int, res: LogregResult, data: Prepared, seed: int) -> dict:
     """Leaderboard row of one scikit-learn LogisticRegression fit (no epochs: L-BFGS iterations)."""
     return {"index": i, "head": "logreg", "C": res.C, "seed": seed, "n_iter": res.n_iter, "converged": res.converged,
+            **split_scores(res.head, data), "seconds": round(res.seconds, 4)}
+
+
+def exact_row(i: int, res: ExactResult, data: Prepared, seed: int) -> dict:
+    """Leaderboard row of one C of the exact linear probe (heads/exact.py): L-BFGS iterations, no epochs."""
+    return {"index": i, "head": "linear", "solver": "exact", "hidden": "0", "C": res.C, "seed": seed,
+            "n_iter": res.n_iter, "converged": res.converged, "objective": res.objective,
             **split_scores(res.head, data), "seconds": round(res.seconds, 4)}
 
 

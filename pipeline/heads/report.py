@@ -49,7 +49,7 @@ def leaderboard_lines(rows: list[dict], limit: int = 20) -> list[str]:
     """The best ``limit`` configurations: swept hyperparameters, best epoch, scores, seconds."""
     from featcache.pipeline.heads.sweep import swept
 
-    epochs = ["best_epoch"] if rows and rows[0]["head"] != "logreg" else ["n_iter"]
+    epochs = ["n_iter"] if rows and "n_iter" in rows[0] else ["best_epoch"]  # logreg and exact: L-BFGS
     scores = [c for c in ("cv_accuracy_mean", "cv_accuracy_std", "train_accuracy", "val_accuracy", "val_loss",
                           "test_accuracy") if any(r.get(c) is not None for r in rows)]
     extra = [c for c in ("train_size", "views") if len({str(r.get(c)) for r in rows}) > 1]
@@ -65,6 +65,8 @@ def _describe(s: dict) -> str:
     p = s["params"]
     if s["head"] == "logreg":
         return f"logreg C={p['C']:g} (scikit-learn LogisticRegression)"
+    if "C" in p:
+        return f"linear C={p['C']:g} (exact L-BFGS, scikit-learn's LogisticRegression objective)"
     arch = "linear" if not p["hidden"] else "mlp " + "x".join(map(str, p["hidden"]))
     extra = f" momentum={p['momentum']:g}" if p["optimizer"] == "sgd" else ""
     return (f"{arch}, {p['optimizer']} lr={p['lr']:g} weight_decay={p['weight_decay']:g} l1={p['l1']:g}"

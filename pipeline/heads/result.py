@@ -64,8 +64,8 @@ def backbone_record(cache: FeatureCache) -> dict:
 
 def label(row: dict) -> str:
     """Short description of a configuration for legends: the swept-looking values."""
-    if row["head"] == "logreg":
-        return f"logreg C={row['C']:g}"
+    if row["head"] == "logreg" or row.get("solver") == "exact":
+        return f"{row['head']} C={row['C']:g}"
     arch = "linear" if row["hidden"] == "0" else f"mlp {row['hidden']}"
     return f"{arch} {row['optimizer']} lr={row['lr']:g} wd={row['weight_decay']:g} l1={row['l1']:g}" + (
         f" do={row['dropout']:g}" if row["hidden"] != "0" else "")
@@ -91,6 +91,8 @@ class SweepResult:
     refit: dict | None
     device: str
     seconds: float  # training and scoring, wall clock
+    columns: np.ndarray | None = None  # the winner's columns of the cache's features (fit-head --layers)
+    layers: str | None = None  # the winner's layer set, e.g. "blocks.3,blocks.4"
 
     @property
     def best(self) -> Candidate:
@@ -123,6 +125,7 @@ class SweepResult:
             "val_source": data.val_source, "class_names": data.class_names, "cache": cfg.cache,
             "cache_fingerprint": cache.fingerprint, "backbone": cache.attrs.get("backbone"),
             "backbone_info": backbone_record(cache), "device": self.device, "augmented": self._augmented(),
+            **({"layers": self.layers} if self.layers else {}),
         }
         if "cv_folds" in win:  # --cv: the winner's fold scores and its refit on all train rows
             m["cv"] = {k: win.get(k) for k in CV_KEYS}
@@ -161,13 +164,16 @@ class SweepResult:
             "config": asdict(cfg), "head_type": cfg.head,
             "params": asdict(best.params) if best.params else {"C": best.row["C"]},
             "best_epoch": best.row.get("best_epoch"), "refit": cfg.refit, "augmented": self._augmented(),
+            **({"layers": self.layers, "columns": self.columns.tolist(),
+                "input_dim": int(cache.attrs.get("feature_dim") or cache.features.shape[1])}
+               if self.columns is not None else {}),
         }
 
     # ------------------------------------------------------------------ prediction on features
     def model(self) -> StandardizedHead:
         """The saved head behind its standardisation: raw cached features (N, D) -> logits (N, C)."""
         d = self.data
-        return StandardizedHead(self.head, d.mean, d.scale).eval()
+        return StandardizedHead(self.head, d.mean, d.scale, self.columns).eval()
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities (N, C) for raw (unstandardised) features X (N, D)."""

@@ -21,7 +21,7 @@ SEARCHES = ("grid", "random")
 DEFAULT_TRIALS = 20
 LOG_SCALE = ("lr", "weight_decay", "l1", "C")  # swept on a log axis: their effect is multiplicative
 # Leaderboard columns that can be swept, in the order tables and plots show them.
-HYPERPARAMETERS = ("hidden", "dropout", "batchnorm", "weight_decay", "l1", "optimizer", "lr", "momentum", "C")
+HYPERPARAMETERS = ("layers", "hidden", "dropout", "batchnorm", "weight_decay", "l1", "optimizer", "lr", "momentum", "C")
 
 
 def check_search(cfg: HeadConfig) -> None:

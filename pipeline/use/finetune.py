@@ -73,6 +73,7 @@ class TransformedFiles(ImageFiles):
 def blocks(backbone: nn.Module) -> list[nn.Module]:
     """Backbone blocks in forward order: top-level children with parameters, containers opened once."""
     trunk = getattr(backbone, "trunk", backbone)
+    trunk = getattr(trunk, "inner", trunk)  # multi-layer wrappers (extraction/layers.py) hold the model here
     out: list[nn.Module] = []
     for child in trunk.children():
         if not any(True for _ in child.parameters()):

@@ -18,7 +18,7 @@ from featcache.cache.fingerprint import fingerprint
 from featcache.pipeline.config import ExtractConfig
 from featcache.pipeline.extraction.backbones import build_backbone, load_state_dict_file
 from featcache.pipeline.errors import FeatcacheError
-from featcache.pipeline.heads.headio import StandardizedHead, build_head, load_head
+from featcache.pipeline.heads.headio import StandardizedHead, build_head, input_dim, load_head
 from featcache.pipeline.extraction.preprocess import PreprocessSpec
 
 FT_WEIGHTS = "model.pt"
@@ -79,8 +79,8 @@ def load_run(run_dir: str | Path) -> Predictor:
         raise FeatcacheError(f"{run_dir}: the head was not trained on a featcache cache, so there is no backbone "
                              "to rebuild; predict from features instead (featcache.load(...).predict_features)")
     bb = _backbone_from_extract_config(ExtractConfig.from_dict(meta["extract_config"]), meta["cache_fingerprint"])
-    if bb.feature_dim != meta["in_dim"]:
-        raise FeatcacheError(f"backbone gives {bb.feature_dim} features, head expects {meta['in_dim']}")
+    if bb.feature_dim != input_dim(meta):
+        raise FeatcacheError(f"backbone gives {bb.feature_dim} features, head expects {input_dim(meta)}")
     return Predictor(classifier_from_head(head, meta, bb.model), bb.preprocess, meta["class_names"], meta, "run")
 
 

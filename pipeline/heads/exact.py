@@ -1,0 +1,249 @@
+"""The exact linear probe: scikit-learn's ``LogisticRegression(C)`` objective solved in torch, over a C path.
+
+Objective (what sklearn 1.9's lbfgs minimises, ``_logistic.py`` + ``_linear_loss.py``), per C::
+
+    f(W, b) = sum_i w_i * CE(x_i W^T + b, y_i) / sum_i w_i  +  ||W||^2 / (2 * C * sum_i w_i)
+
+multinomial softmax cross-entropy for 3+ classes; for 2 classes sklearn fits one logit
+(binomial loss, softmax over [0, z]) and so does this module, since a 2-class multinomial at C
+equals the binomial at 2C. L2 on the weights only, the intercept is unpenalised. ``f`` is the
+reported ``objective``; the minimiser is the same as that of ``C * sum(w_i CE_i) + ||W||^2 / 2``.
+
+Why hand-written: no library minimises this in torch (GPU) for many C values at once. The solver
+is a batched L-BFGS: every C is its own problem with its own history, step and stopping test,
+but the heads of one block share each pass over X, so the logits of H heads are one GEMM
+(N, D) x (D, H*K) and their gradient another, written ``G.t() @ X`` (the (H*K, D) product
+directly): with torch/MKL ``X.t() @ G`` was up to 1.6x slower on the development machine
+(bench/linear_probe.py prints both). C values are solved in ascending order, each block warm
+started from the previous block's largest-C solution. The stopping test is on the gradient
+itself: max |df/dtheta| <= min(tol, 0.1 * max |W| / (C * sum(w))), tol 10x tighter than sklearn's
+1e-4. The second term matters for large C: the C=10 solve warm started from C=2.78 already had
+max |grad| under 1e-5 on 40,000 x 2,048 rows and took 0 iterations; a start from a smaller C is
+off by about max |W| / (C * sum(w)), so it must now move. A solve also stops when f no longer
+changes beyond float rounding (1e-10 relative) with max |grad| <= 10 * tol: converged=True.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.heads.logreg import ABSENT_CLASS_BIAS, LogregResult
+
+# 10 values, 1e-4 .. 10 (three per decade and a half). On standardised features 1e-4 is a
+# near-prior head (||W|| ~ C * ||X^T (Y - P)||, argmax close to class means) and 10 is already
+# an almost unregularised fit of 1,000+ rows: the best C of the demo cache and the synthetic
+# bench lies inside, and larger C only costs iterations (the problem gets ill-conditioned).
+DEFAULT_C_PATH = tuple(float(f"{c:.3g}") for c in np.logspace(-4, 1, 10))
+TOL = 1e-5  # max |gradient| of f (sklearn scaling) below which a C may stop; see the module doc
+MAX_ITER = 1000  # L-BFGS iterations per C, as logreg.MAX_ITER
+HISTORY = 10  # L-BFGS curvature pairs kept per head (scipy keeps 10 for sklearn)
+BLOCK = 2  # C values solved together per pass over X (see bench/linear_probe.py)
+MAX_LS = 25  # backtracking steps before a head counts as stalled
+
+
+@dataclass
+class ExactResult(LogregResult):
+    objective: float = float("nan")  # f above at the returned head (sklearn's scaling)
+
+
+class _Loss:
+    """f and its gradient for H heads at once; theta (H, K*(D+1)): K weight rows then K biases,
+    K = free logits (n present classes, or 1 for a binary problem)."""
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor, sample_weight: torch.Tensor, n_free: int):
+        self.X, self.n, self.d, self.k = X, X.shape[0], X.shape[1], n_free
+        self.binary = n_free == 1
+        self.w = sample_weight / sample_weight.sum()  # (N,) so the data term is sklearn's weighted mean
+        self.y = y.view(-1, 1, 1)
+
+    def __call__(self, theta: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: theta (H, P); lam (H,) = 1 / (C * sum(w)). Returns f (H,) float64, grad (H, P)."""
+        h, k, d = theta.shape[0], self.k, self.d
+        W, b = theta[:, : k * d].reshape(h * k, d), theta[:, k * d:].reshape(h * k)
+        z = torch.addmm(b, self.X, W.t()).view(self.n, h, k)  # (N, H, K) logits
+        if self.binary:  # softmax over [0, z] is the sigmoid of sklearn's binomial loss
+            z = torch.cat([torch.zeros_like(z), z], 2)
+        lse = torch.logsumexp(z, 2, keepdim=True)
+        idx = self.y.expand(-1, h, 1)
+        data = ((lse - z.gather(2, idx)).squeeze(2).double() * self.w.double()[:, None]).sum(0)
+        g = torch.exp_(z.sub_(lse))  # softmax probabilities, in place of the logits
+        g.scatter_add_(2, idx, torch.full_like(idx, -1, dtype=g.dtype))  # P - onehot(y)
+        g.mul_(self.w.view(-1, 1, 1))
+        if self.binary:
+            g = g[:, :, 1:]
+        g = g.reshape(self.n, h * k)
+        lam_rows = lam.to(W.dtype).repeat_interleave(k)[:, None]
+        gW = torch.addmm(W * lam_rows, g.t(), self.X)  # (H*K, D): the fast form of X^T G
+        grad = torch.cat([gW.view(h, k * d), g.sum(0).view(h, k)], 1)
+        f = data + 0.5 * lam.double() * (W.double().view(h, -1) ** 2).sum(1)
+        return f, grad
+
+
+def _direction(g: torch.Tensor, S: torch.Tensor, Y: torch.Tensor, rho: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """L-BFGS two-loop recursion for every head at once. S, Y (M, H, P) newest last; rho (M, H) is
+    0 for an empty or rejected pair, which then has no effect."""
+    q, alpha = g.clone(), []
+    for i in range(len(S) - 1, -1, -1):
+        a = rho[i] * (S[i] * q).sum(1)
+        q -= a[:, None] * Y[i]
+        alpha.append(a)
+    r = q * gamma[:, None]
+    for i, a in zip(range(len(S)), reversed(alpha)):
+        r += S[i] * (a - rho[i] * (Y[i] * r).sum(1))[:, None]
+    return -r
+
+
+def _penalty_grad(theta: torch.Tensor, lam: torch.Tensor, loss: _Loss) -> torch.Tensor:
+    """max |lam * W| per head: the size of the penalty's own gradient. A warm start from a
+    smaller C is off by about that much, so a stop at 0.1x it cannot be a stop at the start."""
+    return (theta[:, : loss.k * loss.d].abs().amax(1) * lam.to(theta.dtype)).clamp_min(1e-30)
+
+
+def _lbfgs(loss: _Loss, theta: torch.Tensor, lam: torch.Tensor, tol: float, max_iter: int):
+    """Minimise every head (rows of theta, penalties lam) to max|grad| <= tol. Returns
+    (theta, f float64 (H,), n_iter (H,), converged (H,) bool), numpy for the last three."""
+    h, p = theta.shape
+    f, g = loss(theta, lam)
+    S = theta.new_zeros(HISTORY, h, p)
+    Y = theta.new_zeros(HISTORY, h, p)
+    rho = theta.new_zeros(HISTORY, h)
+    gamma = 1.0 / g.norm(dim=1).clamp_min(1e-30)  # first step: unit length along -g
+    n_iter = np.zeros(h, np.int64)
+    tol_t = torch.tensor(tol, dtype=theta.dtype, device=theta.device)
+    done = (g.abs().amax(1) <= torch.minimum(tol_t, 0.1 * _penalty_grad(theta, lam, loss))).cpu().numpy()
+    converged = done.copy()
+    for _ in range(max_iter):
+        act = np.flatnonzero(~done)
+        if not len(act):
+            break
+        a = torch.as_tensor(act, device=theta.device)
+        ga, fa, th = g[a], f[a], theta[a]
+        d = _direction(ga, S[:, a], Y[:, a], rho[:, a], gamma[a])
+        slope = (ga * d).sum(1)
+        bad = slope >= 0  # not a descent direction (float noise): fall back to steepest descent
+        if bad.any():
+            d[bad] = -ga[bad] * gamma[a][bad, None]
+            slope = (ga * d).sum(1)
+        t = torch.ones(len(act), dtype=theta.dtype, device=theta.device)
+        new_th, new_f, new_g = th.clone(), fa.clone(), ga.clone()
+        pending = torch.ones(len(act), dtype=torch.bool, device=theta.device)
+        for _ in range(MAX_LS):  # backtracking (Armijo) with a safeguarded quadratic step, per head
+            pi = torch.nonzero(pending).squeeze(1)
+            trial = th[pi] + t[pi, None] * d[pi]
+            ft, gt = loss(trial, lam[a[pi]])
+            # accept sufficient decrease; the 1e-12 relative slack absorbs float rounding of f
+            ok = ft <= fa[pi] + 1e-4 * (t[pi] * slope[pi]).double() + 1e-12 * fa[pi].abs()
+            acc = pi[ok]
+            new_th[acc], new_f[acc], new_g[acc] = trial[ok], ft[ok], gt[ok]
+            pending[acc] = False
+            if not pending.any():
+                break
+            rej = pi[~ok]
+            tr, dfr = t[rej], (ft[~ok] - fa[rej]).to(theta.dtype)
+            quad = -slope[rej] * tr ** 2 / (2 * (dfr - slope[rej] * tr))
+            t[rej] = torch.minimum(torch.maximum(quad, 0.1 * tr), 0.5 * tr)
+        stalled = pending.cpu().numpy()
+        s, yv = new_th - th, new_g - ga
+        sy, yy = (s * yv).sum(1), (yv * yv).sum(1)
+        valid = sy > 1e-10 * yy.clamp_min(1e-30)
+        S[:, a] = torch.cat([S[1:, a], s[None]])  # ring buffer, newest last
+        Y[:, a] = torch.cat([Y[1:, a], yv[None]])
+        rho[:, a] = torch.cat([rho[1:, a], torch.where(valid, 1.0 / sy.clamp_min(1e-30), 0.0)[None]])
+        gamma[a] = torch.where(valid, sy / yy.clamp_min(1e-30), gamma[a])
+        theta[a], f[a], g[a] = new_th, new_f, new_g
+        n_iter[act] += 1
+        gmax = new_g.abs().amax(1)
+        ok_grad = (gmax <= torch.minimum(tol_t, 0.1 * _penalty_grad(new_th, lam[a], loss))).cpu().numpy()
+        # f no longer moves beyond float rounding: stop; it counts as converged only near tol
+        flat = ((fa - new_f).abs() <= 1e-10 * fa.abs()).cpu().numpy() & (gmax <= 10 * tol).cpu().numpy()
+        converged[act] = ok_grad | flat
+        done[act] = ok_grad | flat | stalled  # a head whose line search fails cannot move any further
+    return theta, f.cpu().numpy(), n_iter, converged
+
+
+def _to_head(theta: torch.Tensor, present: np.ndarray, n_classes: int, d: int) -> nn.Sequential:
+    """One head's theta as Linear(D, n_classes); absent classes get zero weights and
+    ABSENT_CLASS_BIAS (never predicted), as logreg.to_linear does."""
+    k = len(present) if len(present) > 2 else 1
+    W, b = theta[: k * d].view(k, d), theta[k * d:]
+    if k == 1:
+        W, b = torch.cat([torch.zeros_like(W), W]), torch.cat([torch.zeros_like(b), b])
+    lin = nn.Linear(d, n_classes)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.bias.fill_(ABSENT_CLASS_BIAS)
+        idx = torch.as_tensor(present)
+        lin.weight[idx] = W.detach().float().cpu()
+        lin.bias[idx] = b.detach().float().cpu()
+    return nn.Sequential(lin).eval()
+
+
+def fit_exact(c_values: list[float] | tuple[float, ...], X: torch.Tensor, y: torch.Tensor, n_classes: int, *,
+              sample_weight: np.ndarray | torch.Tensor | None = None, tol: float = TOL, max_iter: int = MAX_ITER,
+              block: int = BLOCK) -> list[ExactResult]:
+    """Exact ``LogisticRegression(C=c)`` for every c, on X's device and dtype; results in input order.
+
+    Args:
+        c_values: inverse L2 strengths (sklearn's C), each > 0.
+        X: (N, D) standardised training rows; y: (N,) labels in [0, n_classes).
+        sample_weight: (N,) non-negative row weights (sklearn's ``sample_weight``), None = all 1.
+        tol: max |gradient of f| at which a C stops (converged=True); max_iter: iteration cap.
+        block: how many consecutive C values share each pass over X.
+    Returns:
+        One ExactResult per C: its head over all n_classes (CPU), iterations, converged, seconds
+        (its block's wall time shared equally among the block's C values) and objective f.
+    """
+    cs = [float(c) for c in c_values]
+    if not cs or min(cs) <= 0:
+        raise FeatcacheError(f"--C values must be positive, got {cs}")
+    yc = y.to(X.device).long()
+    present = torch.unique(yc).cpu().numpy()
+    if len(present) < 2:
+        raise FeatcacheError(f"a linear probe needs training rows of at least two classes, got {len(present)}")
+    remap = torch.full((n_classes,), -1, dtype=torch.long, device=X.device)
+    remap[torch.as_tensor(present, device=X.device)] = torch.arange(len(present), device=X.device)
+    sw = torch.ones(len(yc), dtype=X.dtype, device=X.device) if sample_weight is None else \
+        torch.as_tensor(sample_weight, dtype=X.dtype, device=X.device)
+    if sw.shape != yc.shape or bool((sw < 0).any()) or float(sw.sum()) <= 0:
+        raise FeatcacheError("sample weights must be one non-negative value per row, not all zero")
+    k = len(present) if len(present) > 2 else 1
+    loss = _Loss(X, remap[yc], sw, k)
+    sw_sum = float(sw.double().sum())
+    order = np.argsort(cs, kind="stable")
+    start = X.new_zeros(k * (X.shape[1] + 1))
+    out: dict[int, ExactResult] = {}
+    for j in range(0, len(order), max(1, block)):
+        idx = order[j: j + max(1, block)]
+        t0 = time.perf_counter()
+        lam = torch.tensor([1.0 / (cs[i] * sw_sum) for i in idx], dtype=torch.float64, device=X.device)
+        theta, f, n_iter, conv = _lbfgs(loss, start.repeat(len(idx), 1), lam, tol, max_iter)
+        if X.is_cuda:
+            torch.cuda.synchronize()
+        share = (time.perf_counter() - t0) / len(idx)
+        for r, i in enumerate(idx):
+            out[int(i)] = ExactResult(cs[i], _to_head(theta[r], present, n_classes, X.shape[1]), int(n_iter[r]),
+                                      bool(conv[r]), share, float(f[r]))
+        start = theta[-1].clone()  # warm start of the next, larger C values
+    return [out[i] for i in range(len(cs))]
+
+
+def objective(head: nn.Sequential, X: torch.Tensor, y: torch.Tensor, C: float,
+              sample_weight: np.ndarray | None = None) -> float:
+    """f above for a Linear head over the classes present in y (tests and bench use it to score
+    sklearn's and this module's solutions with one formula). A binary head's penalty is that of
+    its one logit row, the difference of the two rows, as in sklearn."""
+    lin = head[0]
+    present = torch.unique(y).cpu()
+    W, b = lin.weight.detach().double()[present], lin.bias.detach().double()[present]
+    Xd = X.detach().double().cpu()
+    z = Xd @ W.t() + b
+    pos = torch.searchsorted(present, y.cpu())
+    ce = torch.logsumexp(z, 1) - z.gather(1, pos[:, None]).squeeze(1)
+    w = torch.ones(len(y), dtype=torch.float64) if sample_weight is None else torch.as_tensor(sample_weight).double()
+    coef = W[1:] - W[:1] if len(present) == 2 else W
+    return float((w * ce).sum() / w.sum() + 0.5 * (coef ** 2).sum() / (C * w.sum()))
