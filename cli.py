@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import warnings
 
@@ -30,7 +31,15 @@ class Group(click.Group):
     Set FEATCACHE_DEBUG=1 to see the traceback of an unexpected error.
     """
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+    def main(self, args=None, *rest, **extra):
+        try:
+            self._main(args, *rest, **extra)
+        finally:
+            if args is None:  # the real program, not a test runner: the exit code is decided now, and a
+                # Ctrl-C during interpreter teardown would otherwise kill the process by SIGINT (exit -2)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def _main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         warnings.showwarning = _warning_line
         try:
             rv = super().main(args, prog_name or "featcache", complete_var, standalone_mode=False, **extra)
@@ -93,6 +102,8 @@ def main() -> None:
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for --weights none and --augment views.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache built with a different configuration.")
+@click.option("--prune", is_flag=True,
+              help="Allow an update that removes more than half of the cache's images, all of them, or its views.")
 @click.option("--verify-content", is_flag=True, help="Detect changed images by sha256, not size+mtime.")
 @click.option("--max-skipped", default=0.5, show_default=True, type=float, help="Fail above this unusable fraction.")
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
@@ -129,8 +140,11 @@ def extract(image_dir, output, as_json, **opts) -> None:
         f"in {s['seconds']:.1f}s" + (f" ({s['images_per_second']} img/s)" if s["images_per_second"] else ""),
         *([f"augmented views: {s['views']['per_image']} per train image, {s['views']['images']} images"]
           if "views" in s else []),
-        *(f"  skipped {p}: {r}" for p, r in s["skipped_files"]),
+        *([f"dropped /views ({s['views_dropped']} per train image; --prune)"] if s.get("views_dropped") else []),
     ])
+    if not as_json:  # diagnostics, not results: stderr, as the README says
+        for p, r in s["skipped_files"]:
+            click.echo(f"  skipped {p}: {r}", err=True)
 
 
 @main.command()

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from featcache.cache.store import CacheWriter, open_checked, rows_per_chunk
+from featcache.cache.store import CacheWriter, checked_reads, open_checked, rows_per_chunk
 
 BLOCK_BYTES = 8 << 20  # bytes per write: several whole chunks (chunks are ~1 MiB)
 
@@ -57,7 +57,7 @@ def write_feature_rows(writer: CacheWriter, n_rows: int, feature_dim: int, dtype
     """
     if len(computed) + len(reused) != n_rows:
         raise ValueError(f"{len(computed)} computed + {len(reused)} reused rows for {n_rows} cache rows")
-    with (open_checked(old_cache) if reused else contextlib.nullcontext()) as f_old:
+    with (open_checked(old_cache) if reused else contextlib.nullcontext()) as f_old, checked_reads(old_cache):
         old = f_old["features"] if reused else None
         for r0, buf in _blocks(n_rows, (feature_dim,), dtype, computed, reused, old, fill=None):
             writer.write_features(np.arange(r0, r0 + len(buf)), buf)
@@ -73,7 +73,7 @@ def write_view_rows(writer: CacheWriter, n_rows: int, views: int, feature_dim: i
         computed: final row -> (views array (n, V, D) float32 of a batch, index into it).
         reused: final row -> row of ``old_cache`` whose views (same augment fingerprint) are copied.
     """
-    with (open_checked(old_cache) if reused else contextlib.nullcontext()) as f_old:
+    with (open_checked(old_cache) if reused else contextlib.nullcontext()) as f_old, checked_reads(old_cache):
         old = f_old["views"] if reused else None
         for r0, buf in _blocks(n_rows, (views, feature_dim), dtype, computed, reused, old, fill=np.nan):
             writer.write_views(r0, buf)

@@ -2,19 +2,20 @@
 
 Layout beside the cache: ``CACHE.h5.parts/manifest.json`` (the fingerprint the parts belong to) and
 ``part-<batch index>.npz`` (keys, features, augmented views, skipped reasons). Each part is written under a
-temporary name and renamed, so after a SIGKILL every part present is whole; a re-run with the same
+temporary name and renamed (cache/atomic.py), so after a SIGKILL every part present is whole; a re-run with the same
 fingerprint and the same batch keys reuses it instead of running the backbone again.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from featcache.cache.atomic import atomic_open, write_json
 
 MANIFEST = "manifest.json"
 
@@ -25,15 +26,6 @@ class Part:
     features: np.ndarray  # (n_ok, D) float32, rows for keys whose reason is ""
     reasons: list[str]  # "" for a usable image, else why it was skipped
     views: np.ndarray | None = None  # (n_ok with views, V, D) float32 with --augment, in batch order
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class Journal:
@@ -53,7 +45,7 @@ class Journal:
                 shutil.rmtree(self.dir)
         self.dir.mkdir(exist_ok=True)
         if not manifest.exists():
-            _atomic_write(manifest, lambda fh: fh.write(json.dumps({"fingerprint": self.fingerprint}).encode()))
+            write_json(manifest, {"fingerprint": self.fingerprint}, indent=None)
 
     def _path(self, index: int) -> Path:
         return self.dir / f"part-{index:08d}.npz"
@@ -79,7 +71,9 @@ class Journal:
         arrays = {"meta": meta, "features": part.features.astype(np.float32)}
         if part.views is not None:
             arrays["views"] = part.views.astype(np.float32)
-        _atomic_write(self._path(index), lambda fh: np.savez(fh, **arrays))
+        size = sum(a.nbytes for a in arrays.values())
+        with atomic_open(self._path(index), "wb", expected_bytes=size) as fh:  # ENOSPC: one line, no temporary left
+            np.savez(fh, **arrays)
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -7,6 +7,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from featcache.cache.atomic import is_disk_full
 from featcache.cache.errors import CacheError
 
 
@@ -26,8 +27,12 @@ def cache_lock(cache_path: str | Path, writer: str = "featcache extract"):
             raise CacheError(
                 f"another {writer} is writing {cache_path} (lock {lock_path} is held); wait for it to finish"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:  # the pid is for people reading the file; the flock is the lock
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
         yield
     finally:
         os.close(fd)

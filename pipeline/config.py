@@ -54,6 +54,7 @@ class ExtractConfig(_Recorded):
     dtype: str = "float32"
     seed: int = 0  # seeds random init for --weights none, so features are reproducible
     overwrite: bool = False  # replace a cache built with a different configuration
+    prune: bool = False  # consent to an update removing most rows, all of them, or the cache's /views
     verify_content: bool = False  # decide "changed" by sha256 of the bytes, not size + mtime
     max_skipped: float = 0.5  # fail when more than this fraction of files is unusable
     optimize: bool = True  # fastest faithful form (BN folding, channels_last, CUDA fp16); False = reference eager fp32

@@ -174,7 +174,7 @@ def test_incremental_runs_reuse_views_and_recompute_only_what_changed(small_tree
     assert views_of(out).shape[1] == 3
     np.testing.assert_array_equal(read_cache(out).features[c0.split != "train"], c0.features[c0.split != "train"])
 
-    s = extract(small_tree, out)  # no views asked for: everything reused, views dropped
+    s = extract(small_tree, out, "--prune")  # no views asked for, dropping them consented: everything reused
     assert (s["extracted"], s["reused"], "views" in s) == (0, first["n_images"], False)
     with h5py.File(out, "r") as f:
         assert "views" not in f and read_cache(out).n_views == 0

@@ -58,7 +58,7 @@ def test_predict_top_k_csv_and_bad_files(run_dir, split_tree_ro, tmp_path):
     assert res.exit_code == 0, res.stderr
     rows = list(csv.DictReader(out_csv.open()))
     assert [r["path"] for r in rows] == [str(good), str(bad)]
-    assert rows[1]["error"] and not rows[1]["label"]
+    assert rows[1]["error"] and not rows[1]["class_1"]  # the CSV has no label column (it repeated class_1)
     probs = [float(rows[0][f"prob_{j}"]) for j in (1, 2, 3)]  # top-k is capped at the 3 classes
     assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-5)
     assert "prob_4" not in rows[0]

@@ -85,7 +85,9 @@ def load_state_dict_file(path: str) -> dict:
     except FileNotFoundError:
         raise FeatcacheError(f"weights file not found: {path}") from None
     except Exception as e:  # UnpicklingError for unsafe pickles, RuntimeError for non-torch files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e).strip()  # PyTorch's weights_only text is a paragraph; keep only what went wrong
+        why = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0] if "WeightsUnpickler error:" in text else text.split("\n")[0]
+        first = " ".join(why.split())[:200] if why.strip() else type(e).__name__
         raise FeatcacheError(f"refusing to load {path}: not a plain state_dict ({first})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -116,7 +118,7 @@ def _torchvision(name: str, weights: str, seed: int) -> tuple[nn.Module, Preproc
     try:
         w = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
     except KeyError:
-        choices = ", ".join(["DEFAULT", *enum.__members__, "none", "PATH"])
+        choices = ", ".join(["DEFAULT", *(m for m in enum.__members__ if m != "DEFAULT"), "none", "PATH"])
         raise FeatcacheError(f"unknown weights {weights!r} for {name}: choose from {choices}") from None
     try:
         model = torchvision.models.get_model(name, weights=w)

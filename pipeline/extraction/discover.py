@@ -3,6 +3,11 @@
 Discovery is deterministic (sorted), ignores hidden files and folders, follows symlinked folders
 once (a loop is visited only once) and keeps paths relative to ROOT as POSIX strings, so a cache
 built on one machine names the same files on another.
+
+Names: any name the filesystem allows is handled. A name that is not valid UTF-8 (e.g.
+``b'bad\\xff\\xfe.png'``) cannot be stored in the cache's UTF-8 columns or shown in JSON, so its file
+is skipped and recorded (``Discovery.skipped``) under its ``display_name`` (invalid bytes as
+``\\xff``), never an error for the whole folder. A folder that cannot be read is recorded the same way.
 """
 from __future__ import annotations
 
@@ -16,6 +21,10 @@ from featcache.pipeline.errors import FeatcacheError
 
 SPLITS = ("train", "val", "test")
 UNLABELED = -1
+# torchvision's ImageFolder set plus GIF (first frame) and AVIF, which Pillow decodes: extract,
+# ``predict DIR`` and ``predict FILE`` all accept exactly these.
+IMAGE_EXTENSIONS = tuple(IMG_EXTENSIONS) + (".gif", ".avif")
+BAD_NAME = "file name is not valid UTF-8 (rename it to cache it)"
 
 
 @dataclass(frozen=True)
@@ -31,21 +40,48 @@ class Discovery:
     records: tuple[ImageRecord, ...]
     class_names: tuple[str, ...]
     has_splits: bool
+    skipped: tuple[tuple[str, str], ...] = ()  # (display path relative to root, reason): bad names, unreadable folders
 
 
 def is_image(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
+    return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def walk_images(top: Path, exclude: set[str] | None = None) -> list[Path]:
+def display_name(path: str | os.PathLike) -> str:
+    """``path`` as valid UTF-8 text: bytes that are not UTF-8 (surrogate-escaped by Python) become
+    ``\\xNN``; every other character, tabs and newlines included, is kept (callers escape for TSV)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def valid_name(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _unreadable(e: OSError) -> str:
+    return f"folder cannot be read: {type(e).__name__}: {e.strerror or e}"
+
+
+def walk_images(top: Path, exclude: set[str] | None = None,
+                errors: list[tuple[str, str]] | None = None) -> list[Path]:
     """All image files under ``top``, sorted, skipping hidden entries and symlink loops.
 
     Args:
         exclude: real paths of folders never to enter (e.g. the root and the other classes).
+        errors: receives (folder, reason) for every folder that could not be listed (os.walk
+            would otherwise skip it without a word).
     """
     found: list[Path] = []
     seen_dirs: set[str] = set(exclude or ())
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+
+    def onerror(e: OSError) -> None:
+        if errors is not None:
+            errors.append((e.filename, _unreadable(e)))
+
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True, onerror=onerror):
         real = os.path.realpath(dirpath)
         if real in seen_dirs:  # a symlink loop or a second link to the same folder
             dirnames[:] = []
@@ -58,8 +94,15 @@ def walk_images(top: Path, exclude: set[str] | None = None) -> list[Path]:
     return found
 
 
+def _scandir(path: Path) -> list[os.DirEntry]:
+    try:
+        return sorted(os.scandir(path), key=lambda e: e.name)
+    except OSError as e:
+        raise FeatcacheError(f"image folder {display_name(path)} cannot be read ({e.strerror or e})") from None
+
+
 def _subdirs(path: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+    return [e.name for e in _scandir(path) if e.is_dir() and not e.name.startswith(".")]
 
 
 def discover(root: str | os.PathLike) -> Discovery:
@@ -68,8 +111,9 @@ def discover(root: str | os.PathLike) -> Discovery:
     Args:
         root: an ImageFolder tree, optionally with ``train``/``val``/``test`` subfolders.
     Returns:
-        A Discovery; classes are the sorted class folders that hold at least one image.
+        A Discovery; classes are the sorted class folders that hold at least one usable image.
         Images directly inside ROOT (or a split folder) are kept with label -1 (unlabeled).
+        Files whose name is not UTF-8 and folders that cannot be read are in ``skipped``.
     """
     root = Path(root)
     if not root.exists():
@@ -81,8 +125,9 @@ def discover(root: str | os.PathLike) -> Discovery:
     groups = [(s, root / s) for s in split_dirs] if split_dirs else [("train", root)]
 
     raw: list[tuple[str, str | None, str]] = []  # (relpath, class name or None, split)
+    unreadable: list[tuple[str, str]] = []  # (folder, reason)
     for split, base in groups:
-        entries = [e for e in sorted(os.scandir(base), key=lambda e: e.name) if not e.name.startswith(".")]
+        entries = [e for e in _scandir(base) if not e.name.startswith(".")]
         class_dirs = {e.name: os.path.realpath(e.path) for e in entries if e.is_dir()}
         above = {os.path.realpath(root), os.path.realpath(base)}
         for entry in entries:
@@ -90,18 +135,22 @@ def discover(root: str | os.PathLike) -> Discovery:
                 # Each class is walked on its own and never enters the root or a sibling class, so a
                 # symlink into another class neither steals nor duplicates that class's images.
                 others = {real for name, real in class_dirs.items() if name != entry.name}
-                for path in walk_images(Path(entry.path), exclude=above | others):
+                for path in walk_images(Path(entry.path), exclude=above | others, errors=unreadable):
                     raw.append((path.relative_to(root).as_posix(), entry.name, split))
             elif is_image(entry.name):
                 raw.append((Path(entry.path).relative_to(root).as_posix(), None, split))
+    skipped = [(display_name(os.path.relpath(d, root)) + "/", r) for d, r in unreadable]
+    skipped += [(display_name(p), BAD_NAME) for p, _, _ in raw if not valid_name(p)]
+    raw = [r for r in raw if valid_name(r[0])]
     if not raw:
+        why = f"; skipped {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise FeatcacheError(
-            f"no images found under {root} (expected {root}/<class>/<image>, "
-            f"extensions {', '.join(IMG_EXTENSIONS)})"
+            f"no images found under {display_name(root)} (expected {display_name(root)}/<class>/<image>, "
+            f"extensions {', '.join(IMAGE_EXTENSIONS)}){why}"
         )
     class_names = tuple(sorted({c for _, c, _ in raw if c is not None}))
     index = {c: i for i, c in enumerate(class_names)}
     records = tuple(
         ImageRecord(p, index[c] if c is not None else UNLABELED, s) for p, c, s in sorted(raw)
     )
-    return Discovery(root, records, class_names, bool(split_dirs))
+    return Discovery(root, records, class_names, bool(split_dirs), tuple(sorted(skipped)))

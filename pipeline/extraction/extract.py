@@ -32,8 +32,9 @@ from featcache.pipeline.errors import FeatcacheError
 from featcache.cache.featwrite import write_feature_rows
 from featcache.pipeline.extraction.images import IMAGE_POLICY
 from featcache.pipeline.extraction.loader import ImageFiles, decode_batches, draft_min_side
-from featcache.pipeline.extraction.plan import Plan, batches_of, make_plan
+from featcache.pipeline.extraction.plan import Plan, batches_of, check_consent, make_plan, space_needed
 from featcache.pipeline.extraction.quickcheck import quick_attrs
+from featcache.cache.atomic import ensure_free_space
 from featcache.cache.saver import PartSaver
 from featcache.pipeline.extraction.views import Views, split_rows, write_views
 
@@ -183,6 +184,7 @@ def _assemble(job: Job, old, computed: dict) -> dict:
     """Write the final cache: reused rows, newly computed rows and the skipped list, in path order."""
     cfg, bb, disc, plan, views = job.cfg, job.bb, job.disc, job.plan, job.views
     skipped: list[tuple[str, str]] = [(disc.records[i].path, r) for i, r in plan.stat_errors.items()]
+    skipped += disc.skipped  # names that cannot be stored, folders that cannot be read (discover.py)
     row_of: dict[int, int] = {}
     for i in range(len(plan.records)):
         if i in plan.reuse or (i in computed and computed[i][0].reasons[computed[i][1]] == ""):
@@ -191,7 +193,7 @@ def _assemble(job: Job, old, computed: dict) -> dict:
             part, j = computed[i]
             skipped.append((disc.records[i].path, part.reasons[j]))
     skipped.sort()
-    n_files = len(plan.records)
+    n_files = len(plan.records) + len(disc.skipped)
     if not row_of:
         raise FeatcacheError(f"none of the {n_files} image files could be used (first: {skipped[0][1]})")
     if len(skipped) > cfg.max_skipped * n_files:
@@ -199,7 +201,8 @@ def _assemble(job: Job, old, computed: dict) -> dict:
             f"{len(skipped)} of {n_files} files are unusable (more than --max-skipped {cfg.max_skipped}); "
             f"first: {skipped[0][0]}: {skipped[0][1]}"
         )
-    writer = CacheWriter(cfg.output, len(row_of), bb.feature_dim, cfg.dtype, views.n)
+    writer = CacheWriter(cfg.output, len(row_of), bb.feature_dim, cfg.dtype, views.n,
+                         view_rows=sum(1 for i in row_of if views.wants(i)))
     try:
         # A part's features hold only its usable images: position j maps to feature row pos[j].
         parts = {id(p): p for p, _ in computed.values()}
@@ -278,6 +281,10 @@ def _extract(cfg: ExtractConfig, disc: Discovery, *, device: torch.device, ctx: 
         views = Views(recipe_of(cfg), disc, fp)
         plan = make_plan(disc, old, cfg.verify_content, views.wants if views.n else None,
                          old is not None and old.attrs.get("augment_fingerprint", "") == views.fingerprint)
+        views_dropped = check_consent(plan, old, out, old_views=old.n_views if old else 0, new_views=views.n,
+                                      prune=cfg.prune or cfg.overwrite)  # destructive updates need consent
+        ensure_free_space(out, space_needed(plan, len(plan.reuse) + len(plan.compute), bb.feature_dim, cfg.dtype,
+                                            views.rows if views.n else None))  # a full disk: one line, before work
         journal = Journal(out, views.fingerprint or fp)  # parts hold views too when there are any
         if ctx.is_main:
             journal.open()
@@ -287,11 +294,11 @@ def _extract(cfg: ExtractConfig, disc: Discovery, *, device: torch.device, ctx: 
         computed, resumed, speed = _run_backbone(job, device=device, journal=journal, ctx=ctx, progress=progress)
         compute_s = time.perf_counter() - t1
         ranks = gather(ctx, {"rank": ctx.rank, "extracted": speed.pop("ran_here"), "device": str(device)})
+        ran = sum(r["extracted"] for r in ranks)  # images the backbone saw in this run (not resumed ones)
         if not ctx.is_main:
             return None
         result = _assemble(job, old, computed)
         journal.remove()
-    n_new = len(plan.compute)  # files sent to the backbone (this run or a resumed one)
     return {
         "cache": str(out), **{k: result[k] for k in ("n_images", "splits")}, "feature_dim": bb.feature_dim,
         "backbone": cfg.backbone, "weights": bb.description["weights"], "layer": bb.description["layer"],
@@ -301,7 +308,8 @@ def _extract(cfg: ExtractConfig, disc: Discovery, *, device: torch.device, ctx: 
         "resumed_batches": resumed, "fingerprint": fp, **speed,
         **({"views": {"per_image": views.n, "images": result["view_rows"], "augment_fingerprint": views.fingerprint}}
            if views.n else {}),
-        "images_per_second": round(n_new / compute_s, 2) if n_new and compute_s > 0 else None,
+        **({"views_dropped": views_dropped} if views_dropped else {}),
+        "images_per_second": round(ran / compute_s, 2) if ran and compute_s > 0 else None,
         "seconds": round(time.perf_counter() - t0, 3), "up_to_date": False,
         **({"world_size": ctx.world_size, "ranks": ranks} if ctx.enabled else {}),
     }

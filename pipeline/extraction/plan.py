@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featcache.cache.fingerprint import file_sha256
+from featcache.cache.store import estimated_bytes
+from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.extraction.discover import Discovery, ImageRecord
 
 
@@ -29,6 +31,7 @@ class Plan:
     compute: list[int]  # record indices that need the backbone, sorted
     removed: int  # rows of the old cache whose image is gone
     stat_errors: dict[int, str] = field(default_factory=dict)
+    root: Path = Path(".")  # the image folder (for messages)
 
     def key(self, i: int) -> str:
         s = self.states[i]
@@ -81,7 +84,7 @@ def make_plan(disc: Discovery, old, verify_content: bool, wants_views=None, old_
         current = {rec.path for rec in disc.records}
         removed = sum(1 for p in old.paths if p not in current)
     compute = [i for i in range(len(disc.records)) if i not in reuse and states[i] is not None]
-    return Plan(list(disc.records), states, reuse, compute, removed, errors)
+    return Plan(list(disc.records), states, reuse, compute, removed, errors, disc.root)
 
 
 def batches_of(indices: list[int], size: int, rows=None) -> list[list[int]]:
@@ -100,3 +103,51 @@ def batches_of(indices: list[int], size: int, rows=None) -> list[list[int]]:
         out[-1].append(i)
         used += cost
     return out
+
+
+PRUNE_FRACTION = 0.5  # an update removing more than this share of the cache's rows needs --prune
+
+
+def check_consent(plan: Plan, old, out, *, old_views: int, new_views: int, prune: bool) -> int:
+    """Refuse a destructive update unless the user consented (``--prune``); one line saying why.
+
+    Destructive: removing more than PRUNE_FRACTION of the old cache's rows, or all of them (the
+    folder shares no file with the cache: a mistyped IMAGE_DIR), or dropping its augmented views
+    (a run without ``--augment`` on a cache that has them).
+
+    Args:
+        old: the previous FeatureCache at ``out`` (None: nothing to lose).
+        old_views / new_views: augmented views per train image in the old cache / in this run.
+    Returns:
+        The views per image being dropped (0: none), for the summary.
+    """
+    if old is None or prune:
+        return old_views if old is not None and old_views and not new_views else 0
+    n_old = old.n_rows
+    if n_old and plan.removed == n_old:
+        raise FeatcacheError(
+            f"{out} holds {n_old} images and none of them is in {plan.root}: updating would remove them all "
+            "(a mistyped folder?); pass --prune to replace the cache's contents")
+    if plan.removed > PRUNE_FRACTION * n_old:
+        raise FeatcacheError(
+            f"updating {out} would remove {plan.removed} of its {n_old} images (their files are gone from "
+            f"{plan.root}), more than {PRUNE_FRACTION:.0%}; pass --prune to remove them")
+    if old_views and not new_views:
+        raise FeatcacheError(
+            f"{out} holds {old_views} augmented views per train image and this run has no --augment: it would "
+            f"drop /views; pass --augment {old_views} (same recipe flags) to keep them, or --prune to drop them")
+    return 0
+
+
+def space_needed(plan: Plan, n_rows: int, feature_dim: int, dtype: str, rows_of=None) -> int:
+    """Bytes an extract writes beside the cache at its peak: the journal parts of the images to
+    compute (float32, with their views) plus the new cache file (cache/store.estimated_bytes).
+
+    Args:
+        rows_of: record index -> backbone rows (1 + its views); None: 1 each.
+    """
+    rows = rows_of or (lambda i: 1)
+    journal_rows = sum(rows(i) for i in plan.compute)
+    view_rows = [rows(i) - 1 for i in range(len(plan.records)) if plan.states[i] is not None and rows(i) > 1]
+    views = max(view_rows, default=0)
+    return journal_rows * feature_dim * 4 + estimated_bytes(n_rows, feature_dim, dtype, views, len(view_rows))

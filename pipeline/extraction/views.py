@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.cache.fingerprint import fingerprint
+from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.extraction.augment import AugmentRecipe
 from featcache.cache.featwrite import write_view_rows
 
@@ -32,8 +33,17 @@ class Views:
 def split_rows(feats: np.ndarray, batch: list[int], reasons: list[str], views: Views):
     """Backbone output rows (image, its views, next image, ...) -> features (n_ok, D) and
     views (n_ok with views, V, D)."""
-    counts = [views.rows(i) for i, r in zip(batch, reasons) if r == ""]
+    usable = [i for i, r in zip(batch, reasons) if r == ""]
+    counts = [views.rows(i) for i in usable]
     starts = np.cumsum([0] + counts)[:-1].astype(np.int64)
+    finite = np.isfinite(feats).all(axis=tuple(range(1, feats.ndim)))
+    if not finite.all():  # never cache NaN/Inf: a head trained on them is silently wrong
+        owner = np.repeat(np.arange(len(usable)), counts)  # backbone row -> its image
+        bad = sorted({usable[k] for k in owner[~finite]})
+        names = ", ".join(views.records[i].path for i in bad[:3])
+        raise FeatcacheError(
+            f"the backbone produced non-finite features (NaN or Inf) for {len(bad)} image(s), first: {names}; "
+            "the cache is unchanged (check --weights and --layer)")
     firsts = feats[starts]
     if not views.n:
         return firsts, None

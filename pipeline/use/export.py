@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from featcache.cache.atomic import atomic_path, check_writable_parent
 from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.use.model import load_predictor
 
@@ -39,6 +40,7 @@ def run_export(model_path: str, output: str) -> dict:
     out = Path(output)
     if out.suffix not in (".pt2", ".pt"):
         raise FeatcacheError("export output must end in .pt2 (torch.export) or .pt (TorchScript)")
+    check_writable_parent(out, "export output")  # before the ~15 s of loading and tracing
     pred = load_predictor(model_path)
     module = Probabilities(pred.model, pred.feature_dtype).eval()
     size = pred.preprocess.crop_size
@@ -47,13 +49,13 @@ def run_export(model_path: str, output: str) -> dict:
             "input": f"float32 (N, 3, {size}, {size}), preprocessed as in 'preprocess'", "output": "probabilities (N, C)",
             "source": str(model_path), "backbone": pred.meta.get("backbone")}
     extra = {META_NAME: json.dumps(meta)}
-    with torch.no_grad():
+    with torch.no_grad(), atomic_path(out) as tmp:  # whole file or none; the previous one kept on failure
         if out.suffix == ".pt2":
             batch = torch.export.Dim("batch", min=1, max=65536)
             program = torch.export.export(module, (example,), dynamic_shapes={"x": {0: batch}})
-            torch.export.save(program, str(out), extra_files=extra)
+            torch.export.save(program, str(tmp), extra_files=extra)
         else:
             scripted = torch.jit.trace(module, example, check_trace=False)
-            torch.jit.save(scripted, str(out), _extra_files=extra)
+            torch.jit.save(scripted, str(tmp), _extra_files=extra)
     return {"model": str(model_path), "output": str(out), "format": out.suffix[1:], "classes": pred.class_names,
             "input_size": size, "bytes": out.stat().st_size}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -90,14 +91,11 @@ def set_trainable(model: Classifier, unfreeze: str) -> list[nn.Module]:
     for p in model.backbone.parameters():
         p.requires_grad_(False)
     all_blocks = blocks(model.backbone)
-    if unfreeze == "all":
+    n = _unfreeze_count(unfreeze)
+    if n is None:
         chosen = all_blocks
     else:
-        try:
-            n = int(unfreeze)
-        except ValueError:
-            raise FeatcacheError(f"--unfreeze must be 'all' or a number of blocks, got {unfreeze!r}") from None
-        if not 0 <= n <= len(all_blocks):
+        if n > len(all_blocks):
             raise FeatcacheError(f"--unfreeze {n}: the backbone has {len(all_blocks)} blocks")
         chosen = all_blocks[len(all_blocks) - n:] if n else []
     for b in chosen:
@@ -163,10 +161,39 @@ def evaluate(model: nn.Module, loader, device, amp) -> dict:
     return {"loss": loss / n, "accuracy": correct / n} if n else {}
 
 
+def _unfreeze_count(unfreeze: str) -> int | None:
+    """--unfreeze as a number of blocks (None: all); its format is checked before any model loads."""
+    if unfreeze == "all":
+        return None
+    try:
+        n = int(unfreeze)
+    except ValueError:
+        raise FeatcacheError(f"--unfreeze must be 'all' or a number of blocks, got {unfreeze!r}") from None
+    if n < 0:
+        raise FeatcacheError(f"--unfreeze {n}: the number of blocks must be 0 or more")
+    return n
+
+
+def _check_output(output: str) -> None:
+    """FT_DIR must be a folder that can be created (or exists): checked before ~10 s of loading."""
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise FeatcacheError(f"output {out} is a file; give a folder for the fine-tuned model")
+    parent = Path(os.path.abspath(out)).parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FeatcacheError(f"output {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FeatcacheError(f"output folder is not writable: {parent}")
+
+
 def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.backbone_lr_mult < 0:
         raise FeatcacheError("--epochs/--batch-size must be >= 1, --lr > 0, --backbone-lr-mult >= 0")
+    _unfreeze_count(cfg.unfreeze)
+    _check_output(cfg.output)
     pred = load_run(cfg.run_dir)
     disc = discover(cfg.image_dir)
     rows = _splits(disc, pred.class_names, cfg.val_fraction, cfg.seed)

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from featcache.cache.atomic import atomic_open, check_writable_parent
 from featcache.pipeline.device import resolve_device
-from featcache.pipeline.extraction.discover import walk_images
+from featcache.pipeline.extraction.discover import display_name, walk_images
 from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.extraction.accel import Runner
 from featcache.pipeline.extraction.loader import ImageFiles, collate
@@ -27,20 +28,29 @@ class PredictConfig:
     csv_path: str | None = None
 
 
-def collect_files(inputs: tuple[str, ...]) -> list[Path]:
-    """Files as given, folders expanded to their images (sorted); missing paths are an error."""
+def collect_files(inputs: tuple[str, ...]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files as given, folders expanded to their images (sorted); missing paths are an error.
+
+    Returns:
+        (files, unreadable folders as (display path, reason)): a folder that cannot be listed is
+        reported, never silently dropped.
+    """
     files: list[Path] = []
+    unreadable: list[tuple[str, str]] = []
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            files += walk_images(p)
+            errors: list[tuple[str, str]] = []
+            files += walk_images(p, errors=errors)
+            unreadable += [(display_name(d) + "/", r) for d, r in errors]
         elif p.exists():
             files.append(p)
         else:
-            raise FeatcacheError(f"no such file or folder: {p}")
+            raise FeatcacheError(f"no such file or folder: {display_name(p)}")
     if not files:
-        raise FeatcacheError("no images to predict (folders had no image files)")
-    return files
+        why = f" ({unreadable[0][0]}: {unreadable[0][1]})" if unreadable else ""
+        raise FeatcacheError(f"no images to predict (folders had no image files){why}")
+    return files, unreadable
 
 
 def _round_like_cache(features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -52,63 +62,83 @@ def _round_like_cache(features: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 @torch.inference_mode()
 def predict_files(pred: Predictor, files: list[Path], top_k: int, batch_size: int,
                   device: torch.device, progress: bool = False) -> list[dict]:
-    """One dict per file: {path, label, top: [{class, probability}...]} or {path, error}.
+    """One dict per file, in input order: {path, label, top: [{class, probability}...]} or {path, error}.
 
-    Images go through extraction's own path (the same decoding, JPEG draft policy, resize/crop
-    stage and backbone form), so predictions on cached images equal the cached-feature ones.
+    ``path`` is the file's ``display_name`` (valid UTF-8 whatever bytes the name holds). Images go
+    through extraction's own path (the same decoding, JPEG draft policy, resize/crop stage and
+    backbone form), so predictions on cached images equal the cached-feature ones.
     """
     ec = pred.extract_config
     dataset = ImageFiles("", [str(f) for f in files], pred.preprocess, ec.draft)
     runner = Runner(pred.model.backbone, pred.preprocess, device, optimize=ec.optimize)
     head = pred.model.head.to(device).eval()
     k = max(1, min(top_k, len(pred.class_names)))
-    out: list[dict] = []
+    out: list[dict | None] = [None] * len(files)
     bar = tqdm(total=len(files), unit="img", desc="predict", disable=not progress, file=sys.stderr)
     for s in range(0, len(files), batch_size):
-        _, x, reasons = collate([dataset[i] for i in range(s, min(s + batch_size, len(files)))])
-        chunk = files[s: s + batch_size]
-        out += [{"path": str(f), "error": r} for f, r in zip(chunk, reasons) if r]
+        idx, x, reasons = collate([dataset[i] for i in range(s, min(s + batch_size, len(files)))])
+        for i, r in zip(idx, reasons):
+            if r:
+                out[i] = {"path": display_name(files[i]), "error": r}
         if x is not None:
             feats = _round_like_cache(torch.from_numpy(runner(x)).to(device), pred.feature_dtype)
             top_p, top_i = torch.softmax(head(feats), dim=1).cpu().topk(k, dim=1)
-            ok = [f for f, r in zip(chunk, reasons) if not r]
-            for f, ps, idx in zip(ok, top_p.tolist(), top_i.tolist()):
-                out.append({"path": str(f), "label": pred.class_names[idx[0]],
-                            "top": [{"class": pred.class_names[i], "probability": p} for p, i in zip(ps, idx)]})
-        bar.update(len(chunk))
+            ok = [i for i, r in zip(idx, reasons) if not r]
+            for i, ps, cls in zip(ok, top_p.tolist(), top_i.tolist()):
+                out[i] = {"path": display_name(files[i]), "label": pred.class_names[cls[0]],
+                          "top": [{"class": pred.class_names[c], "probability": p} for p, c in zip(ps, cls)]}
+        bar.update(len(idx))
     bar.close()
-    order = {str(f): n for n, f in enumerate(files)}
-    return sorted(out, key=lambda r: order[r["path"]])
+    return out
 
 
 def write_csv(rows: list[dict], path: str, k: int) -> None:
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label", "error"] + [c for j in range(1, k + 1) for c in (f"class_{j}", f"prob_{j}")])
+    """Predictions as CSV (LF line endings, RFC 4180 quoting), written atomically: a failure leaves
+    any previous file at ``path`` as it was. No ``label`` column: it would repeat ``class_1``."""
+    with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["path", "error"] + [c for j in range(1, k + 1) for c in (f"class_{j}", f"prob_{j}")])
         for r in rows:
             tops = [c for t in r.get("top", []) for c in (t["class"], f"{t['probability']:.6f}")]
-            w.writerow([r["path"], r.get("label", ""), r.get("error", "")] + tops)
+            w.writerow([r["path"], r.get("error", "")] + tops)
 
 
 def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
     if cfg.top_k < 1 or cfg.batch_size < 1:
         raise FeatcacheError("--top-k and --batch-size must be at least 1")
+    if cfg.csv_path:
+        check_writable_parent(cfg.csv_path, "--csv")  # before any work, not after computing everything
     pred = load_predictor(cfg.model)
-    files = collect_files(cfg.inputs)
+    files, unreadable = collect_files(cfg.inputs)
     rows = predict_files(pred, files, cfg.top_k, cfg.batch_size, resolve_device(cfg.device), progress)
+    errors = [r for r in rows if "error" in r]
+    if len(errors) == len(rows):
+        raise FeatcacheError(f"none of the {len(rows)} files could be read as an image "
+                             f"(first: {errors[0]['path']}: {errors[0]['error']})")
     if cfg.csv_path:
         write_csv(rows, cfg.csv_path, min(cfg.top_k, len(pred.class_names)))
     return {"model": cfg.model, "kind": pred.kind, "n_files": len(files),
-            "n_errors": sum("error" in r for r in rows), "predictions": rows}
+            "n_errors": len(errors), "predictions": rows,
+            **({"unreadable_folders": [{"path": p, "reason": r} for p, r in unreadable]} if unreadable else {})}
+
+
+def tsv_field(text: str) -> str:
+    """One TSV field: backslash, tab, newline and carriage return escaped (``\\t``, ``\\n``...),
+    so a file name holding them cannot split a line or shift columns."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def predict_lines(summary: dict) -> list[str]:
+    """Human output: one TSV line per file (path, then the top classes or ERROR reason), then a count."""
     lines = []
     for r in summary["predictions"]:
         if "error" in r:
-            lines.append(f"{r['path']}\tERROR {r['error']}")
+            lines.append(f"{tsv_field(r['path'])}\tERROR {tsv_field(r['error'])}")
         else:
-            lines.append(f"{r['path']}\t" + "  ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
-    lines.append(f"{summary['n_files']} files, {summary['n_errors']} unreadable")
+            lines.append(f"{tsv_field(r['path'])}\t" + "  ".join(f"{tsv_field(t['class'])} {t['probability']:.3f}"
+                                                             for t in r["top"]))
+    for f in summary.get("unreadable_folders", []):
+        lines.append(f"{tsv_field(f['path'])}\tERROR {tsv_field(f['reason'])}")
+    lines.append(f"{summary['n_files']} files, {summary['n_errors']} unreadable"
+                 + (f", {len(summary['unreadable_folders'])} folder(s) unreadable" if summary.get("unreadable_folders") else ""))
     return lines
-
