@@ -329,7 +329,9 @@ class Model:
         from featcache.pipeline.use.predict import collect_files, predict_files
 
         inputs = (images,) if isinstance(images, (str, os.PathLike)) else tuple(images)
-        files = collect_files(tuple(str(p) for p in inputs))
+        files, unreadable = collect_files(tuple(str(p) for p in inputs))
+        if unreadable:
+            raise FeatcacheError(f"cannot list folder {unreadable[0][0]}: {unreadable[0][1]}")
         return predict_files(self._load_predictor(), files, top_k, batch_size, resolve_device(device))
 
     def __repr__(self) -> str:
