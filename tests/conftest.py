@@ -328,3 +328,16 @@ def fast_run(split_tree_ro, tmp_path_factory) -> Path:
     assert invoke("extract", split_tree_ro, "-o", d / "c.h5", *FAST, "--workers", "0").exit_code == 0
     assert invoke("fit-head", d / "c.h5", "-o", d / "run", "--epochs", "20", "--device", "cpu").exit_code == 0
     return d / "run"
+
+
+def deny_listing(monkeypatch, folder: Path) -> None:
+    """Make ``os.scandir(folder)`` fail with EACCES, as an unreadable folder does for a normal user
+    (root reads through permission bits, so chmod alone cannot test this as root)."""
+    real = os.scandir
+
+    def scandir(path="."):
+        if not isinstance(path, int) and os.fspath(path) == os.fspath(folder):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)

@@ -20,7 +20,7 @@ from PIL import Image
 
 from featcache.cache.errors import CacheError
 from featcache.cache.store import read_cache, read_views
-from conftest import FAST, REPO, assert_one_line_error, invoke, make_flat_tree, noisy_image, save_image
+from conftest import FAST, REPO, assert_one_line_error, deny_listing, invoke, make_flat_tree, noisy_image, save_image
 from smallfs import fill, small_fs  # noqa: F401  (fixture)
 
 BASE = [*FAST, "--device", "cpu", "--workers", "0"]
@@ -247,14 +247,7 @@ def test_unreadable_class_folder_is_reported(small_tree, tmp_path, monkeypatch):
     if os.geteuid() != 0:
         blue.chmod(0)
     else:  # root reads through permission bits: make listing that folder fail as it would for a user
-        real = os.scandir
-
-        def scandir(path="."):
-            if not isinstance(path, int) and os.fspath(path) == os.fspath(blue):
-                raise PermissionError(13, "Permission denied", os.fspath(path))
-            return real(path)
-
-        monkeypatch.setattr(os, "scandir", scandir)
+        deny_listing(monkeypatch, blue)
     try:
         res = extract(small_tree, tmp_path / "c.h5", "--json")
     finally:

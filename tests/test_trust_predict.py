@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, invoke, noisy_image
+from conftest import assert_one_line_error, deny_listing, invoke, noisy_image
 
 BAD = b"bad\xff\xfe.png"
 ODD = "odd\tname\nwith lines.png"
@@ -105,14 +105,7 @@ def test_predict_reports_an_unreadable_folder(fast_run, split_tree_ro, tmp_path,
     d = tmp_path / "imgs"
     shutil.copytree(split_tree_ro / "val", d)
     locked = d / "blue"
-    real = os.scandir
-
-    def scandir(path="."):
-        if not isinstance(path, int) and os.fspath(path) == os.fspath(locked):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return real(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    deny_listing(monkeypatch, locked)
     res = predict(fast_run, d, "--json")
     assert res.exit_code == 0, res.stderr
     assert res.json()["unreadable_folders"] == [{"path": f"{locked}/", "reason": "folder cannot be read: "
