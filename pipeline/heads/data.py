@@ -113,6 +113,15 @@ def _finite_rows(cache: FeatureCache, rows: dict[str, np.ndarray], drop: bool) -
     return {s: np.setdiff1d(r, bad) for s, r in rows.items()}
 
 
+def zscore_stats(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale), each (D,) float32, of training rows (N, D), summed in float64. Constant
+    features (dead ReLUs) get scale 1, so they stay at zero instead of exploding."""
+    tr = train.astype(np.float64)
+    mean, scale = tr.mean(0).astype(np.float32), tr.std(0).astype(np.float32)
+    scale[scale < 1e-6] = 1.0
+    return mean, scale
+
+
 def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bool, device: torch.device,
             use_views: bool = False, val_views: bool = False, drop_nonfinite: bool = False,
             columns: np.ndarray | None = None) -> Prepared:
@@ -143,10 +152,7 @@ def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bo
         X = X[:, columns]
     mean = scale = None
     if standardize:
-        tr = X[rows["train"]].astype(np.float64)
-        mean = tr.mean(0).astype(np.float32)
-        scale = tr.std(0).astype(np.float32)
-        scale[scale < 1e-6] = 1.0  # constant features (dead ReLUs) stay at zero instead of exploding
+        mean, scale = zscore_stats(X[rows["train"]])
         X = (X - mean) / scale
     views = view_pos = None
     if use_views:

@@ -19,7 +19,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from featcache.pipeline.device import resolve_device
-from featcache.pipeline.heads.data import hold_out
+from featcache.pipeline.heads.data import hold_out, zscore_stats
 from featcache.pipeline.heads.metrics import predict_proba
 from featcache.pipeline.heads.optim import OPTIMIZERS
 from featcache.pipeline.heads.train import HeadParams, TrainData, TrainSettings, train_many
@@ -101,9 +101,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
         X = X.astype(np.float32)
         self.mean_ = self.scale_ = None
         if self.standardize:
-            self.mean_ = X.mean(0, dtype=np.float64).astype(np.float32)
-            self.scale_ = X.std(0, dtype=np.float64).astype(np.float32)
-            self.scale_[self.scale_ < 1e-6] = 1.0  # constant columns stay at 0, as in fit-head
+            self.mean_, self.scale_ = zscore_stats(X)  # fit-head's own statistics
             X = (X - self.mean_) / self.scale_
         rows = np.arange(len(X))
         val = None
