@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from featcache.cache.atomic import fsync_dir
 from featcache.cache.lock import cache_lock
 from featcache.cache.store import FeatureCache
 from featcache.pipeline.config import HeadConfig
@@ -321,6 +322,7 @@ def _replace_dir(new: Path, target: Path) -> None:
     """Put folder ``new`` at ``target``: the old run (if any) is moved aside, then removed."""
     if not target.exists():
         os.replace(new, target)
+        fsync_dir(target.parent)  # the rename itself survives a power loss, as for every atomic write
         return
     old = target.parent / f".{target.name}.old-{os.getpid()}"
     os.replace(target, old)
@@ -329,4 +331,5 @@ def _replace_dir(new: Path, target: Path) -> None:
     except BaseException:
         os.replace(old, target)  # put the previous run back
         raise
+    fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
