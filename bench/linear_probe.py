@@ -1,6 +1,7 @@
 """Exact linear probe (featcache.pipeline.heads.exact) vs scikit-learn LogisticRegression(lbfgs).
 
     python bench/linear_probe.py [--cache demo-out/digits.h5] [--n 50000] [--dim 2048] [--block 2]
+                                 [--reference auto|on|off]
 
 Prints the machine (CPU, cores, torch and numpy BLAS), which GEMM form of the gradient is faster
 here, then for (a) a synthetic N x D, 10-class problem (hard: best val accuracy 70-90 %) and
@@ -9,6 +10,12 @@ against sklearn at the same C values, same split and standardisation. Per C: val
 final objective (one formula, exact.objective, for both); totals and sklearn's best-C fit time.
 Target: path seconds < sklearn's best-C seconds, |val acc diff| <= 0.2 points and objective
 within 1e-4 relative at every C.
+
+Two sklearn columns. "defaults" is LogisticRegression(C) as users run it (tol 1e-4, max_iter 1000):
+the time to beat. It stops on max |grad| <= 1e-4, which on nearly separable rows (large C on the
+demo cache) is far above the optimum, so its accuracy there is that of an early stop.
+"converged" (tol 1e-8, --reference) is the optimum of the same objective, the accuracy to match.
+"""
 """
 from __future__ import annotations
 
@@ -77,40 +84,63 @@ def real(path: str):
     return Xt.numpy(), yt.numpy(), Xv.numpy(), yv.numpy(), len(data.class_names)
 
 
-def compare(name: str, Xt, yt, Xv, yv, k: int, cs: list[float], block: int) -> None:
-    print(f"\n== {name}: train {Xt.shape[0]} x {Xt.shape[1]}, val {len(yv)}, {k} classes ==")
-    tX, ty, vX, vy = (torch.from_numpy(a) for a in (Xt, yt, Xv, yv))
-    t0 = time.perf_counter()
-    ours = fit_exact(cs, tX, ty, k, block=block)
-    path_s = time.perf_counter() - t0
-    rows = []
-    for c, r in zip(cs, ours):
-        model = LogisticRegression(C=c, max_iter=MAX_ITER)
+def _sklearn_path(Xt, yt, vX, vy, k: int, cs: list[float], tol: float, max_iter: int) -> list[tuple]:
+    """(seconds, val acc, objective, n_iter) of LogisticRegression(C, lbfgs) at every C."""
+    tX, ty = torch.from_numpy(Xt), torch.from_numpy(yt)
+    out = []
+    for c in cs:
+        model = LogisticRegression(C=c, tol=tol, max_iter=max_iter)
         t1 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             model.fit(Xt, yt)
-        sk_s = time.perf_counter() - t1
-        sk_head = to_linear(model, Xt.shape[1], k)
+        sec = time.perf_counter() - t1
+        head = to_linear(model, Xt.shape[1], k)
         with torch.no_grad():
-            acc_f = (r.head(vX).argmax(1) == vy).double().mean().item()
-            acc_s = (sk_head(vX).argmax(1) == vy).double().mean().item()
-        rows.append((c, acc_f, acc_s, objective(r.head, tX, ty, c), objective(sk_head, tX, ty, c), r.n_iter,
-                     int(np.max(model.n_iter_)), r.converged, sk_s))
-    print(f"{'C':>8} {'val acc fc':>10} {'val acc sk':>10} {'obj fc':>11} {'obj sk':>11} {'rel diff':>9} "
-          f"{'it fc':>6} {'it sk':>6} {'sk s':>7}")
-    for c, af, as_, of, os_, itf, its, conv, sks in rows:
-        print(f"{c:8.3g} {100 * af:10.2f} {100 * as_:10.2f} {of:11.6f} {os_:11.6f} {(of - os_) / os_:+9.1e} "
-              f"{itf:5d}{'' if conv else '*'} {its:6d} {sks:7.2f}")
-    best = max(rows, key=lambda r: (r[2], -r[0]))
-    sk_total = sum(r[8] for r in rows)
-    acc_ok = all(abs(r[1] - r[2]) <= 0.002 for r in rows)
-    obj_ok = all((r[3] - r[4]) / r[4] <= 1e-4 for r in rows)  # lower than sklearn's is better, not a miss
-    print(f"featcache path (10 C, block {block}): {path_s:.2f} s | sklearn all C: {sk_total:.2f} s | "
-          f"sklearn best C={best[0]:g}: {best[8]:.2f} s  (* = stopped before tol)")
-    print(f"target: path < sklearn best-C fit {'MET' if path_s < best[8] else 'MISSED'} "
-          f"({best[8] / path_s:.2f}x); val acc within 0.2 pt {'MET' if acc_ok else 'MISSED'}; "
-          f"objective within 1e-4 rel {'MET' if obj_ok else 'MISSED'}")
+            acc = (head(vX).argmax(1) == vy).double().mean().item()
+        out.append((sec, acc, objective(head, tX, ty, c), int(np.max(model.n_iter_))))
+    return out
+
+
+def _verdict(name: str, path_s: float, ours: list[tuple], sk: list[tuple], cs: list[float], n_val: int) -> None:
+    """Target against one sklearn column: path seconds < its best-C fit, val acc within 0.2 points
+    and objective within 1e-4 relative (lower than sklearn's is better, not a miss) at every C."""
+    best = max(range(len(cs)), key=lambda i: (sk[i][1], -cs[i]))
+    rows_off = [round(abs(o[0] - s_[1]) * n_val) for o, s_ in zip(ours, sk)]
+    acc_ok = all(abs(o[0] - s_[1]) <= 0.002 for o, s_ in zip(ours, sk))
+    obj_ok = all((o[1] - s_[2]) / s_[2] <= 1e-4 for o, s_ in zip(ours, sk))
+    print(f"vs {name}: best C={cs[best]:g} (val {100 * sk[best][1]:.2f} %) fit {sk[best][0]:.2f} s, "
+          f"all 10 C {sum(r[0] for r in sk):.2f} s")
+    print(f"  path < best-C fit: {'MET' if path_s < sk[best][0] else 'MISSED'} ({sk[best][0] / path_s:.2f}x); "
+          f"val acc within 0.2 pt: {'MET' if acc_ok else 'MISSED'} (val rows that differ per C: {rows_off}); "
+          f"objective within 1e-4 rel: {'MET' if obj_ok else 'MISSED'}")
+
+
+def compare(name: str, Xt, yt, Xv, yv, k: int, cs: list[float], block: int, reference: bool) -> None:
+    print(f"\n== {name}: train {Xt.shape[0]} x {Xt.shape[1]}, val {len(yv)}, {k} classes ==")
+    tX, ty, vX, vy = (torch.from_numpy(a) for a in (Xt, yt, Xv, yv))
+    t0 = time.perf_counter()
+    path = fit_exact(cs, tX, ty, k, block=block)
+    path_s = time.perf_counter() - t0
+    with torch.no_grad():
+        ours = [((r.head(vX).argmax(1) == vy).double().mean().item(), objective(r.head, tX, ty, c), r.n_iter, r.converged)
+                for c, r in zip(cs, path)]
+    sk = _sklearn_path(Xt, yt, vX, vy, k, cs, 1e-4, MAX_ITER)  # sklearn's defaults but max_iter
+    ref = _sklearn_path(Xt, yt, vX, vy, k, cs, 1e-8, 10 * MAX_ITER) if reference else None
+    print(f"{'C':>8} {'val fc':>7} {'val sk':>7} {'obj fc':>10} {'obj sk':>10} {'rel':>8} {'it fc':>6} {'it sk':>6} "
+          f"{'sk s':>6}" + (f" {'val ref':>7} {'obj ref':>10} {'rel ref':>8} {'ref s':>6}" if ref else ""))
+    for i, c in enumerate(cs):
+        (af, of, itf, conv), (sks, as_, os_, its) = ours[i], sk[i]
+        line = (f"{c:8.3g} {100 * af:7.2f} {100 * as_:7.2f} {of:10.6f} {os_:10.6f} {(of - os_) / os_:+8.1e} "
+                f"{itf:5d}{'' if conv else '*'} {its:6d} {sks:6.2f}")
+        if ref:
+            rs, ar, or_, _ = ref[i]
+            line += f" {100 * ar:7.2f} {or_:10.6f} {(of - or_) / or_:+8.1e} {rs:6.2f}"
+        print(line)
+    print(f"featcache path (10 C, block {block}): {path_s:.2f} s  (* = stopped before tol)")
+    _verdict("sklearn defaults (tol 1e-4)", path_s, ours, sk, cs, len(yv))
+    if ref:
+        _verdict("sklearn converged (tol 1e-8)", path_s, ours, ref, cs, len(yv))
 
 
 def main() -> None:
@@ -119,15 +149,17 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=50000)
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--block", type=int, default=BLOCK)
+    ap.add_argument("--reference", choices=("auto", "on", "off"), default="auto",
+                    help="also fit sklearn at tol 1e-8, the optimum; auto = on the real cache only (small)")
     args = ap.parse_args()
     print(machine())
     print("(shared machine: other jobs may run at the same time; figures are wall-clock)")
     print(gemm_forms())
     cs = list(DEFAULT_C_PATH)
     if args.n > 0:  # --n 0: the real cache only
-        compare("synthetic", *synthetic(args.n, args.dim), cs, args.block)
+        compare("synthetic", *synthetic(args.n, args.dim), cs, args.block, args.reference == "on")
     if Path(args.cache).exists():
-        compare(f"cache {args.cache}", *real(args.cache), cs, args.block)
+        compare(f"cache {args.cache}", *real(args.cache), cs, args.block, args.reference != "off")
     else:
         print(f"\n(no cache at {args.cache}: real-data comparison skipped; run `make demo` or pass --cache)")
 

@@ -10,17 +10,15 @@ equals the binomial at 2C. L2 on the weights only, the intercept is unpenalised.
 reported ``objective``; the minimiser is the same as that of ``C * sum(w_i CE_i) + ||W||^2 / 2``.
 
 Why hand-written: no library minimises this in torch (GPU) for many C values at once. The solver
-is a batched L-BFGS: every C is its own problem with its own history, step and stopping test,
-but the heads of one block share each pass over X, so the logits of H heads are one GEMM
-(N, D) x (D, H*K) and their gradient another, written ``G.t() @ X`` (the (H*K, D) product
-directly): with torch/MKL ``X.t() @ G`` was up to 1.6x slower on the development machine
-(bench/linear_probe.py prints both). C values are solved in ascending order, each block warm
-started from the previous block's largest-C solution. The stopping test is on the gradient
-itself: max |df/dtheta| <= min(tol, 0.1 * max |W| / (C * sum(w))), tol 10x tighter than sklearn's
-1e-4. The second term matters for large C: the C=10 solve warm started from C=2.78 already had
-max |grad| under 1e-5 on 40,000 x 2,048 rows and took 0 iterations; a start from a smaller C is
-off by about max |W| / (C * sum(w)), so it must now move. A solve also stops when f no longer
-changes beyond float rounding (1e-10 relative) with max |grad| <= 10 * tol: converged=True.
+(heads/lbfgs.py) is a batched, preconditioned L-BFGS: every C is its own problem, but the heads of
+one block share each pass over X, so the logits of H heads are one GEMM (N, D) x (D, H*K) and
+their gradient another, written ``G.t() @ X`` (the (H*K, D) product directly): with torch/MKL
+``X.t() @ G`` was up to 1.6x slower on the development machine (bench/linear_probe.py prints
+both). C values are solved in ascending order, two per pass (a second head costs ~1.3x one on
+40,000 x 2,048 rows, not 2x), each block warm started from the previous block's largest-C
+solution and its curvature pairs. A C stops at sklearn's own test, max |df/dtheta| <= 1e-4, and
+only once L-BFGS also expects less than 1e-6 * f of further decrease (lbfgs.GAP): the gradient
+alone let warm starts and nearly separable rows stop well above the minimum.
 """
 from __future__ import annotations
 
@@ -32,6 +30,7 @@ import torch
 from torch import nn
 
 from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.heads.lbfgs import MAX_PRECOND_DIM, History, Preconditioner, lbfgs
 from featcache.pipeline.heads.logreg import ABSENT_CLASS_BIAS, LogregResult
 
 # 10 values, 1e-4 .. 10 (three per decade and a half). On standardised features 1e-4 is a
@@ -39,11 +38,9 @@ from featcache.pipeline.heads.logreg import ABSENT_CLASS_BIAS, LogregResult
 # an almost unregularised fit of 1,000+ rows: the best C of the demo cache and the synthetic
 # bench lies inside, and larger C only costs iterations (the problem gets ill-conditioned).
 DEFAULT_C_PATH = tuple(float(f"{c:.3g}") for c in np.logspace(-4, 1, 10))
-TOL = 1e-5  # max |gradient| of f (sklearn scaling) below which a C may stop; see the module doc
+TOL = 1e-4  # max |gradient| of f below which a C may stop: sklearn's tol; see the module doc
 MAX_ITER = 1000  # L-BFGS iterations per C, as logreg.MAX_ITER
-HISTORY = 10  # L-BFGS curvature pairs kept per head (scipy keeps 10 for sklearn)
 BLOCK = 2  # C values solved together per pass over X (see bench/linear_probe.py)
-MAX_LS = 25  # backtracking steps before a head counts as stalled
 
 
 @dataclass
@@ -61,8 +58,10 @@ class _Loss:
         self.w = sample_weight / sample_weight.sum()  # (N,) so the data term is sklearn's weighted mean
         self.y = y.view(-1, 1, 1)
 
-    def __call__(self, theta: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Args: theta (H, P); lam (H,) = 1 / (C * sum(w)). Returns f (H,) float64, grad (H, P)."""
+    def __call__(self, theta: torch.Tensor, lam: torch.Tensor, curvature: bool = False):
+        """Args: theta (H, P); lam (H,) = 1 / (C * sum(w)). Returns f (H,) float64, grad (H, P), and
+        with ``curvature`` also A (H, K, K) = sum_i w_i (diag(p_i) - p_i p_i^T) over the free logits:
+        the class factor of the Hessian's Kronecker approximation (see _Preconditioner)."""
         h, k, d = theta.shape[0], self.k, self.d
         W, b = theta[:, : k * d].reshape(h * k, d), theta[:, k * d:].reshape(h * k)
         z = torch.addmm(b, self.X, W.t()).view(self.n, h, k)  # (N, H, K) logits
@@ -72,6 +71,14 @@ class _Loss:
         idx = self.y.expand(-1, h, 1)
         data = ((lse - z.gather(2, idx)).squeeze(2).double() * self.w.double()[:, None]).sum(0)
         g = torch.exp_(z.sub_(lse))  # softmax probabilities, in place of the logits
+        A = None
+        if curvature:
+            # float64 and renormalised: float32 rows sum to 1 only within 1e-7, which would give the
+            # logits' shift direction (exactly flat) a curvature of that size and H0 a huge step along it
+            p = g.double() / g.double().sum(2, keepdim=True)
+            p = p[:, :, 1:] if self.binary else p  # (N, H, K) free-logit probabilities
+            pw = p * self.w.double().view(-1, 1, 1)
+            A = torch.diag_embed(pw.sum(0)) - torch.einsum("nhk,nhl->hkl", pw, p)
         g.scatter_add_(2, idx, torch.full_like(idx, -1, dtype=g.dtype))  # P - onehot(y)
         g.mul_(self.w.view(-1, 1, 1))
         if self.binary:
@@ -81,89 +88,7 @@ class _Loss:
         gW = torch.addmm(W * lam_rows, g.t(), self.X)  # (H*K, D): the fast form of X^T G
         grad = torch.cat([gW.view(h, k * d), g.sum(0).view(h, k)], 1)
         f = data + 0.5 * lam.double() * (W.double().view(h, -1) ** 2).sum(1)
-        return f, grad
-
-
-def _direction(g: torch.Tensor, S: torch.Tensor, Y: torch.Tensor, rho: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """L-BFGS two-loop recursion for every head at once. S, Y (M, H, P) newest last; rho (M, H) is
-    0 for an empty or rejected pair, which then has no effect."""
-    q, alpha = g.clone(), []
-    for i in range(len(S) - 1, -1, -1):
-        a = rho[i] * (S[i] * q).sum(1)
-        q -= a[:, None] * Y[i]
-        alpha.append(a)
-    r = q * gamma[:, None]
-    for i, a in zip(range(len(S)), reversed(alpha)):
-        r += S[i] * (a - rho[i] * (Y[i] * r).sum(1))[:, None]
-    return -r
-
-
-def _penalty_grad(theta: torch.Tensor, lam: torch.Tensor, loss: _Loss) -> torch.Tensor:
-    """max |lam * W| per head: the size of the penalty's own gradient. A warm start from a
-    smaller C is off by about that much, so a stop at 0.1x it cannot be a stop at the start."""
-    return (theta[:, : loss.k * loss.d].abs().amax(1) * lam.to(theta.dtype)).clamp_min(1e-30)
-
-
-def _lbfgs(loss: _Loss, theta: torch.Tensor, lam: torch.Tensor, tol: float, max_iter: int):
-    """Minimise every head (rows of theta, penalties lam) to max|grad| <= tol. Returns
-    (theta, f float64 (H,), n_iter (H,), converged (H,) bool), numpy for the last three."""
-    h, p = theta.shape
-    f, g = loss(theta, lam)
-    S = theta.new_zeros(HISTORY, h, p)
-    Y = theta.new_zeros(HISTORY, h, p)
-    rho = theta.new_zeros(HISTORY, h)
-    gamma = 1.0 / g.norm(dim=1).clamp_min(1e-30)  # first step: unit length along -g
-    n_iter = np.zeros(h, np.int64)
-    tol_t = torch.tensor(tol, dtype=theta.dtype, device=theta.device)
-    done = (g.abs().amax(1) <= torch.minimum(tol_t, 0.1 * _penalty_grad(theta, lam, loss))).cpu().numpy()
-    converged = done.copy()
-    for _ in range(max_iter):
-        act = np.flatnonzero(~done)
-        if not len(act):
-            break
-        a = torch.as_tensor(act, device=theta.device)
-        ga, fa, th = g[a], f[a], theta[a]
-        d = _direction(ga, S[:, a], Y[:, a], rho[:, a], gamma[a])
-        slope = (ga * d).sum(1)
-        bad = slope >= 0  # not a descent direction (float noise): fall back to steepest descent
-        if bad.any():
-            d[bad] = -ga[bad] * gamma[a][bad, None]
-            slope = (ga * d).sum(1)
-        t = torch.ones(len(act), dtype=theta.dtype, device=theta.device)
-        new_th, new_f, new_g = th.clone(), fa.clone(), ga.clone()
-        pending = torch.ones(len(act), dtype=torch.bool, device=theta.device)
-        for _ in range(MAX_LS):  # backtracking (Armijo) with a safeguarded quadratic step, per head
-            pi = torch.nonzero(pending).squeeze(1)
-            trial = th[pi] + t[pi, None] * d[pi]
-            ft, gt = loss(trial, lam[a[pi]])
-            # accept sufficient decrease; the 1e-12 relative slack absorbs float rounding of f
-            ok = ft <= fa[pi] + 1e-4 * (t[pi] * slope[pi]).double() + 1e-12 * fa[pi].abs()
-            acc = pi[ok]
-            new_th[acc], new_f[acc], new_g[acc] = trial[ok], ft[ok], gt[ok]
-            pending[acc] = False
-            if not pending.any():
-                break
-            rej = pi[~ok]
-            tr, dfr = t[rej], (ft[~ok] - fa[rej]).to(theta.dtype)
-            quad = -slope[rej] * tr ** 2 / (2 * (dfr - slope[rej] * tr))
-            t[rej] = torch.minimum(torch.maximum(quad, 0.1 * tr), 0.5 * tr)
-        stalled = pending.cpu().numpy()
-        s, yv = new_th - th, new_g - ga
-        sy, yy = (s * yv).sum(1), (yv * yv).sum(1)
-        valid = sy > 1e-10 * yy.clamp_min(1e-30)
-        S[:, a] = torch.cat([S[1:, a], s[None]])  # ring buffer, newest last
-        Y[:, a] = torch.cat([Y[1:, a], yv[None]])
-        rho[:, a] = torch.cat([rho[1:, a], torch.where(valid, 1.0 / sy.clamp_min(1e-30), 0.0)[None]])
-        gamma[a] = torch.where(valid, sy / yy.clamp_min(1e-30), gamma[a])
-        theta[a], f[a], g[a] = new_th, new_f, new_g
-        n_iter[act] += 1
-        gmax = new_g.abs().amax(1)
-        ok_grad = (gmax <= torch.minimum(tol_t, 0.1 * _penalty_grad(new_th, lam[a], loss))).cpu().numpy()
-        # f no longer moves beyond float rounding: stop; it counts as converged only near tol
-        flat = ((fa - new_f).abs() <= 1e-10 * fa.abs()).cpu().numpy() & (gmax <= 10 * tol).cpu().numpy()
-        converged[act] = ok_grad | flat
-        done[act] = ok_grad | flat | stalled  # a head whose line search fails cannot move any further
-    return theta, f.cpu().numpy(), n_iter, converged
+        return (f, grad, A) if curvature else (f, grad)
 
 
 def _to_head(theta: torch.Tensor, present: np.ndarray, n_classes: int, d: int) -> nn.Sequential:
@@ -213,22 +138,26 @@ def fit_exact(c_values: list[float] | tuple[float, ...], X: torch.Tensor, y: tor
         raise FeatcacheError("sample weights must be one non-negative value per row, not all zero")
     k = len(present) if len(present) > 2 else 1
     loss = _Loss(X, remap[yc], sw, k)
+    precond = Preconditioner(X, loss.w, k) if X.shape[1] <= MAX_PRECOND_DIM else None
     sw_sum = float(sw.double().sum())
     order = np.argsort(cs, kind="stable")
     start = X.new_zeros(k * (X.shape[1] + 1))
+    hist = None
     out: dict[int, ExactResult] = {}
     for j in range(0, len(order), max(1, block)):
         idx = order[j: j + max(1, block)]
         t0 = time.perf_counter()
         lam = torch.tensor([1.0 / (cs[i] * sw_sum) for i in idx], dtype=torch.float64, device=X.device)
-        theta, f, n_iter, conv = _lbfgs(loss, start.repeat(len(idx), 1), lam, tol, max_iter)
+        hist = History.empty(len(idx), start.numel(), X) if hist is None else hist.carried(-1, lam, k * X.shape[1])
+        theta, f, n_iter, conv, hist = lbfgs(loss, start.repeat(len(idx), 1), lam, hist, precond, tol=tol,
+                                             max_iter=max_iter)
         if X.is_cuda:
             torch.cuda.synchronize()
         share = (time.perf_counter() - t0) / len(idx)
         for r, i in enumerate(idx):
             out[int(i)] = ExactResult(cs[i], _to_head(theta[r], present, n_classes, X.shape[1]), int(n_iter[r]),
                                       bool(conv[r]), share, float(f[r]))
-        start = theta[-1].clone()  # warm start of the next, larger C values
+        start = theta[-1].clone()  # warm start of the next, larger C values, with its curvature pairs
     return [out[i] for i in range(len(cs))]
 
 
