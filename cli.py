@@ -15,6 +15,7 @@ import click
 
 from featcache.pipeline.config import ExtractConfig, HeadConfig
 from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline import startup
 from featcache.pipeline.options import float_list, str_list
 
 
@@ -32,12 +33,15 @@ class Group(click.Group):
     """
 
     def main(self, args=None, *rest, **extra):
+        if args is None:  # the command's own process (not a test runner): faster imports and exit
+            startup.install()
         try:
             self._main(args, *rest, **extra)
         finally:
             if args is None:  # the real program, not a test runner: the exit code is decided now, and a
                 # Ctrl-C during interpreter teardown would otherwise kill the process by SIGINT (exit -2)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
+                startup.freeze()
 
     def _main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         warnings.showwarning = _warning_line
@@ -173,18 +177,14 @@ def layers(backbone, as_json) -> None:
 
 
 def _c_path(C: str | None, opts: dict) -> tuple[float, ...]:
-    """--C as given, else the head's default path; and --solver auto -> epochs when the user set
-    an option only the epoch solver reads (an explicit --lr list asks for an epoch sweep)."""
-    from featcache.pipeline.heads.exact import DEFAULT_C_PATH
+    """--C and --solver as heads.fit.resolve_solver settles them (opts["solver"] is updated)."""
+    from featcache.pipeline.heads.fit import EPOCH_OPTIONS, resolve_solver
 
     ctx = click.get_current_context()
-    epoch_opts = ("lr", "weight_decay", "optimizer", "momentum", "epochs", "batch_size", "patience")
-    if opts["solver"] == "auto" and any(ctx.get_parameter_source(o) == click.core.ParameterSource.COMMANDLINE
-                                        for o in epoch_opts):
-        opts["solver"] = "epochs"
-    if C is not None:
-        return float_list(C, "--C")
-    return HeadConfig.C if ctx.params["head"] != "linear" or opts["solver"] == "epochs" else DEFAULT_C_PATH
+    given = {o for o in EPOCH_OPTIONS if ctx.get_parameter_source(o) == click.core.ParameterSource.COMMANDLINE}
+    opts["solver"], c = resolve_solver(ctx.params["head"], opts["solver"], None if C is None else float_list(C, "--C"),
+                                       given)
+    return c
 
 
 @main.command("fit-head")

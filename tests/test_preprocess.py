@@ -91,3 +91,21 @@ def test_random_and_file_weights_use_imagenet_defaults(tmp_path):
     bb = build_backbone("resnet18", "none", layer="conv1")
     assert (bb.preprocess.resize_size, bb.preprocess.crop_size) == (256, 224)
     assert bb.preprocess.mean == imagenet_default("x").mean
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("wh", [(500, 375), (375, 500), (97, 64), (256, 256)])
+def test_pil_stage_is_pixel_for_pixel_the_v2_resize_and_crop(interpolation, wh):
+    """loader.pil_stage runs torchvision.transforms (v1) to keep v2's torch._dynamo import out of
+    start-up; on PIL images it must give exactly what spec.transform()'s v2 steps give."""
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode, v2
+
+    from featcache.pipeline.extraction.loader import pil_stage
+
+    spec = PreprocessSpec(crop_size=224, resize_size=256, interpolation=interpolation, antialias=True,
+                          mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    rng = np.random.default_rng(sum(wh))
+    img = Image.fromarray(rng.integers(0, 256, (wh[1], wh[0], 3), dtype=np.uint8))
+    v2_steps = v2.Compose([v2.Resize(256, InterpolationMode(interpolation), antialias=True), v2.CenterCrop(224)])
+    np.testing.assert_array_equal(np.asarray(pil_stage(spec)(img)), np.asarray(v2_steps(img)))

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 from featcache.pipeline.errors import FeatcacheError
 
@@ -96,6 +95,8 @@ def crop_params(rng: np.random.Generator, width: int, height: int, scale: tuple[
 def make_view(img: Image.Image, recipe: AugmentRecipe, rel_path: str, view: int, size: int,
               interpolation: str) -> Image.Image:
     """One augmented view of an RGB image, ``size`` x ``size`` pixels (the backbone's crop size)."""
+    from torchvision.transforms.v2 import functional as TF  # here: v2 imports torch._dynamo (~2 s)
+
     rng = view_rng(recipe.seed, rel_path, view)
     mode = InterpolationMode(interpolation)
     if recipe.rotate > 0:

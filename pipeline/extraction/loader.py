@@ -21,7 +21,8 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode, v2
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
 
 from featcache.pipeline.extraction.augment import AugmentRecipe, make_view
 from featcache.pipeline.extraction.images import UnreadableImage, load_rgb
@@ -33,11 +34,15 @@ DRAFT_FACTOR = 2  # JPEG draft decodes to a shorter side >= 2x the resize target
 Batch = tuple[list[int], "torch.Tensor | None", list[str]]
 
 
-def pil_stage(spec: PreprocessSpec) -> v2.Compose:
-    """The PIL part of ``spec.transform()``: resize + center crop (PIL image -> PIL image)."""
-    return v2.Compose([
-        v2.Resize(spec.resize_size, InterpolationMode(spec.interpolation), antialias=spec.antialias),
-        v2.CenterCrop(spec.crop_size),
+def pil_stage(spec: PreprocessSpec) -> T.Compose:
+    """The PIL part of ``spec.transform()``: resize + center crop (PIL image -> PIL image).
+
+    torchvision.transforms (v1), not v2: on PIL images both are the same PIL resize and crop
+    (tests/test_loader.py checks pixel equality), and v2 imports torch._dynamo (~2 s at start-up).
+    """
+    return T.Compose([
+        T.Resize(spec.resize_size, InterpolationMode(spec.interpolation), antialias=spec.antialias),
+        T.CenterCrop(spec.crop_size),
     ])
 
 

@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
 
 # torchvision's ImageClassification preset defaults; used for random (--weights none) and file
 # weights, which carry no preprocessing of their own.
@@ -36,8 +35,12 @@ class PreprocessSpec:
     def from_dict(cls, d: dict) -> "PreprocessSpec":
         return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
-    def transform(self) -> v2.Compose:
+    def transform(self) -> "v2.Compose":
         """PIL RGB image -> normalised float tensor (3, crop, crop)."""
+        # imported here: torchvision.transforms.v2 pulls in torch._dynamo (~2 s), which extraction's
+        # own batch path (loader.pil_stage + accel.Normalizer) does not need
+        from torchvision.transforms import v2
+
         return v2.Compose(
             [
                 # Resize and crop on the PIL image, as weights.transforms() does.
