@@ -247,7 +247,7 @@ def fit_heads(data, *, output: PathLike | None = None, progress: bool = False, *
         The SweepResult: ``leaderboard`` (``.to_pandas()``), ``best``, ``history``, ``metrics``,
         ``predict(X)``, ``plot_*()`` Figures, ``save(run_dir)``.
     """
-    from featcache.pipeline.heads.fit import fit_sweep
+    from featcache.pipeline.heads.fit import fit_sweep, resolve_solver
 
     if isinstance(data, Cache):
         fc, path = data.features, str(data.path)
@@ -257,7 +257,11 @@ def fit_heads(data, *, output: PathLike | None = None, progress: bool = False, *
         fc, path = read_cache(data), str(data)
     else:
         fc, path = _arrays_cache(data), None
-    cfg = head_config(cache=path, **options)
+    # as fit-head: solver auto (the exact probe for a plain L2 linear head) unless an epoch option is given
+    given = {k for k in options if k not in ("solver", "C")}
+    solver, C = resolve_solver(options.get("head", HeadConfig.head), options.get("solver", "auto"),
+                               options.get("C"), given)
+    cfg = head_config(cache=path, **{**options, "solver": solver, "C": C})
     result = fit_sweep(cfg, fc, progress=progress)
     if output is not None:
         result.save(output)

@@ -190,3 +190,34 @@ def test_solver_exact_with_l1_is_a_one_line_error(cache, tmp_path):
     code, out, err = run_cli("fit-head", cache, "-o", tmp_path / "r", "--solver", "exact", "--l1", "0.1")
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code != 0 and out == "" and len(lines) == 1 and "--solver exact" in lines[0]
+
+
+def test_python_api_defaults_to_the_exact_probe_as_the_cli_does(cache):
+    """fit_heads resolves solver and C as fit-head does (heads.fit.resolve_solver)."""
+    import featcache
+
+    plain = featcache.fit_heads(cache, plots=False)
+    assert [r["solver"] for r in plain.leaderboard] == ["exact"] * len(DEFAULT_C_PATH)
+    assert sorted(r["C"] for r in plain.leaderboard) == sorted(DEFAULT_C_PATH)
+    picked = featcache.fit_heads(cache, C=[0.1, 1.0], plots=False)
+    assert sorted(r["C"] for r in picked.leaderboard) == [0.1, 1.0]
+    epochs = featcache.fit_heads(cache, lr=[1e-3, 1e-2], epochs=3, plots=False)  # an epoch option: epoch sweep
+    assert len(epochs.leaderboard) == 2 and all("solver" not in r for r in epochs.leaderboard)
+    forced = featcache.fit_heads(cache, solver="epochs", epochs=2, plots=False)
+    assert all("solver" not in r and r["best_epoch"] >= 1 for r in forced.leaderboard)
+
+
+def test_without_the_preconditioner_it_reaches_the_same_optimum(monkeypatch):
+    """Above MAX_PRECOND_DIM features L-BFGS runs with a scalar H0: slower, same answer."""
+    import featcache.pipeline.heads.exact as exact
+
+    X, y = _problem(4, n=300, seed=5)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    with_pre = fit_exact([0.05, 2.0], Xt, yt, 4)
+    monkeypatch.setattr(exact, "MAX_PRECOND_DIM", 0)
+    plain = fit_exact([0.05, 2.0], Xt, yt, 4)
+    for a, b, C in zip(with_pre, plain, (0.05, 2.0)):
+        ref = objective(to_linear(_reference(X, y, C), X.shape[1], 4), Xt, yt, C)
+        assert a.converged and b.converged
+        assert abs(a.objective - ref) / ref < 1e-5 and abs(b.objective - ref) / ref < 1e-5
+        np.testing.assert_array_equal(_predict(a.head, X), _predict(b.head, X))

@@ -33,7 +33,9 @@ from featcache.pipeline.heads.train import TrainData, TrainSettings, train_many
 
 HEADS = ("linear", "mlp", "logreg")
 SOLVERS = ("auto", "exact", "epochs")  # of --head linear, see _solver
-__all__ = ["HEADS", "check_config", "expand", "fit_sweep", "rank_key", "run_fit_head"]
+# options only the epoch trainer reads: giving one asks for an epoch sweep (resolve_solver)
+EPOCH_OPTIONS = ("lr", "weight_decay", "optimizer", "momentum", "epochs", "batch_size", "patience")
+__all__ = ["HEADS", "check_config", "expand", "fit_sweep", "rank_key", "resolve_solver", "run_fit_head"]
 
 
 def check_config(cfg: HeadConfig) -> None:
@@ -86,6 +88,26 @@ def _with_views(X: torch.Tensor, y: torch.Tensor, views: torch.Tensor | None):
     k = 1 + views.shape[1]
     return (torch.cat([X, views.reshape(-1, X.shape[1])]), torch.cat([y, y.repeat_interleave(views.shape[1])]),
             np.full(len(y) * k, 1.0 / k))
+
+
+def resolve_solver(head: str, solver: str, C: tuple[float, ...] | None, given) -> tuple[str, tuple[float, ...]]:
+    """What ``fit-head`` and ``fit_heads`` do with --solver and --C before building a HeadConfig.
+
+    Args:
+        head, solver: as given; C: as given, None = the default; given: names of the options
+            the user set (command line, or keyword arguments).
+    Returns:
+        (solver, C): auto becomes epochs when an epoch option (EPOCH_OPTIONS) was given (an explicit
+        --lr list asks for an epoch sweep); C defaults to the exact probe's 10-value path where the
+        exact probe may run, else to logreg's 5 values.
+    """
+    from featcache.pipeline.heads.exact import DEFAULT_C_PATH
+
+    if solver == "auto" and any(o in given for o in EPOCH_OPTIONS):
+        solver = "epochs"
+    if C is None:
+        C = HeadConfig.C if head != "linear" or solver == "epochs" else DEFAULT_C_PATH
+    return solver, C
 
 
 def _solver(cfg: HeadConfig, data: Prepared) -> str:
