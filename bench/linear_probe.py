@@ -16,7 +16,6 @@ the time to beat. It stops on max |grad| <= 1e-4, which on nearly separable rows
 demo cache) is far above the optimum, so its accuracy there is that of an early stop.
 "converged" (tol 1e-8, --reference) is the optimum of the same objective, the accuracy to match.
 """
-"""
 from __future__ import annotations
 
 import argparse
