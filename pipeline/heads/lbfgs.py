@@ -56,7 +56,7 @@ class Preconditioner:
         # 1e-10 of the largest: the shift direction of the multinomial logits, 0 up to float64 rounding
         self.a_inv = torch.where(a > 1e-10 * a.amax(1, keepdim=True), 1.0 / a.clamp_min(1e-30), 0.0).to(self.V.dtype)
 
-    def __call__(self, q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
         """q (H', P) for the heads ``rows`` of set_heads; returns H0 q, same shape."""
         h, k, d = q.shape[0], self.k, self.d
         E, a, lam = self.E[rows], self.a[rows], self.lam[rows]
