@@ -74,3 +74,25 @@ def test_finetune_holds_out_the_same_val_images_as_fit_head(flat_tree_ro, flat_c
     assert source.startswith("held out") and len(rows["val"]) > 0
     for split in ("train", "val"):
         assert [disc.records[i].path for i in idx[split]] == [cache.paths[r] for r in rows[split]]
+
+
+def test_save_finetuned_writes_each_file_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A save that dies mid-write leaves neither a torn model.pt nor a temporary file behind."""
+    import torch
+    from torch import nn
+
+    from featcache.pipeline.use import model as model_mod
+
+    def torn_save(obj, path):
+        with open(path, "wb") as fh:
+            fh.write(b"half a checkpoint")
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(model_mod.torch, "save", torn_save)
+    with pytest.raises(OSError):
+        model_mod.save_finetuned(tmp_path / "ft", nn.Linear(2, 2), {"x": 1})
+    assert sorted(p.name for p in (tmp_path / "ft").iterdir()) == []
+    monkeypatch.undo()
+    model_mod.save_finetuned(tmp_path / "ft", nn.Linear(2, 2), {"x": 1})
+    assert sorted(p.name for p in (tmp_path / "ft").iterdir()) == sorted([model_mod.FT_WEIGHTS, model_mod.FT_META])
+    assert set(torch.load(tmp_path / "ft" / model_mod.FT_WEIGHTS, weights_only=True)) == {"weight", "bias"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import os
 import sys
 import time
@@ -20,6 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
+from featcache.cache.atomic import write_json
 from featcache.pipeline.heads.data import hold_out, labeled_split_rows
 from featcache.pipeline.device import resolve_device
 from featcache.pipeline.extraction.discover import discover
@@ -267,5 +267,5 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     metrics.update(best_epoch=best_epoch, epochs_run=len(history), history=history, config=asdict(cfg),
                    frozen_head_val_accuracy=baseline.get("accuracy"), trainable_blocks=len(trainable),
                    class_names=pred.class_names, device=str(device), seconds=round(time.perf_counter() - t0, 3))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(out / "metrics.json", metrics)
     return {"ft_dir": str(out), **{k: v for k, v in metrics.items() if k != "history"}}

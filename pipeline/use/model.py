@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from featcache.cache.atomic import atomic_path, write_json
 from featcache.cache.fingerprint import fingerprint
 from featcache.pipeline.config import ExtractConfig
 from featcache.pipeline.extraction.backbones import build_backbone, load_state_dict_file
@@ -86,8 +87,10 @@ def load_run(run_dir: str | Path) -> Predictor:
 
 def save_finetuned(ft_dir: Path, model: Classifier, meta: dict) -> None:
     ft_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, ft_dir / FT_WEIGHTS)
-    (ft_dir / FT_META).write_text(json.dumps(meta, indent=2))
+    # each file whole or not at all (a killed or full-disk save leaves no torn model.pt / model.json)
+    with atomic_path(ft_dir / FT_WEIGHTS) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    write_json(ft_dir / FT_META, meta)
 
 
 def load_finetuned(ft_dir: str | Path) -> Predictor:
