@@ -213,6 +213,19 @@ def _hidden(value) -> tuple[tuple[int, ...], ...]:
     return (arch(value),)
 
 
+def _train_size(s: Any) -> int:
+    """One train_sizes item: images per class (a whole number) or "all" (0)."""
+    if str(s).lower() == "all":
+        return 0
+    try:
+        n = int(s)
+    except (TypeError, ValueError):
+        n = None
+    if n is None or isinstance(s, bool) or (isinstance(s, float) and s != n):
+        raise FeatcacheError(f"train_sizes takes images per class (whole numbers) or 'all', got {s!r}")
+    return n
+
+
 def head_config(*, cache: str | None = None, output: str | None = None, **options: Any) -> HeadConfig:
     """A HeadConfig from scalar-or-list keyword options (what ``fit_heads`` and HeadClassifier take)."""
     _options(HeadConfig, options, ("cache", "output"), "fit_heads")
@@ -230,7 +243,7 @@ def head_config(*, cache: str | None = None, output: str | None = None, **option
     if "train_sizes" in values:  # 10, [10, 50, "all"]: images per class, "all" (or 0) = every train row
         v = values["train_sizes"]
         v = list(v) if isinstance(v, (list, tuple, np.ndarray)) else [v]
-        values["train_sizes"] = tuple(0 if str(s).lower() == "all" else int(s) for s in v)
+        values["train_sizes"] = tuple(_train_size(s) for s in v)
     return HeadConfig(cache=cache, output=output, **values)
 
 

@@ -209,3 +209,12 @@ def test_runs_table_carries_the_cv_and_learning_curve_columns(cache, tmp_path):
     assert rows["cv"]["train_sizes"] == "5,all" and rows["plain"]["cv_accuracy_mean"] is None
     text = invoke("runs", tmp_path / "exp").stdout
     assert "cv_acc" in text and f"{cv['cv_accuracy_mean']:.4f}±" in text and "(3-fold)" in text
+
+
+@pytest.mark.parametrize("bad", [["x"], [2.5], [True], [None]])
+def test_python_api_refuses_a_train_size_that_is_not_a_whole_number(bad):
+    from featcache.pipeline.api import head_config
+    from featcache.pipeline.errors import FeatcacheError
+
+    with pytest.raises(FeatcacheError, match="train_sizes"):
+        head_config(train_sizes=bad)
