@@ -129,3 +129,12 @@ def test_symlink_to_a_sibling_class_folder_keeps_that_class(tmp_path):
     assert d.class_names == ("a", "b")
     labels = {r.path: d.class_names[r.label] for r in d.records}
     assert labels["b/y.png"] == "b"
+
+
+def test_written_out_extensions_are_torchvisions_own():
+    """discover.py spells out ImageFolder's tuple to avoid importing torchvision; it must not drift."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS as TV
+
+    from featcache.pipeline.extraction.discover import IMAGE_EXTENSIONS, IMG_EXTENSIONS
+
+    assert IMG_EXTENSIONS == tuple(TV) and IMAGE_EXTENSIONS[: len(TV)] == tuple(TV)

@@ -57,7 +57,7 @@ def test_recorded_attributes(cached):
     a = read_cache(out, features=False).attrs
     assert a["library_versions"]["torch"] and a["library_versions"] == quickcheck.library_versions()
     assert a["code_sha256"] == quickcheck.code_sha256()
-    # the stand-in quickcheck gives discover.py must be torchvision's tuple
+    # what discovery matched, torchvision's ImageFolder tuple (quickcheck refuses a cache whose differs)
     from torchvision.datasets.folder import IMG_EXTENSIONS
     assert tuple(a["image_extensions"]) == IMG_EXTENSIONS
     assert "weights_file" not in a  # random weights: no file to stat
@@ -202,3 +202,12 @@ def test_no_op_process_never_imports_torch_and_a_full_run_after_it_still_works(c
     (next((root / "val").rglob("*.*"))).write_bytes(next((root / "train").rglob("*.*")).read_bytes())
     s, probe = run()
     assert (s["up_to_date"], s["extracted"], probe["torch"]) == (False, 1, True)
+
+
+def test_a_different_extension_set_goes_down_the_full_path(cached, monkeypatch):
+    """The cache records which extensions discovery matched; a build matching others decides in full."""
+    root, out, _ = cached
+    cfg = cfg_of(root, out)
+    assert up_to_date(cfg) is not None
+    monkeypatch.setattr(quickcheck, "IMG_EXTENSIONS", quickcheck.IMG_EXTENSIONS + (".jxl",))
+    assert up_to_date(cfg) is None

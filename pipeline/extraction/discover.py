@@ -15,15 +15,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from torchvision.datasets.folder import IMG_EXTENSIONS
-
 from featcache.pipeline.errors import FeatcacheError
 
 SPLITS = ("train", "val", "test")
 UNLABELED = -1
+# torchvision.datasets.folder.IMG_EXTENSIONS, written out so that discovery (and the no-op check,
+# quickcheck.py) need no torchvision import, which costs seconds; tests/test_discover.py checks
+# that the two tuples are equal.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # torchvision's ImageFolder set plus GIF (first frame) and AVIF, which Pillow decodes: extract,
 # ``predict DIR`` and ``predict FILE`` all accept exactly these.
-IMAGE_EXTENSIONS = tuple(IMG_EXTENSIONS) + (".gif", ".avif")
+IMAGE_EXTENSIONS = IMG_EXTENSIONS + (".gif", ".avif")
 BAD_NAME = "file name is not valid UTF-8 (rename it to cache it)"
 
 

@@ -18,7 +18,6 @@ import glob
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import asdict
 from importlib import metadata
@@ -26,6 +25,8 @@ from pathlib import Path
 
 from featcache.pipeline.config import ExtractConfig
 from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.extraction.discover import IMG_EXTENSIONS, discover
+from featcache.pipeline.extraction.plan import make_plan
 
 # Distributions whose code shapes the features or the file (torch kernels, torchvision models and
 # weights enums, timm + the bundled Lite0 weights, Pillow decoding, h5py/numpy writing).
@@ -34,8 +35,6 @@ _ROOT = Path(__file__).resolve().parents[2]  # the featcache package (the reposi
 # featcache's own code on the extraction path: any edit (an image policy, preprocessing, the
 # schema) sends the next run down the full path, even in an editable install whose version is fixed.
 CODE_GLOBS = ("pipeline/extraction/*.py", "cache/*.py", "pipeline/config.py", "pipeline/device.py")
-_DISCOVERY_MODULES = ("featcache.pipeline.extraction.discover", "featcache.pipeline.extraction.plan")
-_TORCHVISION_STUBS = ("torchvision", "torchvision.datasets", "torchvision.datasets.folder")
 
 
 def library_versions() -> dict[str, str]:
@@ -94,36 +93,6 @@ def _weights_unchanged(weights: str, attrs: dict) -> bool:
         return False  # gone or unreadable: the full run reports it
 
 
-def _discovery(extensions: tuple[str, ...]):
-    """(discover, make_plan), without importing torch.
-
-    discover.py takes only IMG_EXTENSIONS from torchvision, and importing torchvision imports torch
-    (seconds). Unless torchvision is loaded already, the two modules are imported here against a
-    stand-in holding the extensions the cache recorded (torchvision's own tuple when the cache was
-    written, and torchvision's version is unchanged by then), and removed from sys.modules again,
-    so the rest of the process imports the real ones.
-    """
-    if "torchvision" in sys.modules:
-        from featcache.pipeline.extraction.discover import discover
-        from featcache.pipeline.extraction.plan import make_plan
-        return discover, make_plan
-    import types
-
-    stubs = {name: types.ModuleType(name) for name in _TORCHVISION_STUBS}
-    stubs["torchvision.datasets.folder"].IMG_EXTENSIONS = tuple(extensions)
-    sys.modules.update(stubs)  # discover/plan are not loaded yet: they would have loaded torchvision
-    try:
-        from featcache.pipeline.extraction.discover import discover
-        from featcache.pipeline.extraction.plan import make_plan
-    finally:
-        package = sys.modules["featcache.pipeline.extraction"]
-        for name in (*_TORCHVISION_STUBS, *_DISCOVERY_MODULES):
-            sys.modules.pop(name, None)
-        for name in ("discover", "plan"):
-            package.__dict__.pop(name, None)
-    return discover, make_plan
-
-
 def _config_json(cfg: ExtractConfig):
     return json.loads(json.dumps(asdict(cfg)))  # tuples -> lists, as the cache stores it
 
@@ -176,10 +145,9 @@ def _decide(cfg: ExtractConfig, old) -> dict | None:
     a = old.attrs
     if (a.get("config") != _config_json(cfg) or a.get("library_versions") != library_versions()
             or not _identity_parts_unchanged(a)
-            or a.get("code_sha256") != code_sha256() or not a.get("image_extensions")
+            or a.get("code_sha256") != code_sha256() or tuple(a.get("image_extensions") or ()) != IMG_EXTENSIONS
             or not _weights_unchanged(cfg.weights, a) or old.skipped):  # skipped files are retried
         return None
-    discover, make_plan = _discovery(tuple(a["image_extensions"]))
     disc = discover(cfg.image_dir)
     n = len(disc.records)
     if list(disc.class_names) != old.class_names or n != old.n_rows:
