@@ -143,8 +143,9 @@ def probe_shapes(trunk: nn.Module, crop_size: int) -> list[tuple[int, ...]]:
     """Per-image output shape of each of ``trunk``'s outputs for one (3, crop, crop) image.
 
     One real forward of a zero image: 30 ms for ResNet-18 here. The meta device would skip the
-    arithmetic but costs more: a deep copy of the model, and its batch-norm decomposition imports
-    torch._dynamo (1.3 s of start-up on the development machine).
+    arithmetic, but it needs a deep copy of the model, and its batch-norm decomposition imports
+    torch._dynamo (1.3 s of start-up on the development machine): dearer for every backbone whose
+    one-image forward takes under about a second.
     """
     x = torch.zeros(1, 3, crop_size, crop_size)
     with torch.inference_mode():

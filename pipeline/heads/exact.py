@@ -61,7 +61,7 @@ class _Loss:
     def __call__(self, theta: torch.Tensor, lam: torch.Tensor, curvature: bool = False):
         """Args: theta (H, P); lam (H,) = 1 / (C * sum(w)). Returns f (H,) float64, grad (H, P), and
         with ``curvature`` also A (H, K, K) = sum_i w_i (diag(p_i) - p_i p_i^T) over the free logits:
-        the class factor of the Hessian's Kronecker approximation (see _Preconditioner)."""
+        the class factor of the Hessian's Kronecker approximation (see lbfgs.Preconditioner)."""
         h, k, d = theta.shape[0], self.k, self.d
         W, b = theta[:, : k * d].reshape(h * k, d), theta[:, k * d:].reshape(h * k)
         z = torch.addmm(b, self.X, W.t()).view(self.n, h, k)  # (N, H, K) logits
@@ -75,7 +75,8 @@ class _Loss:
         if curvature:
             # float64 and renormalised: float32 rows sum to 1 only within 1e-7, which would give the
             # logits' shift direction (exactly flat) a curvature of that size and H0 a huge step along it
-            p = g.double() / g.double().sum(2, keepdim=True)
+            p = g.double()
+            p = p / p.sum(2, keepdim=True)
             p = p[:, :, 1:] if self.binary else p  # (N, H, K) free-logit probabilities
             pw = p * self.w.double().view(-1, 1, 1)
             A = torch.diag_embed(pw.sum(0)) - torch.einsum("nhk,nhl->hkl", pw, p)
