@@ -271,9 +271,8 @@ def fit_heads(data, *, output: PathLike | None = None, progress: bool = False, *
     else:
         fc, path = _arrays_cache(data), None
     # as fit-head: solver auto (the exact probe for a plain L2 linear head) unless an epoch option is given
-    given = {k for k in options if k not in ("solver", "C")}
     solver, C = resolve_solver(options.get("head", HeadConfig.head), options.get("solver", "auto"),
-                               options.get("C"), given)
+                               options.get("C"), options)  # the keywords given are the options set
     cfg = head_config(cache=path, **{**options, "solver": solver, "C": C})
     result = fit_sweep(cfg, fc, progress=progress)
     if output is not None:
