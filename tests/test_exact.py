@@ -221,3 +221,55 @@ def test_without_the_preconditioner_it_reaches_the_same_optimum(monkeypatch):
         assert a.converged and b.converged
         assert abs(a.objective - ref) / ref < 1e-5 and abs(b.objective - ref) / ref < 1e-5
         np.testing.assert_array_equal(_predict(a.head, X), _predict(b.head, X))
+
+
+def _max_grad(head, X, y, C, sample_weight=None) -> float:
+    """max |df/d(W, b)| of the reported head, by autograd in float64 over the present classes."""
+    present = torch.unique(y)
+    lin = head[0]
+    W = lin.weight.detach().double()[present].clone().requires_grad_(True)
+    b = lin.bias.detach().double()[present].clone().requires_grad_(True)
+    z = X.double() @ W.t() + b
+    pos = torch.searchsorted(present, y)
+    w = torch.ones(len(y), dtype=torch.float64) if sample_weight is None else torch.as_tensor(sample_weight).double()
+    ce = torch.logsumexp(z, 1) - z.gather(1, pos[:, None]).squeeze(1)
+    f = (w * ce).sum() / w.sum() + 0.5 * (W ** 2).sum() / (C * w.sum())
+    gW, gb = torch.autograd.grad(f, (W, b))
+    return max(gW.abs().max().item(), gb.abs().max().item())
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fewer_rows_than_features_solves_in_the_rotated_basis_to_the_same_optimum(monkeypatch, weighted):
+    """N <= ROTATE_ROWS * D: X is rotated into Sigma's eigenbasis without its null space. Same
+    optimum and predictions as the unrotated solve and sklearn; the stop test is sklearn's max
+    |grad| in the original features (the head's own gradient, by autograd, is within tol)."""
+    import featcache.pipeline.heads.exact as exact
+    import featcache.pipeline.heads.lbfgs as lbfgs_mod
+
+    X, y = _problem(4, n=60, d=64, seed=8)  # rank <= 60 < 64: a null space to drop
+    sw = np.random.default_rng(2).integers(0, 3, len(y)).astype(float) if weighted else None  # zeros drop rows
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    rotations = []
+    real_rotate = lbfgs_mod.Preconditioner.rotate
+    monkeypatch.setattr(lbfgs_mod.Preconditioner, "rotate",
+                        lambda self, X_: rotations.append(real_rotate(self, X_)) or rotations[-1])
+    cs = [0.05, 1.0]
+    rotated = fit_exact(cs, Xt, yt, 4, sample_weight=sw)
+    assert len(rotations) == 1
+    Xr, V = rotations[0]
+    n_rows = len(y) if sw is None else int((sw > 0).sum())
+    assert V.shape == (64, n_rows) and Xr.shape == (60, V.shape[1])
+    monkeypatch.setattr(exact, "ROTATE_ROWS", 0)
+    plain = fit_exact(cs, Xt, yt, 4, sample_weight=sw)
+    assert len(rotations) == 1
+    for a, b, C in zip(rotated, plain, cs):
+        ref = _reference(X, y, C, sw)
+        f_ref = objective(to_linear(ref, X.shape[1], 4), Xt, yt, C, sw)
+        assert a.converged and b.converged
+        assert abs(a.objective - f_ref) / f_ref < 1e-4 and abs(b.objective - f_ref) / f_ref < 1e-4  # the target
+        assert abs(a.objective - b.objective) / b.objective < 1e-6
+        assert abs(objective(a.head, Xt, yt, C, sw) - a.objective) / a.objective < 1e-5
+        np.testing.assert_array_equal(_predict(a.head, X), ref.predict(X))
+        np.testing.assert_array_equal(_predict(a.head, X), _predict(b.head, X))
+        for r in (a, b):  # 2x: the float32 head's rounding of W
+            assert _max_grad(r.head, Xt, yt, C, sw) <= 2 * exact.TOL

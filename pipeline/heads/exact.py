@@ -41,6 +41,10 @@ DEFAULT_C_PATH = tuple(float(f"{c:.3g}") for c in np.logspace(-4, 1, 10))
 TOL = 1e-4  # max |gradient| of f below which a C may stop: sklearn's tol; see the module doc
 MAX_ITER = 1000  # L-BFGS iterations per C, as logreg.MAX_ITER
 BLOCK = 2  # C values solved together per pass over X (see bench/linear_probe.py)
+# Rotate X into Sigma's eigenbasis (lbfgs.Preconditioner.rotate) when N <= ROTATE_ROWS * D: the
+# product X V costs N * D^2 once, no more than the eigh of Sigma already does, and saves two
+# (H*K, D) x (D, D) products per iteration, which cost more than a pass over X when N < ~2 H*K*D/D
+ROTATE_ROWS = 2
 
 
 @dataclass
@@ -92,6 +96,25 @@ class _Loss:
         return (f, grad, A) if curvature else (f, grad)
 
 
+def _unrotate(theta: torch.Tensor, V: torch.Tensor, k: int) -> torch.Tensor:
+    """A rotated head's theta (K*(r+1),) back in the original features: W = W_r V^T, same biases."""
+    r = V.shape[1]
+    return torch.cat([(theta[: k * r].view(k, r) @ V.t()).reshape(-1), theta[k * r:]])
+
+
+def _grad_max_rotated(V: torch.Tensor, k: int):
+    """max |gradient| (H,) in the original features, for rotated thetas (H, K*(r+1)): sklearn's tol
+    is a max over the original coordinates, which a rotation does not preserve (the weights' part
+    of the gradient is g_r V^T exactly, as X = X V V^T)."""
+    r = V.shape[1]
+
+    def grad_max(g: torch.Tensor) -> torch.Tensor:
+        gW = g[:, : k * r].reshape(-1, r) @ V.t()  # (H*K, D)
+        return torch.maximum(gW.view(g.shape[0], -1).abs().amax(1), g[:, k * r:].abs().amax(1))
+
+    return grad_max
+
+
 def _to_head(theta: torch.Tensor, present: np.ndarray, n_classes: int, d: int) -> nn.Sequential:
     """One head's theta as Linear(D, n_classes); absent classes get zero weights and
     ABSENT_CLASS_BIAS (never predicted), as logreg.to_linear does."""
@@ -138,25 +161,30 @@ def fit_exact(c_values: list[float] | tuple[float, ...], X: torch.Tensor, y: tor
     if sw.shape != yc.shape or bool((sw < 0).any()) or float(sw.sum()) <= 0:
         raise FeatcacheError("sample weights must be one non-negative value per row, not all zero")
     k = len(present) if len(present) > 2 else 1
-    loss = _Loss(X, remap[yc], sw, k)
-    precond = Preconditioner(X, loss.w, k) if X.shape[1] <= MAX_PRECOND_DIM else None
+    precond = Preconditioner(X, sw / sw.sum(), k) if X.shape[1] <= MAX_PRECOND_DIM else None
+    V, grad_max = None, None
+    if precond is not None and X.shape[0] <= ROTATE_ROWS * X.shape[1]:
+        Xs, V = precond.rotate(X)  # (N, r), (D, r): the solver's weights are W V, (K, r)
+        grad_max = _grad_max_rotated(V, k)
+    loss = _Loss(X if V is None else Xs, remap[yc], sw, k)
     sw_sum = float(sw.double().sum())
     order = np.argsort(cs, kind="stable")
-    start = X.new_zeros(k * (X.shape[1] + 1))
+    start = X.new_zeros(k * (loss.d + 1))
     hist = None
     out: dict[int, ExactResult] = {}
     for j in range(0, len(order), max(1, block)):
         idx = order[j: j + max(1, block)]
         t0 = time.perf_counter()
         lam = torch.tensor([1.0 / (cs[i] * sw_sum) for i in idx], dtype=torch.float64, device=X.device)
-        hist = History.empty(len(idx), start.numel(), X) if hist is None else hist.carried(-1, lam, k * X.shape[1])
+        hist = History.empty(len(idx), start.numel(), X) if hist is None else hist.carried(-1, lam, k * loss.d)
         theta, f, n_iter, conv, hist = lbfgs(loss, start.repeat(len(idx), 1), lam, hist, precond, tol=tol,
-                                             max_iter=max_iter)
+                                             max_iter=max_iter, grad_max=grad_max)
         if X.is_cuda:
             torch.cuda.synchronize()
         share = (time.perf_counter() - t0) / len(idx)
         for r, i in enumerate(idx):
-            out[int(i)] = ExactResult(cs[i], _to_head(theta[r], present, n_classes, X.shape[1]), int(n_iter[r]),
+            th = theta[r] if V is None else _unrotate(theta[r], V, k)
+            out[int(i)] = ExactResult(cs[i], _to_head(th, present, n_classes, X.shape[1]), int(n_iter[r]),
                                       bool(conv[r]), share, float(f[r]))
         start = theta[-1].clone()  # warm start of the next, larger C values, with its curvature pairs
     return [out[i] for i in range(len(cs))]

@@ -9,7 +9,8 @@ plain L-BFGS took 50-100 per C on 40,000 x 2,048 standardised features (bench/li
   ``Sigma`` the weighted covariance of the rows (X is standardised, so centred) and ``A`` the
   (K, K) weighted mean of ``diag(p_i) - p_i p_i^T`` at the head's start. One ``eigh`` of ``Sigma``
   (D, D) and one of each ``A`` (K, K) make it diagonal: applying it costs two (H*K, D) x (D, D)
-  products, noise next to a pass over X. Correlated features (CNN activations are) are what makes
+  products, noise next to a pass over X of many rows; with few rows (exact.ROTATE_ROWS) X is
+  rotated into Sigma's eigenbasis once instead (``rotate``) and H0 is elementwise. Correlated features (CNN activations are) are what makes
   the unpreconditioned problem ill-conditioned. The intercept block is ``A`` alone (pseudo-inverse:
   the multinomial logits are invariant to a common shift, which no gradient ever has).
 * **Curvature carried along the path.** Moving from C to a larger C changes the Hessian by exactly
@@ -40,29 +41,48 @@ class Preconditioner:
 
     def __init__(self, X: torch.Tensor, w: torch.Tensor, k: int):
         """X (N, D) standardised rows, w (N,) row weights summing to 1, k free logits per head."""
-        step = max(1, X.shape[0] // SIGMA_ROWS)
-        Xs, ws = X[::step], w[::step]
+        self.step = max(1, X.shape[0] // SIGMA_ROWS)
+        Xs, ws = X[:: self.step], w[:: self.step]
         sigma = (Xs * (ws / ws.sum())[:, None]).t() @ Xs  # (D, D)
-        lam_d, self.V = torch.linalg.eigh(sigma)
-        self.lam_d = lam_d.clamp_min(0)
+        lam_d, V = torch.linalg.eigh(sigma)  # ascending
+        self.lam_d, self.V = lam_d.clamp_min(0), V  # V None once X is rotated: H0 is then elementwise
         self.k, self.d = k, X.shape[1]
+        self.rank = int((w[:: self.step] > 0).sum())  # rows that count bound Sigma's rank
+
+    def rotate(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """X (N, D) in Sigma's eigenbasis, without its null space: returns (X V, V) with V (D, r),
+        r = min(D, rows of non-zero weight), and from then on works on the rotated weights.
+
+        Exact only when Sigma came from every row (N <= SIGMA_ROWS): then the dropped directions
+        are orthogonal to every weighted row, so the optimum has no weight along them (their
+        gradient is exactly 0) and W = W_r V^T is the solution of the original problem with the
+        same objective (V is orthonormal). What it saves: the two (H*K, D) x (D, D) products of
+        every H0 application, which on 1,078 x 1,280 rows cost more than the pass over X.
+        """
+        assert self.step == 1 and self.V is not None, "rotation needs Sigma from every row"
+        r = min(self.d, self.rank)
+        V = self.V[:, self.d - r:]
+        self.V, self.lam_d, self.d = None, self.lam_d[self.d - r:], r
+        return X @ V, V
 
     def set_heads(self, A: torch.Tensor, lam: torch.Tensor) -> None:
         """A (H, K, K) class curvature and lam (H,) penalty of the heads about to be solved."""
         a, self.E = torch.linalg.eigh(A.double())
         a = a.clamp_min(0)
-        self.a, self.E = a.to(self.V.dtype), self.E.to(self.V.dtype)
-        self.lam = lam.to(self.V.dtype)
+        dtype = self.lam_d.dtype
+        self.a, self.E, self.lam = a.to(dtype), self.E.to(dtype), lam.to(dtype)
         # 1e-10 of the largest: the shift direction of the multinomial logits, 0 up to float64 rounding
-        self.a_inv = torch.where(a > 1e-10 * a.amax(1, keepdim=True), 1.0 / a.clamp_min(1e-30), 0.0).to(self.V.dtype)
+        self.a_inv = torch.where(a > 1e-10 * a.amax(1, keepdim=True), 1.0 / a.clamp_min(1e-30), 0.0).to(dtype)
 
     def __call__(self, q: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
         """q (H', P) for the heads ``rows`` of set_heads; returns H0 q, same shape."""
         h, k, d = q.shape[0], self.k, self.d
         E, a, lam = self.E[rows], self.a[rows], self.lam[rows]
-        qW = (q[:, : k * d].reshape(h * k, d) @ self.V).view(h, k, d)  # into Sigma's eigenbasis
+        qW = q[:, : k * d].reshape(h * k, d)
+        qW = (qW if self.V is None else qW @ self.V).view(h, k, d)  # into Sigma's eigenbasis
         qW = E.transpose(1, 2) @ qW / (a[:, :, None] * self.lam_d + lam[:, None, None])
-        rW = ((E @ qW).view(h * k, d) @ self.V.t()).view(h, k * d)
+        rW = (E @ qW).view(h * k, d)
+        rW = (rW if self.V is None else rW @ self.V.t()).view(h, k * d)
         rb = (E @ ((E.transpose(1, 2) @ q[:, k * d:, None]).squeeze(2) * self.a_inv[rows])[:, :, None]).squeeze(2)
         return torch.cat([rW, rb], 1)
 
@@ -84,6 +104,7 @@ class History:
     rho: torch.Tensor
     lam: torch.Tensor
     ptr: int = 0
+    filled: int = 0  # slots written since empty(); the others hold zeros and are skipped
 
     @classmethod
     def empty(cls, h: int, p: int, like: torch.Tensor) -> "History":
@@ -100,45 +121,91 @@ class History:
         Y[:, :, :n_weights] += shift[None, :, None] * S[:, :, :n_weights]
         live = (self.rho[:, source: source + 1] != 0) & _curvature_ok(S, Y)
         rho = torch.where(live, 1.0 / (S * Y).sum(2).clamp_min(1e-30), 0.0)
-        return History(S, Y, rho, lam.clone(), self.ptr)
+        return History(S, Y, rho, lam.clone(), self.ptr, self.filled)
 
     def order(self) -> list[int]:
-        """Slots newest first."""
-        return [(self.ptr - 1 - i) % HISTORY for i in range(HISTORY)]
+        """Filled slots, newest first."""
+        return [(self.ptr - 1 - i) % HISTORY for i in range(self.filled)]
 
     def push(self, rows: torch.Tensor | slice, s: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> None:
         self.S[self.ptr, rows], self.Y[self.ptr, rows] = s, y
         self.rho[self.ptr, rows] = torch.where(valid, 1.0 / (s * y).sum(1).clamp_min(1e-30), 0.0)
         self.ptr = (self.ptr + 1) % HISTORY
+        self.filled = min(self.filled + 1, HISTORY)
 
 
 def _direction(g: torch.Tensor, hist: History, rows: torch.Tensor | slice, h0: Callable) -> torch.Tensor:
-    """L-BFGS two-loop recursion for the heads ``rows``; h0(q, rows) is the initial inverse Hessian."""
+    """L-BFGS two-loop recursion for the heads ``rows``; h0(q, rows) is the initial inverse Hessian.
+    In-place updates and one gather of the history (a view when ``rows`` is a slice): on small
+    problems the recursion's ~40 memory-bound ops per iteration cost as much as the pass over X."""
+    S, Y, rho = hist.S[:, rows], hist.Y[:, rows], hist.rho[:, rows]  # (M, H', P), (M, H')
     q, alpha, order = g.clone(), [], hist.order()
     for i in order:
-        S, Y = hist.S[i, rows], hist.Y[i, rows]
-        a = hist.rho[i, rows] * (S * q).sum(1)
-        q -= a[:, None] * Y
+        a = rho[i] * torch.linalg.vecdot(S[i], q)
+        q.addcmul_(Y[i], a[:, None], value=-1)
         alpha.append(a)
     r = h0(q, rows)
     for i, a in zip(reversed(order), reversed(alpha)):
-        S, Y = hist.S[i, rows], hist.Y[i, rows]
-        r += S * (a - hist.rho[i, rows] * (Y * r).sum(1))[:, None]
-    return -r
+        r.addcmul_(S[i], (a - rho[i] * torch.linalg.vecdot(Y[i], r))[:, None])
+    return r.neg_()
+
+
+def _line_search(loss: Callable, lam: torch.Tensor, th: torch.Tensor, f0: torch.Tensor, g0: torch.Tensor,
+                 d: torch.Tensor, slope: torch.Tensor):
+    """Backtracking (Armijo) with a safeguarded quadratic step, per head, from t = 1 along d (H', P).
+
+    Returns (theta, f, grad, pending): the accepted point of each head, or its start where no
+    step in MAX_LS was accepted (pending True). Most L-BFGS steps take t = 1 for every head,
+    which costs one loss and no bookkeeping.
+    """
+    def accepted(ft, gt, dd, t, sl, fs):
+        # Armijo, or Hager & Zhang's approximate Wolfe test where f is within float32 noise of
+        # its start: near the optimum f's differences drown in the rounding of the logits, while
+        # the slope along d, grad . d, stays exact enough to show the step went downhill
+        armijo = ft <= fs + 1e-4 * (t * sl).double()
+        return armijo | ((ft <= fs + APPROX_WOLFE * fs.abs()) & (torch.linalg.vecdot(gt, dd) <= -(1 - 2e-4) * sl))
+
+    trial = th + d
+    ft, gt = loss(trial, lam)
+    ok = accepted(ft, gt, d, 1.0, slope, f0)
+    if bool(ok.all()):
+        return trial, ft, gt, torch.zeros_like(ok)
+    new_th, new_f, new_g = th.clone(), f0.clone(), g0.clone()
+    pending = torch.ones_like(ok)
+    t = torch.ones(len(th), dtype=th.dtype, device=th.device)
+    pi = torch.arange(len(th), device=th.device)
+    for _ in range(MAX_LS):
+        acc = pi[ok]
+        new_th[acc], new_f[acc], new_g[acc] = trial[ok], ft[ok], gt[ok]
+        pending[acc] = False
+        if not pending.any():
+            break
+        rej = pi[~ok]
+        tr, dfr = t[rej], (ft[~ok] - f0[rej]).to(th.dtype)
+        quad = -slope[rej] * tr ** 2 / (2 * (dfr - slope[rej] * tr))
+        t[rej] = torch.minimum(torch.maximum(quad, 0.1 * tr), 0.5 * tr)
+        pi = torch.nonzero(pending).squeeze(1)
+        trial = th[pi] + t[pi, None] * d[pi]
+        ft, gt = loss(trial, lam[pi])
+        ok = accepted(ft, gt, d[pi], t[pi], slope[pi], f0[pi])
+    return new_th, new_f, new_g, pending
 
 
 def lbfgs(loss: Callable, theta: torch.Tensor, lam: torch.Tensor, hist: History, precond: Preconditioner | None, *,
-          tol: float, max_iter: int):
+          tol: float, max_iter: int, grad_max: Callable | None = None):
     """Minimise every head (rows of theta, penalties lam) until max |grad| <= tol (sklearn's test)
     and the L-BFGS estimate of the remaining decrease, -g.d / 2, is <= GAP * |f|. The second test
     is what a small gradient alone misses: after a warm start from a smaller C, or on nearly
     separable rows at large C, |grad| is under tol while f is still well above its minimum
     (sklearn stopped 0.5-16 % above it on the demo cache). With d from the preconditioned
-    two-loop it costs nothing: d is the next step anyway.
+    two-loop it costs nothing: d is the next step anyway. ``grad_max(g)`` gives max |grad| (H',) in
+    the caller's coordinates when theta's are rotated (exact.py); it is asked only of heads that
+    pass the other test, so its cost does not recur every iteration.
 
     Returns (theta, f float64 (H,), n_iter (H,), converged (H,) bool, hist), numpy for the middle three.
     """
     h, p = theta.shape
+    gmax = grad_max or (lambda gr: gr.abs().amax(1))
     f, g, A = loss(theta, lam, curvature=True)
     if precond is not None:
         precond.set_heads(A, lam)
@@ -161,50 +228,36 @@ def lbfgs(loss: Callable, theta: torch.Tensor, lam: torch.Tensor, hist: History,
         if bad.any():
             d[bad] = -h0(ga, rows)[bad]
             slope = (ga * d).sum(1)
-        stop = ((ga.abs().amax(1) <= tol) & (-0.5 * slope.double() <= GAP * fa.abs())).cpu().numpy()
+        stop = (-0.5 * slope.double() <= GAP * fa.abs()).cpu().numpy()
+        if stop.any():
+            stop[stop] = (gmax(ga[torch.as_tensor(stop, device=ga.device)]) <= tol).cpu().numpy()
         converged[act[stop]] = done[act[stop]] = True
         if stop.all() or it == max_iter:
             break
-        keep = torch.as_tensor(np.flatnonzero(~stop), device=theta.device)
-        act, a, ga, fa, th, d, slope = act[~stop], a[keep], ga[keep], fa[keep], th[keep], d[keep], slope[keep]
-        t = torch.ones(len(act), dtype=theta.dtype, device=theta.device)
-        new_th, new_f, new_g = th.clone(), fa.clone(), ga.clone()
-        pending = torch.ones(len(act), dtype=torch.bool, device=theta.device)
-        for _ in range(MAX_LS):  # backtracking (Armijo) with a safeguarded quadratic step, per head
-            pi = torch.nonzero(pending).squeeze(1)
-            trial = th[pi] + t[pi, None] * d[pi]
-            ft, gt = loss(trial, lam[a[pi]])
-            # Armijo, or Hager & Zhang's approximate Wolfe test where f is within float32 noise of
-            # its start: near the optimum f's differences drown in the rounding of the logits, while
-            # the slope along d, grad . d, stays exact enough to show the step went downhill
-            armijo = ft <= fa[pi] + 1e-4 * (t[pi] * slope[pi]).double()
-            approx = (ft <= fa[pi] + APPROX_WOLFE * fa[pi].abs()) & ((gt * d[pi]).sum(1) <= -(1 - 2e-4) * slope[pi])
-            ok = armijo | approx
-            acc = pi[ok]
-            new_th[acc], new_f[acc], new_g[acc] = trial[ok], ft[ok], gt[ok]
-            pending[acc] = False
-            if not pending.any():
-                break
-            rej = pi[~ok]
-            tr, dfr = t[rej], (ft[~ok] - fa[rej]).to(theta.dtype)
-            quad = -slope[rej] * tr ** 2 / (2 * (dfr - slope[rej] * tr))
-            t[rej] = torch.minimum(torch.maximum(quad, 0.1 * tr), 0.5 * tr)
+        if stop.any():
+            keep = torch.as_tensor(np.flatnonzero(~stop), device=theta.device)
+            act, a, ga, fa, th, d, slope = act[~stop], a[keep], ga[keep], fa[keep], th[keep], d[keep], slope[keep]
+            rows = a
+        new_th, new_f, new_g, pending = _line_search(loss, lam[rows], th, fa, ga, d, slope)
         # a failed line search means the curvature pairs went bad (a tiny step's y is float noise):
         # forget them and retry along H0 g; it stalls for good only with no pairs left
-        empty = (hist.rho[:, a] == 0).all(0)
+        empty = (hist.rho[:, rows] == 0).all(0)
         hist.rho[:, a[pending]] = 0
         stalled = (pending & empty).cpu().numpy()
         s, yv = new_th - th, new_g - ga
         valid = _curvature_ok(s, yv) & ~pending
-        hist.push(a, s, yv, valid)
+        hist.push(rows, s, yv, valid)
         if precond is None:
-            gamma[a] = torch.where(valid, (s * yv).sum(1) / (yv * yv).sum(1).clamp_min(1e-30), gamma[a])
-        theta[a], f[a], g[a] = new_th, new_f, new_g
-        n_iter[act] += 1
+            gamma[rows] = torch.where(valid, (s * yv).sum(1) / (yv * yv).sum(1).clamp_min(1e-30), gamma[rows])
         # f no longer moves beyond float rounding with max |grad| within tol, or no step along d
         # lowers f: the solve is at float32's floor, and converged if max |grad| is within tol
-        small = (new_g.abs().amax(1) <= tol).cpu().numpy()
-        floor = (((fa - new_f).abs() <= 1e-10 * fa.abs()).cpu().numpy() & small) | stalled
+        flat = ((fa - new_f).abs() <= 1e-10 * fa.abs()).cpu().numpy()
+        theta[rows], f[rows], g[rows] = new_th, new_f, new_g  # ga, fa, th are views of these when rows is a slice
+        n_iter[act] += 1
+        small, ask = np.zeros_like(flat), flat | stalled  # max |grad| only where it decides something
+        if ask.any():
+            small[ask] = (gmax(new_g[torch.as_tensor(ask, device=new_g.device)]) <= tol).cpu().numpy()
+        floor = (flat & small) | stalled
         converged[act] |= floor & small
         done[act] = floor
     return theta, f.cpu().numpy(), n_iter, converged, hist
