@@ -76,7 +76,13 @@ def walk_images(top: Path, exclude: set[str] | None = None,
         errors: receives (folder, reason) for every folder that could not be listed (os.walk
             would otherwise skip it without a word).
     """
-    found: list[Path] = []
+    return [Path(p) for p in _walk(str(top), exclude, errors)]
+
+
+def _walk(top: str, exclude: set[str] | None, errors: list[tuple[str, str]] | None) -> list[str]:
+    """walk_images as path strings (``top`` + separator + relative part): discovery of 100,000
+    files spent two thirds of its time building and relativising pathlib objects."""
+    found: list[str] = []
     seen_dirs: set[str] = set(exclude or ())
 
     def onerror(e: OSError) -> None:
@@ -92,7 +98,7 @@ def walk_images(top: Path, exclude: set[str] | None = None,
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in sorted(filenames):
             if not f.startswith(".") and is_image(f):
-                found.append(Path(dirpath) / f)
+                found.append(os.path.join(dirpath, f))
     return found
 
 
@@ -127,6 +133,7 @@ def discover(root: str | os.PathLike) -> Discovery:
     groups = [(s, root / s) for s in split_dirs] if split_dirs else [("train", root)]
 
     raw: list[tuple[str, str | None, str]] = []  # (relpath, class name or None, split)
+    cut = len(os.path.join(str(root), ""))  # every walked path starts with str(root) and a separator
     unreadable: list[tuple[str, str]] = []  # (folder, reason)
     for split, base in groups:
         entries = [e for e in _scandir(base) if not e.name.startswith(".")]
@@ -137,8 +144,8 @@ def discover(root: str | os.PathLike) -> Discovery:
                 # Each class is walked on its own and never enters the root or a sibling class, so a
                 # symlink into another class neither steals nor duplicates that class's images.
                 others = {real for name, real in class_dirs.items() if name != entry.name}
-                for path in walk_images(Path(entry.path), exclude=above | others, errors=unreadable):
-                    raw.append((path.relative_to(root).as_posix(), entry.name, split))
+                for path in _walk(entry.path, above | others, unreadable):
+                    raw.append((path[cut:].replace(os.sep, "/"), entry.name, split))
             elif is_image(entry.name):
                 raw.append((Path(entry.path).relative_to(root).as_posix(), None, split))
     skipped = [(display_name(os.path.relpath(d, root)) + "/", r) for d, r in unreadable]

@@ -41,8 +41,9 @@ class Plan:
 def file_states(disc: Discovery, verify_content: bool) -> tuple[list[FileState | None], dict[int, str]]:
     states: list[FileState | None] = []
     errors: dict[int, str] = {}
+    root = str(disc.root)
     for i, rec in enumerate(disc.records):
-        path = disc.root / rec.path
+        path = os.path.join(root, rec.path)  # not pathlib: its objects cost more than the stat itself
         try:
             st = os.stat(path)
             if not stat.S_ISREG(st.st_mode):  # a FIFO or device named *.jpg would block a reader forever
