@@ -1,7 +1,7 @@
 """Exact linear probe (featcache.pipeline.heads.exact) vs scikit-learn LogisticRegression(lbfgs).
 
     python bench/linear_probe.py [--cache demo-out/digits.h5] [--n 50000] [--dim 2048] [--block 2]
-                                 [--reference auto|on|off]
+                                 [--reference auto|on|off] [--gap 1e-6] [--dtype float32|float64]
 
 Prints the machine (CPU, cores, torch and numpy BLAS), which GEMM form of the gradient is faster
 here, then for (a) a synthetic N x D, 10-class problem (hard: best val accuracy 70-90 %) and
@@ -15,6 +15,7 @@ Two sklearn columns. "defaults" is LogisticRegression(C) as users run it (tol 1e
 the time to beat. It stops on max |grad| <= 1e-4, which on nearly separable rows (large C on the
 demo cache) is far above the optimum, so its accuracy there is that of an early stop.
 "converged" (tol 1e-8, --reference) is the optimum of the same objective, the accuracy to match.
+--gap and --dtype change featcache's side only (lbfgs.GAP, the dtype of X): what a tighter solve costs.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_info
 
+import featcache.pipeline.heads.lbfgs as lbfgs
 from featcache.pipeline.heads.exact import BLOCK, DEFAULT_C_PATH, fit_exact, objective
 from featcache.pipeline.heads.logreg import MAX_ITER, to_linear
 
@@ -115,11 +117,12 @@ def _verdict(name: str, path_s: float, ours: list[tuple], sk: list[tuple], cs: l
           f"objective within 1e-4 rel: {'MET' if obj_ok else 'MISSED'}")
 
 
-def compare(name: str, Xt, yt, Xv, yv, k: int, cs: list[float], block: int, reference: bool) -> None:
+def compare(name: str, Xt, yt, Xv, yv, k: int, cs: list[float], block: int, reference: bool,
+            dtype: torch.dtype = torch.float32) -> None:
     print(f"\n== {name}: train {Xt.shape[0]} x {Xt.shape[1]}, val {len(yv)}, {k} classes ==")
     tX, ty, vX, vy = (torch.from_numpy(a) for a in (Xt, yt, Xv, yv))
     t0 = time.perf_counter()
-    path = fit_exact(cs, tX, ty, k, block=block)
+    path = fit_exact(cs, tX.to(dtype), ty, k, block=block)
     path_s = time.perf_counter() - t0
     with torch.no_grad():
         ours = [((r.head(vX).argmax(1) == vy).double().mean().item(), objective(r.head, tX, ty, c), r.n_iter, r.converged)
@@ -136,7 +139,8 @@ def compare(name: str, Xt, yt, Xv, yv, k: int, cs: list[float], block: int, refe
             rs, ar, or_, _ = ref[i]
             line += f" {100 * ar:7.2f} {or_:10.6f} {(of - or_) / or_:+8.1e} {rs:6.2f}"
         print(line)
-    print(f"featcache path (10 C, block {block}): {path_s:.2f} s  (* = stopped before tol)")
+    print(f"featcache path (10 C, block {block}, GAP {lbfgs.GAP:g}, {str(dtype)[6:]}): {path_s:.2f} s"
+          "  (* = stopped before tol)")
     _verdict("sklearn defaults (tol 1e-4)", path_s, ours, sk, cs, len(yv))
     if ref:
         _verdict("sklearn converged (tol 1e-8)", path_s, ours, ref, cs, len(yv))
@@ -150,15 +154,19 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=BLOCK)
     ap.add_argument("--reference", choices=("auto", "on", "off"), default="auto",
                     help="also fit sklearn at tol 1e-8, the optimum; auto = on the real cache only (small)")
+    ap.add_argument("--gap", type=float, default=lbfgs.GAP, help="featcache's stopping gap (lbfgs.GAP)")
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="featcache's dtype of X")
     args = ap.parse_args()
+    lbfgs.GAP = args.gap
+    dtype = getattr(torch, args.dtype)
     print(machine())
     print("(shared machine: other jobs may run at the same time; figures are wall-clock)")
     print(gemm_forms())
     cs = list(DEFAULT_C_PATH)
     if args.n > 0:  # --n 0: the real cache only
-        compare("synthetic", *synthetic(args.n, args.dim), cs, args.block, args.reference == "on")
+        compare("synthetic", *synthetic(args.n, args.dim), cs, args.block, args.reference == "on", dtype)
     if Path(args.cache).exists():
-        compare(f"cache {args.cache}", *real(args.cache), cs, args.block, args.reference != "off")
+        compare(f"cache {args.cache}", *real(args.cache), cs, args.block, args.reference != "off", dtype)
     else:
         print(f"\n(no cache at {args.cache}: real-data comparison skipped; run `make demo` or pass --cache)")
 
