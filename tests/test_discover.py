@@ -138,3 +138,16 @@ def test_written_out_extensions_are_torchvisions_own():
     from featcache.pipeline.extraction.discover import IMAGE_EXTENSIONS, IMG_EXTENSIONS
 
     assert IMG_EXTENSIONS == tuple(TV) and IMAGE_EXTENSIONS[: len(TV)] == tuple(TV)
+
+
+@pytest.mark.parametrize("tree", ["split_tree_ro", "flat_tree_ro"])
+def test_a_relative_or_slashed_root_names_the_same_files(tree, request, monkeypatch):
+    """Relative paths are cut from the walked strings by the root's length: the root's spelling
+    (relative, './', trailing slash, absolute) must not change a single record."""
+    root = request.getfixturevalue(tree)
+    expected = discover(root).records
+    monkeypatch.chdir(root.parent)
+    for spelling in (root.name, f"{root.name}/", f"./{root.name}", f"{root.name}//", str(root)):
+        assert discover(spelling).records == expected, spelling
+    monkeypatch.chdir(root)
+    assert discover(".").records == expected and discover("./").records == expected

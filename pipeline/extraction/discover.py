@@ -133,7 +133,6 @@ def discover(root: str | os.PathLike) -> Discovery:
     groups = [(s, root / s) for s in split_dirs] if split_dirs else [("train", root)]
 
     raw: list[tuple[str, str | None, str]] = []  # (relpath, class name or None, split)
-    cut = len(os.path.join(str(root), ""))  # every walked path starts with str(root) and a separator
     unreadable: list[tuple[str, str]] = []  # (folder, reason)
     for split, base in groups:
         entries = [e for e in _scandir(base) if not e.name.startswith(".")]
@@ -144,8 +143,11 @@ def discover(root: str | os.PathLike) -> Discovery:
                 # Each class is walked on its own and never enters the root or a sibling class, so a
                 # symlink into another class neither steals nor duplicates that class's images.
                 others = {real for name, real in class_dirs.items() if name != entry.name}
+                # walked paths start with entry.path; its part relative to root is computed once
+                # (not from root's string: Path(".") / "train" is spelt "train", without "./")
+                prefix, n = Path(entry.path).relative_to(root).as_posix(), len(entry.path)
                 for path in _walk(entry.path, above | others, unreadable):
-                    raw.append((path[cut:].replace(os.sep, "/"), entry.name, split))
+                    raw.append((prefix + path[n:].replace(os.sep, "/"), entry.name, split))
             elif is_image(entry.name):
                 raw.append((Path(entry.path).relative_to(root).as_posix(), None, split))
     skipped = [(display_name(os.path.relpath(d, root)) + "/", r) for d, r in unreadable]
