@@ -224,12 +224,17 @@ def test_without_the_preconditioner_it_reaches_the_same_optimum(monkeypatch):
 
 
 def _max_grad(head, X, y, C, sample_weight=None) -> float:
-    """max |df/d(W, b)| of the reported head, by autograd in float64 over the present classes."""
+    """max |df/d(W, b)| of the reported head, by autograd in float64 over the present classes
+    (for two, over sklearn's one binomial logit row)."""
     present = torch.unique(y)
     lin = head[0]
-    W = lin.weight.detach().double()[present].clone().requires_grad_(True)
-    b = lin.bias.detach().double()[present].clone().requires_grad_(True)
+    W, b = lin.weight.detach().double()[present], lin.bias.detach().double()[present]
+    if len(present) == 2:  # sklearn's binomial parameters: one logit row, the difference of the two
+        W, b = W[1:] - W[:1], b[1:] - b[:1]
+    W, b = W.clone().requires_grad_(True), b.clone().requires_grad_(True)
     z = X.double() @ W.t() + b
+    if len(present) == 2:
+        z = torch.cat([torch.zeros_like(z), z], 1)
     pos = torch.searchsorted(present, y)
     w = torch.ones(len(y), dtype=torch.float64) if sample_weight is None else torch.as_tensor(sample_weight).double()
     ce = torch.logsumexp(z, 1) - z.gather(1, pos[:, None]).squeeze(1)
@@ -238,33 +243,36 @@ def _max_grad(head, X, y, C, sample_weight=None) -> float:
     return max(gW.abs().max().item(), gb.abs().max().item())
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-def test_fewer_rows_than_features_solves_in_the_rotated_basis_to_the_same_optimum(monkeypatch, weighted):
-    """N <= ROTATE_ROWS * D: X is rotated into Sigma's eigenbasis without its null space. Same
-    optimum and predictions as the unrotated solve and sklearn; the stop test is sklearn's max
-    |grad| in the original features (the head's own gradient, by autograd, is within tol)."""
+@pytest.mark.parametrize("n_classes,n,weighted", [(4, 60, False), (4, 60, True), (2, 60, False), (4, 100, False)])
+def test_fewer_rows_than_features_solves_in_the_rotated_basis_to_the_same_optimum(monkeypatch, n_classes, n, weighted):
+    """N <= ROTATE_ROWS * D: X is rotated into Sigma's eigenbasis without its null space (60 rows
+    of 64 features; rows of weight 0 shrink it further; 100 rows have none). Same optimum and
+    predictions as the unrotated solve and sklearn, along a path whose second C starts from the
+    first's carried curvature pairs (block=1); the stop test is sklearn's max |grad| in the
+    original features (the head's own gradient, by autograd, is within tol)."""
     import featcache.pipeline.heads.exact as exact
     import featcache.pipeline.heads.lbfgs as lbfgs_mod
 
-    X, y = _problem(4, n=60, d=64, seed=8)  # rank <= 60 < 64: a null space to drop
-    sw = np.random.default_rng(2).integers(0, 3, len(y)).astype(float) if weighted else None  # zeros drop rows
+    d = 64
+    X, y = _problem(n_classes, n=n, d=d, seed=8)
+    sw = np.random.default_rng(2).integers(0, 3, len(y)).astype(float) if weighted else None
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     rotations = []
     real_rotate = lbfgs_mod.Preconditioner.rotate
     monkeypatch.setattr(lbfgs_mod.Preconditioner, "rotate",
                         lambda self, X_: rotations.append(real_rotate(self, X_)) or rotations[-1])
     cs = [0.05, 1.0]
-    rotated = fit_exact(cs, Xt, yt, 4, sample_weight=sw)
+    rotated = fit_exact(cs, Xt, yt, n_classes, sample_weight=sw, block=1)
     assert len(rotations) == 1
     Xr, V = rotations[0]
-    n_rows = len(y) if sw is None else int((sw > 0).sum())
-    assert V.shape == (64, n_rows) and Xr.shape == (60, V.shape[1])
+    n_rows = n if sw is None else int((sw > 0).sum())
+    assert V.shape == (d, min(d, n_rows)) and Xr.shape == (n, V.shape[1])
     monkeypatch.setattr(exact, "ROTATE_ROWS", 0)
-    plain = fit_exact(cs, Xt, yt, 4, sample_weight=sw)
+    plain = fit_exact(cs, Xt, yt, n_classes, sample_weight=sw, block=1)
     assert len(rotations) == 1
     for a, b, C in zip(rotated, plain, cs):
         ref = _reference(X, y, C, sw)
-        f_ref = objective(to_linear(ref, X.shape[1], 4), Xt, yt, C, sw)
+        f_ref = objective(to_linear(ref, d, n_classes), Xt, yt, C, sw)
         assert a.converged and b.converged
         assert abs(a.objective - f_ref) / f_ref < 1e-4 and abs(b.objective - f_ref) / f_ref < 1e-4  # the target
         assert abs(a.objective - b.objective) / b.objective < 1e-6

@@ -42,8 +42,9 @@ TOL = 1e-4  # max |gradient| of f below which a C may stop: sklearn's tol; see t
 MAX_ITER = 1000  # L-BFGS iterations per C, as logreg.MAX_ITER
 BLOCK = 2  # C values solved together per pass over X (see bench/linear_probe.py)
 # Rotate X into Sigma's eigenbasis (lbfgs.Preconditioner.rotate) when N <= ROTATE_ROWS * D: the
-# product X V costs N * D^2 once, no more than the eigh of Sigma already does, and saves two
-# (H*K, D) x (D, D) products per iteration, which cost more than a pass over X when N < ~2 H*K*D/D
+# product X V costs N * D^2 once, no more than the eigh of Sigma already does, and saves the two
+# (H*K, D) x (D, D) products of every iteration, which outweigh its pass over X, 2 (N, D) x (D, H*K),
+# when N < D (1,078 x 1,280 on the demo cache)
 ROTATE_ROWS = 2
 
 
@@ -54,7 +55,8 @@ class ExactResult(LogregResult):
 
 class _Loss:
     """f and its gradient for H heads at once; theta (H, K*(D+1)): K weight rows then K biases,
-    K = free logits (n present classes, or 1 for a binary problem)."""
+    K = free logits (n present classes, or 1 for a binary problem), D = the columns of the X it
+    is given (r once rotated)."""
 
     def __init__(self, X: torch.Tensor, y: torch.Tensor, sample_weight: torch.Tensor, n_free: int):
         self.X, self.n, self.d, self.k = X, X.shape[0], X.shape[1], n_free
@@ -105,7 +107,7 @@ def _unrotate(theta: torch.Tensor, V: torch.Tensor, k: int) -> torch.Tensor:
 def _grad_max_rotated(V: torch.Tensor, k: int):
     """max |gradient| (H,) in the original features, for rotated thetas (H, K*(r+1)): sklearn's tol
     is a max over the original coordinates, which a rotation does not preserve (the weights' part
-    of the gradient is g_r V^T exactly, as X = X V V^T)."""
+    of the gradient is g_r V^T exactly, as x = x V V^T for every row of non-zero weight)."""
     r = V.shape[1]
 
     def grad_max(g: torch.Tensor) -> torch.Tensor:
@@ -163,7 +165,7 @@ def fit_exact(c_values: list[float] | tuple[float, ...], X: torch.Tensor, y: tor
     k = len(present) if len(present) > 2 else 1
     precond = Preconditioner(X, sw / sw.sum(), k) if X.shape[1] <= MAX_PRECOND_DIM else None
     V, grad_max = None, None
-    if precond is not None and X.shape[0] <= ROTATE_ROWS * X.shape[1]:
+    if precond is not None and precond.step == 1 and X.shape[0] <= ROTATE_ROWS * X.shape[1]:
         Xs, V = precond.rotate(X)  # (N, r), (D, r): the solver's weights are W V, (K, r)
         grad_max = _grad_max_rotated(V, k)
     loss = _Loss(X if V is None else Xs, remap[yc], sw, k)

@@ -10,9 +10,10 @@ plain L-BFGS took 50-100 per C on 40,000 x 2,048 standardised features (bench/li
   (K, K) weighted mean of ``diag(p_i) - p_i p_i^T`` at the head's start. One ``eigh`` of ``Sigma``
   (D, D) and one of each ``A`` (K, K) make it diagonal: applying it costs two (H*K, D) x (D, D)
   products, noise next to a pass over X of many rows; with few rows (exact.ROTATE_ROWS) X is
-  rotated into Sigma's eigenbasis once instead (``rotate``) and H0 is elementwise. Correlated features (CNN activations are) are what makes
-  the unpreconditioned problem ill-conditioned. The intercept block is ``A`` alone (pseudo-inverse:
-  the multinomial logits are invariant to a common shift, which no gradient ever has).
+  rotated into Sigma's eigenbasis once instead (``rotate``) and H0 is elementwise. Correlated
+  features (CNN activations are) are what makes the unpreconditioned problem ill-conditioned.
+  The intercept block is ``A`` alone (pseudo-inverse: the multinomial logits are invariant to a
+  common shift, which no gradient ever has).
 * **Curvature carried along the path.** Moving from C to a larger C changes the Hessian by exactly
   ``(lam_new - lam_old) I`` on the weights, so a solved head's pairs ``(s, y)`` stay valid for the
   next C after ``y += (lam_new - lam_old) s_W``; a pair that loses ``s.y > 0`` is dropped.
@@ -53,13 +54,14 @@ class Preconditioner:
         """X (N, D) in Sigma's eigenbasis, without its null space: returns (X V, V) with V (D, r),
         r = min(D, rows of non-zero weight), and from then on works on the rotated weights.
 
-        Exact only when Sigma came from every row (N <= SIGMA_ROWS): then the dropped directions
-        are orthogonal to every weighted row, so the optimum has no weight along them (their
-        gradient is exactly 0) and W = W_r V^T is the solution of the original problem with the
-        same objective (V is orthonormal). What it saves: the two (H*K, D) x (D, D) products of
+        Only when Sigma came from every row (``step == 1``, N < 2 * SIGMA_ROWS), which makes it
+        exact: the dropped directions are orthogonal to every row of non-zero weight, so the
+        optimum has no weight along them (their gradient is exactly 0) and W = W_r V^T is the
+        solution of the original problem with the same objective (V is orthonormal). What it saves: the two (H*K, D) x (D, D) products of
         every H0 application, which on 1,078 x 1,280 rows cost more than the pass over X.
         """
-        assert self.step == 1 and self.V is not None, "rotation needs Sigma from every row"
+        if self.step != 1 or self.V is None:
+            raise ValueError("Preconditioner.rotate needs Sigma from every row, once")
         r = min(self.d, self.rank)
         V = self.V[:, self.d - r:]
         self.V, self.lam_d, self.d = None, self.lam_d[self.d - r:], r
@@ -136,17 +138,18 @@ class History:
 
 def _direction(g: torch.Tensor, hist: History, rows: torch.Tensor | slice, h0: Callable) -> torch.Tensor:
     """L-BFGS two-loop recursion for the heads ``rows``; h0(q, rows) is the initial inverse Hessian.
-    In-place updates and one gather of the history (a view when ``rows`` is a slice): on small
-    problems the recursion's ~40 memory-bound ops per iteration cost as much as the pass over X."""
-    S, Y, rho = hist.S[:, rows], hist.Y[:, rows], hist.rho[:, rows]  # (M, H', P), (M, H')
+    In-place updates, and only filled slots: on small problems the recursion's ~40 memory-bound
+    ops per iteration cost as much as the pass over X. Slots are indexed one at a time (views when
+    ``rows`` is a slice), so a subset of heads never copies the whole (M, H', P) history at once."""
+    S, Y, rho = hist.S, hist.Y, hist.rho[:, rows]  # (M, H, P), (M, H, P), (M, H')
     q, alpha, order = g.clone(), [], hist.order()
     for i in order:
-        a = rho[i] * torch.linalg.vecdot(S[i], q)
-        q.addcmul_(Y[i], a[:, None], value=-1)
+        a = rho[i] * torch.linalg.vecdot(S[i, rows], q)
+        q.addcmul_(Y[i, rows], a[:, None], value=-1)
         alpha.append(a)
     r = h0(q, rows)
     for i, a in zip(reversed(order), reversed(alpha)):
-        r.addcmul_(S[i], (a - rho[i] * torch.linalg.vecdot(Y[i], r))[:, None])
+        r.addcmul_(S[i, rows], (a - rho[i] * torch.linalg.vecdot(Y[i, rows], r))[:, None])
     return r.neg_()
 
 
@@ -174,11 +177,11 @@ def _line_search(loss: Callable, lam: torch.Tensor, th: torch.Tensor, f0: torch.
     pending = torch.ones_like(ok)
     t = torch.ones(len(th), dtype=th.dtype, device=th.device)
     pi = torch.arange(len(th), device=th.device)
-    for _ in range(MAX_LS):
+    for step in range(MAX_LS):  # MAX_LS trials in all, each tested
         acc = pi[ok]
         new_th[acc], new_f[acc], new_g[acc] = trial[ok], ft[ok], gt[ok]
         pending[acc] = False
-        if not pending.any():
+        if step == MAX_LS - 1 or not pending.any():
             break
         rej = pi[~ok]
         tr, dfr = t[rej], (ft[~ok] - f0[rej]).to(th.dtype)
