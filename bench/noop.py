@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -37,11 +38,14 @@ BACKBONE = "timm:resnet10t@32"
 
 
 def make_tiny_folder(folder: Path, n: int) -> float:
-    """n 8x8 PNGs of seeded noise, n // CLASSES per class folder; returns seconds (0 when reused)."""
+    """n // CLASSES 8x8 PNGs of seeded noise per class folder; returns seconds (0 when reused).
+    A folder holding anything else is emptied first, so the count is exactly what was asked."""
     per = n // CLASSES
-    if folder.is_dir() and sum(len(os.listdir(folder / f"c{c}")) for c in range(CLASSES)
-                               if (folder / f"c{c}").is_dir()) == per * CLASSES:
+    if folder.is_dir() and sorted(os.listdir(folder)) == [f"c{c}" for c in range(CLASSES)] and all(
+            len(os.listdir(folder / f"c{c}")) == per for c in range(CLASSES)):
         return 0.0
+    if folder.exists():
+        shutil.rmtree(folder)
     t0, rng = time.perf_counter(), np.random.default_rng(0)
     for c in range(CLASSES):
         d = folder / f"c{c}"
@@ -71,7 +75,8 @@ def main() -> None:
     cache = folder.with_suffix(".h5")
     print(f"machine : {cpu_model()}, {len(os.sched_getaffinity(0))} usable cores; python {sys.version.split()[0]}")
     made = make_tiny_folder(folder, args.images)
-    print(f"data    : {args.images} PNGs 8x8 in {CLASSES} class folders, {folder} "
+    n = args.images // CLASSES * CLASSES
+    print(f"data    : {n} PNGs 8x8 in {CLASSES} class folders, {folder} "
           f"({'generated in %.1f s' % made if made else 'reused'})")
     cli = [str(Path(sys.executable).parent / "featcache"),  # the console script users run
            "extract", str(folder), "-o", str(cache), "--backbone", BACKBONE, "--weights", "none", "--batch-size", "256",
@@ -81,7 +86,8 @@ def main() -> None:
         print(f"build   : {BACKBONE}, {s['extracted']} images extracted, {s['reused']} reused "
               f"(a first run, or the first after the extraction code changed), spawn to exit {wall:.1f} s")
     api = [sys.executable, "-c", "import json, sys, featcache; r = featcache.extract(sys.argv[1], sys.argv[2], "
-           f"backbone='{BACKBONE}', weights='none', batch_size=256); print(json.dumps(r.summary))", str(folder), str(cache)]
+           f"backbone='{BACKBONE}', weights='none', batch_size=256); print(json.dumps(r.summary))",
+           str(folder), str(cache)]
     print(f"before  : {load()}")
     noop, full = [], []
     for _ in range(args.rounds):
@@ -89,7 +95,7 @@ def main() -> None:
         assert s["up_to_date"] and s["extracted"] == 0, s
         noop.append(wall)
         wall, s = spawn(api)
-        assert not s["up_to_date"] and s["extracted"] == 0 and s["reused"] == args.images, s
+        assert not s["up_to_date"] and s["extracted"] == 0 and s["reused"] == n, s
         full.append(wall)
     from featcache.pipeline.extraction.discover import discover
     from featcache.pipeline.extraction.plan import file_states
