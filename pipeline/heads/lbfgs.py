@@ -141,15 +141,19 @@ def _direction(g: torch.Tensor, hist: History, rows: torch.Tensor | slice, h0: C
     In-place updates, and only filled slots: on small problems the recursion's ~40 memory-bound
     ops per iteration cost as much as the pass over X. Slots are indexed one at a time (views when
     ``rows`` is a slice), so a subset of heads never copies the whole (M, H', P) history at once."""
-    S, Y, rho = hist.S, hist.Y, hist.rho[:, rows]  # (M, H, P), (M, H, P), (M, H')
+    if isinstance(rows, slice):  # every head: slot i of the history itself, (H, P)
+        S, Y = hist.S.__getitem__, hist.Y.__getitem__
+    else:  # some heads: (H', P) copies of one slot at a time
+        S, Y = (lambda i: hist.S[i, rows]), (lambda i: hist.Y[i, rows])
+    rho = hist.rho[:, rows]  # (M, H')
     q, alpha, order = g.clone(), [], hist.order()
     for i in order:
-        a = rho[i] * torch.linalg.vecdot(S[i, rows], q)
-        q.addcmul_(Y[i, rows], a[:, None], value=-1)
+        a = rho[i] * torch.linalg.vecdot(S(i), q)
+        q.addcmul_(Y(i), a[:, None], value=-1)
         alpha.append(a)
     r = h0(q, rows)
     for i, a in zip(reversed(order), reversed(alpha)):
-        r.addcmul_(S[i, rows], (a - rho[i] * torch.linalg.vecdot(Y[i, rows], r))[:, None])
+        r.addcmul_(S(i), (a - rho[i] * torch.linalg.vecdot(Y(i), r))[:, None])
     return r.neg_()
 
 
