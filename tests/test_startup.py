@@ -22,6 +22,7 @@ def test_extraction_imports_without_torch_dynamo_and_it_still_loads_on_use():
         assert "torch._dynamo" not in sys.modules, "torch._dynamo was imported at start-up"
         assert "torch._dynamo.utils" not in sys.modules, "the stand-in was left behind"
         assert gc.isenabled() and startup._finder not in sys.meta_path
+        assert gc.get_freeze_count() > 100_000  # torch's and torchvision's import-time objects
         import torch, torchvision
         boxes = [torch.tensor([[0.0, 0.0, 4.0, 4.0]])]
         assert torchvision.ops.roi_align(torch.ones(1, 1, 8, 8), boxes, 2).shape == (1, 1, 2, 2)
