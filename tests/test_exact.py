@@ -281,3 +281,23 @@ def test_fewer_rows_than_features_solves_in_the_rotated_basis_to_the_same_optimu
         np.testing.assert_array_equal(_predict(a.head, X), _predict(b.head, X))
         for r in (a, b):  # 2x: the float32 head's rounding of W
             assert _max_grad(r.head, Xt, yt, C, sw) <= 2 * exact.TOL
+
+
+def test_no_rotation_unless_sigma_came_from_every_row(monkeypatch):
+    """Dropping Sigma's null space is exact only if Sigma saw every row: with strided rows the
+    solve stays unrotated (and still reaches sklearn's optimum), and rotate() refuses."""
+    import featcache.pipeline.heads.lbfgs as lbfgs_mod
+
+    monkeypatch.setattr(lbfgs_mod, "SIGMA_ROWS", 16)  # 60 rows -> every 3rd row estimates Sigma
+    called = []
+    real_rotate = lbfgs_mod.Preconditioner.rotate
+    monkeypatch.setattr(lbfgs_mod.Preconditioner, "rotate", lambda self, X_: called.append(1) or real_rotate(self, X_))
+    X, y = _problem(4, n=60, d=64, seed=8)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    res = fit_exact([0.05], Xt, yt, 4)[0]
+    assert not called and res.converged
+    f_ref = objective(to_linear(_reference(X, y, 0.05), 64, 4), Xt, yt, 0.05)
+    assert abs(res.objective - f_ref) / f_ref < 1e-4
+    pre = lbfgs_mod.Preconditioner(Xt, torch.full((60,), 1 / 60), 4)
+    with pytest.raises(ValueError, match="every row"):
+        real_rotate(pre, Xt)

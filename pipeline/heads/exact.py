@@ -43,8 +43,9 @@ MAX_ITER = 1000  # L-BFGS iterations per C, as logreg.MAX_ITER
 BLOCK = 2  # C values solved together per pass over X (see bench/linear_probe.py)
 # Rotate X into Sigma's eigenbasis (lbfgs.Preconditioner.rotate) when N <= ROTATE_ROWS * D: the
 # product X V costs N * D^2 once, no more than the eigh of Sigma already does, and saves the two
-# (H*K, D) x (D, D) products of every iteration, which outweigh its pass over X, 2 (N, D) x (D, H*K),
-# when N < D (1,078 x 1,280 on the demo cache)
+# (H*K, D) x (D, D) products of every iteration. Those outweigh the iteration's pass over X,
+# 2 (N, D) x (D, H*K), when N < D (1,078 x 1,280 on the demo cache) and still cost half as much
+# at N = 2 D, over the tens to hundreds of iterations of a path
 ROTATE_ROWS = 2
 
 
@@ -75,7 +76,8 @@ class _Loss:
         if self.binary:  # softmax over [0, z] is the sigmoid of sklearn's binomial loss
             z = torch.cat([torch.zeros_like(z), z], 2)
         # softmax and log-sum-exp from one exp of the max-shifted logits, in place: torch.logsumexp
-        # (which also guards infinities, absent here) took a third of this call on 1,078 rows
+        # (which also guards infinite logits; these are assumed finite, and a step that overflows
+        # gives a NaN f, which the line search rejects) took a third of this call on 1,078 rows
         z.sub_(z.amax(2, keepdim=True))
         idx = self.y.expand(-1, h, 1)
         zy = z.gather(2, idx)  # (N, H, 1) shifted logit of the true class

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 HISTORY = 10  # curvature pairs kept per head (scipy keeps 10 for sklearn)
-MAX_LS = 25  # backtracking steps before a head counts as stalled
+MAX_LS = 25  # line-search trials (t = 1, then backtracking) before a head counts as stalled
 GAP = 1e-6  # estimated f - min f, relative, below which a head may stop (the target is 1e-4)
 APPROX_WOLFE = 1e-6  # relative f noise allowed by the approximate Wolfe test (Hager & Zhang's epsilon)
 SIGMA_ROWS = 8192  # rows (evenly strided) that estimate Sigma: it only shapes the steps, not the optimum
@@ -57,8 +57,9 @@ class Preconditioner:
         Only when Sigma came from every row (``step == 1``, N < 2 * SIGMA_ROWS), which makes it
         exact: the dropped directions are orthogonal to every row of non-zero weight, so the
         optimum has no weight along them (their gradient is exactly 0) and W = W_r V^T is the
-        solution of the original problem with the same objective (V is orthonormal). What it saves: the two (H*K, D) x (D, D) products of
-        every H0 application, which on 1,078 x 1,280 rows cost more than the pass over X.
+        solution of the original problem with the same objective (V is orthonormal). What it
+        saves: the two (H*K, D) x (D, D) products of every H0 application, which on 1,078 x 1,280
+        rows cost more than the pass over X.
         """
         if self.step != 1 or self.V is None:
             raise ValueError("Preconditioner.rotate needs Sigma from every row, once")
@@ -141,12 +142,13 @@ def _direction(g: torch.Tensor, hist: History, rows: torch.Tensor | slice, h0: C
     In-place updates, and only filled slots: on small problems the recursion's ~40 memory-bound
     ops per iteration cost as much as the pass over X. Slots are indexed one at a time (views when
     ``rows`` is a slice), so a subset of heads never copies the whole (M, H', P) history at once."""
+    q, alpha, order = g.clone(), [], hist.order()
     if isinstance(rows, slice):  # every head: slot i of the history itself, (H, P)
         S, Y = hist.S.__getitem__, hist.Y.__getitem__
-    else:  # some heads: (H', P) copies of one slot at a time
-        S, Y = (lambda i: hist.S[i, rows]), (lambda i: hist.Y[i, rows])
+    else:  # some heads: an (H', P) copy of each filled slot, made once for both loops
+        Ss, Ys = {i: hist.S[i, rows] for i in order}, {i: hist.Y[i, rows] for i in order}
+        S, Y = Ss.__getitem__, Ys.__getitem__
     rho = hist.rho[:, rows]  # (M, H')
-    q, alpha, order = g.clone(), [], hist.order()
     for i in order:
         a = rho[i] * torch.linalg.vecdot(S(i), q)
         q.addcmul_(Y(i), a[:, None], value=-1)
@@ -190,6 +192,7 @@ def _line_search(loss: Callable, lam: torch.Tensor, th: torch.Tensor, f0: torch.
         rej = pi[~ok]
         tr, dfr = t[rej], (ft[~ok] - f0[rej]).to(th.dtype)
         quad = -slope[rej] * tr ** 2 / (2 * (dfr - slope[rej] * tr))
+        quad = torch.where(torch.isfinite(quad), quad, 0.1 * tr)  # f inf or NaN at the trial: a big step back
         t[rej] = torch.minimum(torch.maximum(quad, 0.1 * tr), 0.5 * tr)
         pi = torch.nonzero(pending).squeeze(1)
         trial = th[pi] + t[pi, None] * d[pi]
