@@ -61,10 +61,11 @@ def _fast_import(name: str):
     gc.disable()
     try:
         yield
-    finally:
         # what the import left alive lives as long as the process: into the permanent generation,
-        # or every full collection of the run walks those ~300,000 objects again
+        # or every full collection of the run walks those ~300,000 objects again (a reference
+        # cycle the import left behind is kept too; a failed import is not frozen)
         gc.freeze()
+    finally:
         if enabled:
             gc.enable()
         if stub is not None and sys.modules.get(_DYNAMO_UTILS) is stub:
