@@ -142,12 +142,17 @@ def test_written_out_extensions_are_torchvisions_own():
 
 @pytest.mark.parametrize("tree", ["split_tree_ro", "flat_tree_ro"])
 def test_a_relative_or_slashed_root_names_the_same_files(tree, request, monkeypatch):
-    """Relative paths are cut from the walked strings by the root's length: the root's spelling
-    (relative, './', trailing slash, absolute) must not change a single record."""
+    """Relative paths come from each class folder's prefix and the walked strings: the root's
+    spelling (relative, './', '..', trailing slash, absolute, a symlink to it) must not change a
+    single record."""
     root = request.getfixturevalue(tree)
     expected = discover(root).records
+    link = root.parent.parent / f"link-to-{root.parent.name}-{root.name}"
+    if not link.exists():
+        link.symlink_to(root, target_is_directory=True)
     monkeypatch.chdir(root.parent)
-    for spelling in (root.name, f"{root.name}/", f"./{root.name}", f"{root.name}//", str(root)):
+    for spelling in (root.name, f"{root.name}/", f"./{root.name}", f"{root.name}//", str(root),
+                     f"../{root.parent.name}/{root.name}", str(link), f"../{link.name}"):
         assert discover(spelling).records == expected, spelling
     monkeypatch.chdir(root)
     assert discover(".").records == expected and discover("./").records == expected
