@@ -44,7 +44,11 @@ def make_tiny_folder(folder: Path, n: int) -> float:
     if folder.is_dir() and sorted(os.listdir(folder)) == [f"c{c}" for c in range(CLASSES)] and all(
             len(os.listdir(folder / f"c{c}")) == per for c in range(CLASSES)):
         return 0.0
-    if folder.exists():
+    if folder.exists():  # only a folder this script made is ever removed
+        ours = all(d.name in {f"c{c}" for c in range(CLASSES)} and d.is_dir() and
+                   all(f.suffix == ".png" and f.stem.isdigit() for f in d.iterdir()) for d in folder.iterdir())
+        if not ours:
+            sys.exit(f"bench/noop.py: {folder} holds other files; pass an empty or new --folder")
         shutil.rmtree(folder)
     t0, rng = time.perf_counter(), np.random.default_rng(0)
     for c in range(CLASSES):
@@ -71,6 +75,8 @@ def main() -> None:
     ap.add_argument("--folder", default=None, help="where to generate the PNGs (reused when it matches)")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    if args.images < CLASSES:
+        sys.exit(f"bench/noop.py: --images must be at least {CLASSES}")
     folder = Path(args.folder or f"/tmp/featcache-bench-tiny-{args.images}")
     cache = folder.with_suffix(".h5")
     print(f"machine : {cpu_model()}, {len(os.sched_getaffinity(0))} usable cores; python {sys.version.split()[0]}")
