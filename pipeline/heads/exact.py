@@ -107,22 +107,12 @@ class _Loss:
 
 
 def _unrotate(theta: torch.Tensor, V: torch.Tensor, k: int) -> torch.Tensor:
-    """A rotated head's theta (K*(r+1),) back in the original features: W = W_r V^T, same biases."""
-    r = V.shape[1]
-    return torch.cat([(theta[: k * r].view(k, r) @ V.t()).reshape(-1), theta[k * r:]])
-
-
-def _grad_max_rotated(V: torch.Tensor, k: int):
-    """max |gradient| (H,) in the original features, for rotated thetas (H, K*(r+1)): sklearn's tol
-    is a max over the original coordinates, which a rotation does not preserve (the weights' part
-    of the gradient is g_r V^T exactly, as x = x V V^T for every row of non-zero weight)."""
-    r = V.shape[1]
-
-    def grad_max(g: torch.Tensor) -> torch.Tensor:
-        gW = g[:, : k * r].reshape(-1, r) @ V.t()  # (H*K, D)
-        return torch.maximum(gW.view(g.shape[0], -1).abs().amax(1), g[:, k * r:].abs().amax(1))
-
-    return grad_max
+    """Rotated rows (H, K*(r+1)) of thetas or gradients back in the original features, (H, K*(D+1)):
+    W = W_r V^T, same biases. For a gradient this is exact too (its weights' part is g_r V^T, as
+    x = x V V^T for every row of non-zero weight), so sklearn's tol, a max over the original
+    coordinates that a rotation does not preserve, is tested on it."""
+    h, r = theta.shape[0], V.shape[1]
+    return torch.cat([(theta[:, : k * r].reshape(h * k, r) @ V.t()).view(h, -1), theta[:, k * r:]], 1)
 
 
 def _to_head(theta: torch.Tensor, present: np.ndarray, n_classes: int, d: int) -> nn.Sequential:
@@ -175,7 +165,7 @@ def fit_exact(c_values: list[float] | tuple[float, ...], X: torch.Tensor, y: tor
     V, grad_max = None, None
     if precond is not None and precond.step == 1 and X.shape[0] <= ROTATE_ROWS * X.shape[1]:
         Xs, V = precond.rotate(X)  # (N, r), (D, r): the solver's weights are W V, (K, r)
-        grad_max = _grad_max_rotated(V, k)
+        grad_max = lambda g: _unrotate(g, V, k).abs().amax(1)  # noqa: E731  (H,) in the original features
     loss = _Loss(X if V is None else Xs, remap[yc], sw, k)
     sw_sum = float(sw.double().sum())
     order = np.argsort(cs, kind="stable")
@@ -192,9 +182,9 @@ def fit_exact(c_values: list[float] | tuple[float, ...], X: torch.Tensor, y: tor
         if X.is_cuda:
             torch.cuda.synchronize()
         share = (time.perf_counter() - t0) / len(idx)
+        heads = theta if V is None else _unrotate(theta, V, k)
         for r, i in enumerate(idx):
-            th = theta[r] if V is None else _unrotate(theta[r], V, k)
-            out[int(i)] = ExactResult(cs[i], _to_head(th, present, n_classes, X.shape[1]), int(n_iter[r]),
+            out[int(i)] = ExactResult(cs[i], _to_head(heads[r], present, n_classes, X.shape[1]), int(n_iter[r]),
                                       bool(conv[r]), share, float(f[r]))
         start = theta[-1].clone()  # warm start of the next, larger C values, with its curvature pairs
     return [out[i] for i in range(len(cs))]

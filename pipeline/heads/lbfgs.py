@@ -216,6 +216,14 @@ def lbfgs(loss: Callable, theta: torch.Tensor, lam: torch.Tensor, hist: History,
     """
     h, p = theta.shape
     gmax = grad_max or (lambda gr: gr.abs().amax(1))
+
+    def within_tol(gr: torch.Tensor, ask: np.ndarray) -> np.ndarray:
+        """max |grad| <= tol for the rows ``ask`` (bool, numpy) of gr; False elsewhere."""
+        out = np.zeros_like(ask)
+        if ask.any():
+            out[ask] = (gmax(gr[torch.as_tensor(ask, device=gr.device)]) <= tol).cpu().numpy()
+        return out
+
     f, g, A = loss(theta, lam, curvature=True)
     if precond is not None:
         precond.set_heads(A, lam)
@@ -238,9 +246,7 @@ def lbfgs(loss: Callable, theta: torch.Tensor, lam: torch.Tensor, hist: History,
         if bad.any():
             d[bad] = -h0(ga, rows)[bad]
             slope = (ga * d).sum(1)
-        stop = (-0.5 * slope.double() <= GAP * fa.abs()).cpu().numpy()
-        if stop.any():
-            stop[stop] = (gmax(ga[torch.as_tensor(stop, device=ga.device)]) <= tol).cpu().numpy()
+        stop = within_tol(ga, (-0.5 * slope.double() <= GAP * fa.abs()).cpu().numpy())
         converged[act[stop]] = done[act[stop]] = True
         if stop.all() or it == max_iter:
             break
@@ -264,9 +270,7 @@ def lbfgs(loss: Callable, theta: torch.Tensor, lam: torch.Tensor, hist: History,
         flat = ((fa - new_f).abs() <= 1e-10 * fa.abs()).cpu().numpy()
         theta[rows], f[rows], g[rows] = new_th, new_f, new_g  # ga, fa, th are views of these when rows is a slice
         n_iter[act] += 1
-        small, ask = np.zeros_like(flat), flat | stalled  # max |grad| only where it decides something
-        if ask.any():
-            small[ask] = (gmax(new_g[torch.as_tensor(ask, device=new_g.device)]) <= tol).cpu().numpy()
+        small = within_tol(new_g, flat | stalled)  # max |grad| only where it decides something
         floor = (flat & small) | stalled
         converged[act] |= floor & small
         done[act] = floor
