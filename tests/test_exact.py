@@ -10,6 +10,8 @@ from sklearn._loss.loss import HalfBinomialLoss, HalfMultinomialLoss
 from sklearn.linear_model import LogisticRegression
 from sklearn.linear_model._linear_loss import LinearModelLoss
 
+from margins import assert_predictions_agree
+
 from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.heads.exact import DEFAULT_C_PATH, fit_exact, objective
 from featcache.pipeline.heads.logreg import ABSENT_CLASS_BIAS, to_linear
@@ -33,6 +35,11 @@ def _predict(head, X):
         return head(torch.from_numpy(X)).argmax(1).numpy()
 
 
+def _logits(head, X):
+    with torch.no_grad():
+        return head(torch.from_numpy(X)).numpy()
+
+
 @pytest.mark.parametrize("n_classes", [2, 10])
 @pytest.mark.parametrize("C", [1e-3, 0.1, 10.0])
 def test_matches_sklearn_predictions_and_objective(n_classes, C):
@@ -45,7 +52,7 @@ def test_matches_sklearn_predictions_and_objective(n_classes, C):
     assert res.converged and res.n_iter >= 1 and res.C == C
     assert abs(f_ours - f_ref) / f_ref < 1e-4
     assert abs(res.objective - f_ours) / f_ours < 1e-5  # the value it reports is the value it reached
-    np.testing.assert_array_equal(_predict(res.head, X), ref.predict(X))
+    assert_predictions_agree(_predict(res.head, X), ref.predict(X), ref.decision_function(X))
 
 
 @pytest.mark.parametrize("n_classes", [2, 4])
@@ -91,7 +98,7 @@ def test_sample_weights_match_sklearn(n_classes):
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     f_ref, f_ours = objective(ref_head, Xt, yt, 0.5, sw), objective(res.head, Xt, yt, 0.5, sw)
     assert abs(f_ours - f_ref) / f_ref < 1e-4
-    np.testing.assert_array_equal(_predict(res.head, X), ref.predict(X))
+    assert_predictions_agree(_predict(res.head, X), ref.predict(X), ref.decision_function(X))
     unweighted = fit_exact([0.5], Xt, yt, n_classes)[0]
     assert not torch.allclose(unweighted.head[0].weight, res.head[0].weight, atol=1e-3)
 
@@ -115,7 +122,7 @@ def test_absent_classes_are_never_predicted(labels):
     assert lin.weight.shape == (5, X.shape[1])
     for c in set(range(5)) - set(labels):
         assert lin.bias[c].item() == ABSENT_CLASS_BIAS and torch.all(lin.weight[c] == 0)
-    np.testing.assert_array_equal(_predict(res.head, X), ref.predict(X))
+    assert_predictions_agree(_predict(res.head, X), ref.predict(X), ref.decision_function(X))
     f_ref = objective(to_linear(ref, X.shape[1], 5), torch.from_numpy(X), torch.from_numpy(y), 1.0)
     assert abs(res.objective - f_ref) / f_ref < 1e-4
 
@@ -220,7 +227,7 @@ def test_without_the_preconditioner_it_reaches_the_same_optimum(monkeypatch):
         ref = objective(to_linear(_reference(X, y, C), X.shape[1], 4), Xt, yt, C)
         assert a.converged and b.converged
         assert abs(a.objective - ref) / ref < 1e-5 and abs(b.objective - ref) / ref < 1e-5
-        np.testing.assert_array_equal(_predict(a.head, X), _predict(b.head, X))
+        assert_predictions_agree(_predict(a.head, X), _predict(b.head, X), _logits(b.head, X))
 
 
 def _max_grad(head, X, y, C, sample_weight=None) -> float:
@@ -277,8 +284,8 @@ def test_fewer_rows_than_features_solves_in_the_rotated_basis_to_the_same_optimu
         assert abs(a.objective - f_ref) / f_ref < 1e-4 and abs(b.objective - f_ref) / f_ref < 1e-4  # the target
         assert abs(a.objective - b.objective) / b.objective < 1e-6
         assert abs(objective(a.head, Xt, yt, C, sw) - a.objective) / a.objective < 1e-5
-        np.testing.assert_array_equal(_predict(a.head, X), ref.predict(X))
-        np.testing.assert_array_equal(_predict(a.head, X), _predict(b.head, X))
+        assert_predictions_agree(_predict(a.head, X), ref.predict(X), ref.decision_function(X))
+        assert_predictions_agree(_predict(a.head, X), _predict(b.head, X), _logits(b.head, X))
         for r in (a, b):  # 2x: the float32 head's rounding of W
             assert _max_grad(r.head, Xt, yt, C, sw) <= 2 * exact.TOL
 

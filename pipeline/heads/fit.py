@@ -221,7 +221,7 @@ def run_fit_head(cfg: HeadConfig, progress: bool = True) -> dict:
     """``featcache fit-head``: train every configuration, save the run folder, return the summary."""
     check_config(cfg)
     out = Path(cfg.output)
-    check_run_dir(out, cfg.overwrite)
+    check_run_dir(out, cfg.overwrite, cfg.cache)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Held from before training to the rename: a second fit-head into RUN_DIR is refused at once.
     with cache_lock(out, writer="featcache fit-head"):

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -23,13 +24,15 @@ from featcache.cache.atomic import fsync_dir
 from featcache.cache.lock import cache_lock
 from featcache.cache.store import FeatureCache
 from featcache.pipeline.config import HeadConfig
-from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.errors import FeatcacheError, FeatcacheWarning
 from featcache.pipeline.heads.data import Prepared
 from featcache.pipeline.heads.headio import StandardizedHead, save_head
 from featcache.pipeline.heads.leaderboard import write_leaderboard
 from featcache.pipeline.heads.metrics import predict_proba
 from featcache.pipeline.heads.sweep import swept
+from featcache.pipeline.heads.runs import RUN_REQUIRED
 from featcache.pipeline.heads.train import HeadParams
+from featcache.pipeline.outputs import contains, read_json
 
 CV_KEYS = ("cv_folds", "cv_accuracy_mean", "cv_accuracy_std", "cv_loss_mean", "cv_loss_std", "fold_accuracies",
            "fold_best_epochs", "refit_rows", "refit_epochs")
@@ -254,7 +257,7 @@ class SweepResult:
         t0 = time.perf_counter()
         out = Path(run_dir)
         overwrite = self.config.overwrite if overwrite is None else overwrite
-        check_run_dir(out, overwrite)
+        check_run_dir(out, overwrite, self.config.cache)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -300,15 +303,28 @@ class SweepResult:
         return files
 
 
-def check_run_dir(out: Path, overwrite: bool) -> None:
+def check_run_dir(out: Path, overwrite: bool, cache: str | os.PathLike | None = None) -> None:
     """One-line error, before any training, for a run folder that could not or should not be
-    written: it is a file, it holds files and ``overwrite`` is off, or its nearest existing
-    ancestor is a file or not writable."""
+    written: it is a file, it holds files and ``overwrite`` is off, it holds anything but a fit-head
+    run's own files (``overwrite`` replaces runs, never a user's folder), it holds or is the input
+    ``cache``, or its nearest existing ancestor is a file or not writable."""
+    if cache is not None and contains(out, cache):
+        raise FeatcacheError(f"run folder {out} holds the input cache {cache}: choose a folder of its own for the run")
     if out.exists() and not out.is_dir():
         raise FeatcacheError(f"run folder {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FeatcacheError(f"run folder {out} already holds files; pass --overwrite to replace it "
-                             "(the old run stays as it is until the new one is complete)")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FeatcacheError(f"run folder {out} already holds files; pass --overwrite to replace it "
+                                 "(the old run stays as it is until the new one is complete)")
+        ours = run_files(out)
+        if ours is None:
+            raise FeatcacheError(f"--overwrite replaces fit-head runs only, and {out} is not one (no fit-head "
+                                 "metrics.json); choose a new run folder")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
+        if foreign:
+            raise FeatcacheError(f"--overwrite replaces fit-head runs only, and {out} also holds "
+                                 f"{', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which fit-head "
+                                 "did not write; choose a new run folder")
     ancestor = out.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -318,12 +334,23 @@ def check_run_dir(out: Path, overwrite: bool) -> None:
         raise FeatcacheError(f"cannot write run folder {out}: {ancestor} is not writable")
 
 
+def run_files(folder: Path) -> set[str] | None:
+    """The names of the files a fit-head run folder's metrics.json says fit-head wrote there
+    (metrics.json included), or None when ``folder`` holds no fit-head metrics.json."""
+    m = read_json(folder / "metrics.json")
+    if m is None or not all(k in m for k in RUN_REQUIRED) or not isinstance(m.get("files"), list):
+        return None
+    return {"metrics.json", *(str(f) for f in m["files"])}
+
+
 def _replace_dir(new: Path, target: Path) -> None:
-    """Put folder ``new`` at ``target``: the old run (if any) is moved aside, then removed."""
+    """Put folder ``new`` at ``target``: the old run (if any) is moved aside, then its own files
+    are removed (a file that appeared there meanwhile is kept, and the old folder with it)."""
     if not target.exists():
         os.replace(new, target)
         fsync_dir(target.parent)  # the rename itself survives a power loss, as for every atomic write
         return
+    ours = run_files(target) or set()
     old = target.parent / f".{target.name}.old-{os.getpid()}"
     os.replace(target, old)
     try:
@@ -332,4 +359,11 @@ def _replace_dir(new: Path, target: Path) -> None:
         os.replace(old, target)  # put the previous run back
         raise
     fsync_dir(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    for p in old.iterdir():
+        if p.name in ours and p.is_file():
+            p.unlink()
+    try:
+        old.rmdir()
+    except OSError:
+        warnings.warn(f"the replaced run's folder kept files fit-head did not write: they are in {old}",
+                      FeatcacheWarning, stacklevel=3)

@@ -13,7 +13,7 @@ from featcache.pipeline.config import HeadConfig
 from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.heads.report import fmt, table
 
-REQUIRED = ("val_accuracy", "train_accuracy", "config")  # what makes a metrics.json a fit-head run
+RUN_REQUIRED = ("val_accuracy", "train_accuracy", "config")  # what makes a metrics.json a fit-head run
 SORTS = {"val": "val_accuracy", "test": "test_accuracy", "train": "train_accuracy"}
 
 
@@ -61,13 +61,15 @@ def find_runs(root: str | Path, sort: str = "val") -> dict:
         raise FeatcacheError(f"unknown --sort {sort!r}: choose from {', '.join([*SORTS, 'run'])}")
     runs, skipped = [], []
     for path in sorted(root.rglob("metrics.json")):
+        if any(part.startswith(".") for part in path.relative_to(root).parts[:-1]):
+            continue  # a save's temporary or replaced folder (.RUN.tmp-PID, .RUN.old-PID), never a run
         try:
             m = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as e:
             skipped.append({"path": str(path), "reason": f"unreadable ({type(e).__name__})"})
             continue
         try:  # a finetune FT_DIR's metrics.json has another config: not a fit-head run
-            cfg = HeadConfig.from_dict(m["config"]) if isinstance(m, dict) and all(k in m for k in REQUIRED) else None
+            cfg = HeadConfig.from_dict(m["config"]) if isinstance(m, dict) and all(k in m for k in RUN_REQUIRED) else None
         except FeatcacheError:
             cfg = None
         if cfg is None:

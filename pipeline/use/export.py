@@ -15,6 +15,7 @@ from torch import nn
 
 from featcache.cache.atomic import atomic_path, check_writable_parent
 from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.outputs import check_output_file
 from featcache.pipeline.use.model import load_predictor
 
 META_NAME = "featcache.json"
@@ -41,6 +42,7 @@ def run_export(model_path: str, output: str) -> dict:
     if out.suffix not in (".pt2", ".pt"):
         raise FeatcacheError("export output must end in .pt2 (torch.export) or .pt (TorchScript)")
     check_writable_parent(out, "export output")  # before the ~15 s of loading and tracing
+    check_output_file(out, [("model", model_path)], "export output")
     pred = load_predictor(model_path)
     module = Probabilities(pred.model, pred.feature_dtype).eval()
     size = pred.preprocess.crop_size

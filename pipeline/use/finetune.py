@@ -24,6 +24,7 @@ from featcache.pipeline.heads.data import hold_out, labeled_split_rows
 from featcache.pipeline.device import resolve_device
 from featcache.pipeline.extraction.discover import discover
 from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.outputs import check_output_folder, output_folder_kind
 from featcache.pipeline.extraction.images import UnreadableImage, load_rgb
 from featcache.pipeline.extraction.loader import ImageFiles
 from featcache.pipeline.use.model import Classifier, load_run, save_finetuned
@@ -174,11 +175,16 @@ def _unfreeze_count(unfreeze: str) -> int | None:
     return n
 
 
-def _check_output(output: str) -> None:
-    """FT_DIR must be a folder that can be created (or exists): checked before ~10 s of loading."""
+def _check_output(output: str, run_dir: str, image_dir: str) -> None:
+    """FT_DIR must be a folder that can be created (or exists) apart from the command's inputs, and
+    hold nothing but an earlier finetune's files: checked before ~10 s of loading."""
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise FeatcacheError(f"output {out} is a file; give a folder for the fine-tuned model")
+    check_output_folder(out, [("run", run_dir), ("image folder", image_dir)], "output")
+    if out.is_dir() and any(out.iterdir()) and output_folder_kind(out) != "finetune folder":
+        raise FeatcacheError(f"output {out} already holds files and is not a finetune folder; featcache replaces "
+                             "only its own fine-tuned models: choose a new folder")
     parent = Path(os.path.abspath(out)).parent
     while not parent.exists():
         parent = parent.parent
@@ -193,7 +199,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.backbone_lr_mult < 0:
         raise FeatcacheError("--epochs/--batch-size must be >= 1, --lr > 0, --backbone-lr-mult >= 0")
     _unfreeze_count(cfg.unfreeze)
-    _check_output(cfg.output)
+    _check_output(cfg.output, cfg.run_dir, cfg.image_dir)
     pred = load_run(cfg.run_dir)
     disc = discover(cfg.image_dir)
     rows = _splits(disc, pred.class_names, cfg.val_fraction, cfg.seed)

@@ -13,6 +13,7 @@ from featcache.cache.atomic import atomic_open, check_writable_parent
 from featcache.pipeline.device import resolve_device
 from featcache.pipeline.extraction.discover import display_name, walk_images
 from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.outputs import check_output_file
 from featcache.pipeline.extraction.accel import Runner
 from featcache.pipeline.extraction.loader import ImageFiles, collate
 from featcache.pipeline.use.model import Predictor, load_predictor
@@ -108,6 +109,7 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
         raise FeatcacheError("--top-k and --batch-size must be at least 1")
     if cfg.csv_path:
         check_writable_parent(cfg.csv_path, "--csv")  # before any work, not after computing everything
+        check_output_file(cfg.csv_path, [("model", cfg.model), *(("input", i) for i in cfg.inputs)], "--csv")
     pred = load_predictor(cfg.model)
     files, unreadable = collect_files(cfg.inputs)
     rows = predict_files(pred, files, cfg.top_k, cfg.batch_size, resolve_device(cfg.device), progress)
