@@ -51,8 +51,8 @@ def main() -> None:
     print(">>> model = featcache.load('demo-out/runs/api-mlp')")
     model = featcache.load(out / "runs" / "api-mlp")
     Xt, yt = cache.arrays("test")
-    acc = np.mean(model.predict_features(Xt) == np.asarray(cache.class_names, dtype=object)[yt])
-    print(f">>> (model.predict_features(Xt) == labels).mean()\n{acc:.4f}")
+    acc = np.mean(model.predict_features(Xt) == yt)  # class indices, as cache.arrays() returns them
+    print(f">>> (model.predict_features(Xt) == yt).mean()\n{acc:.4f}")
     first = out / "digits" / cache.paths("test")[0]
     print(f">>> model.predict(['{first.relative_to(out.parent) if out.is_absolute() else first}'], top_k=2)")
     print(model.predict([first], top_k=2))

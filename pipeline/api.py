@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ __all__ = ["Cache", "ExtractResult", "Model", "SweepResult", "Leaderboard", "ext
            "open_cache"]
 
 PathLike = str | os.PathLike
-SWEPT = ("dropout", "weight_decay", "l1", "optimizer", "lr", "momentum", "C")  # HeadConfig's tuple fields
+SWEPT = ("dropout", "weight_decay", "l1", "optimizer", "lr", "momentum", "C", "k", "knn_temperature",
+         "knn_voting")  # HeadConfig's tuple fields
 
 
 def _options(cls, given: dict, fixed: tuple[str, ...], call: str) -> None:
@@ -139,22 +141,28 @@ class Cache:
         """Files extraction could not use, with the reason."""
         return list(self._meta.skipped)
 
-    def _rows(self, split: str, labeled: bool) -> np.ndarray:
+    def _rows(self, split: str, labeled: bool | None) -> np.ndarray:
         if split not in ("train", "val", "test", "all"):
             raise FeatcacheError(f"unknown split {split!r}: choose train, val, test or all")
         m = self._meta
         mask = np.ones(m.n_rows, bool) if split == "all" else (m.split == split)
+        if labeled is None:  # an unlabeled cache (images outside class folders) still has rows to give
+            labeled = bool((m.labels >= 0).any())
         if labeled:
             mask &= m.labels >= 0
         return np.flatnonzero(mask)
 
-    def arrays(self, split: str = "train", *, labeled: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def arrays(self, split: str = "train", *, labeled: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(X (n, D) float32, y (n,) int64 indices into ``class_names``) of one split (or "all").
-        ``labeled=False`` also returns unlabeled rows (y = -1)."""
+
+        Args:
+            labeled: True = labeled rows only; False = unlabeled rows too (y = -1); None (default) =
+                labeled rows, or every row of a cache that has no labels at all.
+        """
         rows = self._rows(split, labeled)
         return self.features.features[rows].astype(np.float32), self._meta.labels[rows].copy()
 
-    def paths(self, split: str = "train", *, labeled: bool = True) -> list[str]:
+    def paths(self, split: str = "train", *, labeled: bool | None = None) -> list[str]:
         """Image paths (relative to the image folder) of the rows ``arrays`` returns, in order."""
         return [self._meta.paths[i] for i in self._rows(split, labeled)]
 
@@ -164,8 +172,9 @@ class Cache:
 
     def __repr__(self) -> str:
         a = self.attrs
+        classes = f"{len(self.class_names)} classes" if self.class_names else "unlabeled"
         return (f"Cache({str(self.path)!r}: {self._meta.n_rows} x {a.get('feature_dim')} {a.get('dtype')}, "
-                f"{len(self.class_names)} classes, splits {self.splits}, backbone {a.get('backbone')})")
+                f"{classes}, splits {self.splits}, backbone {a.get('backbone')})")
 
 
 def open_cache(path: PathLike) -> Cache:
@@ -192,8 +201,9 @@ def _arrays_cache(data) -> FeatureCache:
     classes, labels = np.unique(np.concatenate(ys), return_inverse=True)
     n = sum(len(X) for _, X in Xs)
     split = np.array([s for s, X in Xs for _ in range(len(X))], dtype=object)
-    attrs = {"class_names": [str(c) for c in classes], "fingerprint": "", "feature_dim": int(Xs[0][1].shape[1]),
-             "n_views": 0, "backbone": None}
+    # label_values: the labels as given (ints, strings, bools), so predictions come back in their type
+    attrs = {"class_names": [str(c) for c in classes], "label_values": classes.tolist(), "fingerprint": "",
+             "feature_dim": int(Xs[0][1].shape[1]), "n_views": 0, "backbone": None}
     return FeatureCache(path=Path("<arrays>"), attrs=attrs, labels=labels.astype(np.int64),
                         paths=[f"{s}/{i}" for i, s in enumerate(split)], split=split,
                         features=np.concatenate([X for _, X in Xs]), file_size=np.zeros(n, np.int64),
@@ -226,14 +236,50 @@ def _train_size(s: Any) -> int:
     return n
 
 
+_SCALARS = {"float": float, "int": int, "str": str}
+
+
+def _typed(name: str, value: Any, kind: str) -> Any:
+    """``value`` as the ``kind`` (float, int, str, bool) a HeadConfig field holds; FeatcacheError
+    naming the parameter for anything else (a string such as "1e-3,1e-2" is not a list)."""
+    if kind == "bool":
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+    elif kind == "str":
+        if isinstance(value, str):
+            return value
+    elif not isinstance(value, (str, bool, np.bool_)):
+        try:
+            out = _SCALARS[kind](value)
+            if kind == "int" and out != value:
+                raise ValueError
+            return out
+        except (TypeError, ValueError):
+            pass
+    plural = " or a list of them" if name in SWEPT else ""
+    raise FeatcacheError(f"{name} takes a{'n' if kind == 'int' else ''} {kind}{plural}, got {value!r}")
+
+
+def _coerce(values: dict) -> dict:
+    """Scalar fields of HeadConfig checked and converted by their declared type; swept fields
+    (tuples) from a scalar or a list, each item converted."""
+    hints = typing.get_type_hints(HeadConfig)
+    out = dict(values)
+    for name, v in values.items():
+        text = str(hints[name])
+        kind = next((k for k in ("bool", "float", "int", "str") if k in text), None)
+        if name in SWEPT:
+            items = list(v) if isinstance(v, (list, tuple, np.ndarray)) else [v]
+            out[name] = tuple(_typed(name, x, kind) for x in items)
+        elif kind and name not in ("hidden", "layers", "train_sizes") and not (v is None and "None" in text):
+            out[name] = _typed(name, v, kind)
+    return out
+
+
 def head_config(*, cache: str | None = None, output: str | None = None, **options: Any) -> HeadConfig:
     """A HeadConfig from scalar-or-list keyword options (what ``fit_heads`` and HeadClassifier take)."""
     _options(HeadConfig, options, ("cache", "output"), "fit_heads")
-    values = dict(options)
-    for name in SWEPT:
-        if name in values:
-            v = values[name]
-            values[name] = tuple(v) if isinstance(v, (list, tuple, np.ndarray)) else (v,)
+    values = _coerce(options)
     if "hidden" in values:
         values["hidden"] = _hidden(values["hidden"])
     if "layers" in values:  # "b,c", ["c", "b,c"] or [["c"], ["b", "c"]], as fit-head --layers
@@ -331,8 +377,12 @@ class Model:
         return predict_proba(self._head, torch.from_numpy(X)).numpy()
 
     def predict_features(self, X) -> np.ndarray:
-        """Predicted class names (N,) for raw cached features X (N, D)."""
-        return np.asarray(self.class_names, dtype=object)[self.predict_proba_features(X).argmax(1)]
+        """Predicted labels (N,) for raw cached features X (N, D), in the label space the head was
+        trained in: class indices for a head trained on a cache (as ``Cache.arrays`` returns them),
+        the labels as given (ints, strings, bools) for one trained on arrays."""
+        from featcache.pipeline.heads.headio import label_values
+
+        return label_values(self.meta)[self.predict_proba_features(X).argmax(1)]
 
     def predict(self, images, *, top_k: int = 5, batch_size: int = 32, device: str = "auto") -> list[dict]:
         """Classify image files or folders, exactly as ``featcache predict`` does.

@@ -72,7 +72,7 @@ class HeadConfig(_Recorded):
 
     cache: str | None = None  # the cache file; None when the Python API trains on arrays
     output: str | None = None  # the run folder; None = train in memory, write nothing
-    head: str = "linear"  # linear | mlp | logreg (scikit-learn LogisticRegression over C)
+    head: str = "linear"  # a registered head kind: linear | mlp | logreg | knn | centroid (heads/kinds/)
     hidden: tuple[tuple[int, ...], ...] = ((512,),)  # architectures tried by mlp; () = linear
     dropout: tuple[float, ...] = (0.5,)  # on hidden activations (mlp only)
     weight_decay: tuple[float, ...] = (1e-4,)  # L2 on weight matrices, never on biases or norm params
@@ -101,3 +101,6 @@ class HeadConfig(_Recorded):
     cv: int = 0  # stratified K-fold cross-validation over the train rows; 0 = off (rank on the val split)
     train_sizes: tuple[int, ...] = ()  # learning curve: training images per class; 0 = all (always added)
     views_keep_original: float = 0.0  # probability that an epoch's draw of a row is its un-augmented features
+    k: tuple[int, ...] = (1, 5, 10, 20)  # knn: neighbours, every value scored from one similarity computation
+    knn_temperature: tuple[float, ...] = (0.07,)  # knn voting weight exp(sim / T) (DINO's); centroid softmax T
+    knn_voting: tuple[str, ...] = ("temperature",)  # knn: temperature (DINO's weighted vote) | majority

@@ -97,9 +97,54 @@ def test_in_memory_fit_writes_nothing_and_predicts(tmp_path, monkeypatch):
     assert np.mean(pred == labels[75:]) == pytest.approx(res.metrics["test_accuracy"])
     for fig in (res.plot_curves(), res.plot_weight_norms(), res.plot_confusion()):
         assert isinstance(fig, Figure)
-    assert res.plot_sweep() is None  # nothing swept
+    with pytest.raises(featcache.FeatcacheError, match="nothing was swept"):
+        res.plot_sweep()
+    assert len(repr(res)) <= 1024 and "val accuracy" in repr(res)
+    assert "<pre>" in res._repr_html_() and "val_accuracy" in res._repr_html_()
     frame = featcache.fit_heads(split, lr=[1e-3, 1e-2], epochs=3).leaderboard.to_pandas()
     assert list(frame["rank"]) == [1, 2] and {"lr", "val_accuracy"} <= set(frame.columns)
+
+
+def test_exact_probe_plots_say_why_there_are_no_curves():
+    res = featcache.fit_heads(_blobs(), head="linear", C=[0.1, 1.0])
+    assert res.best.row["solver"] == "exact"
+    with pytest.raises(featcache.FeatcacheError, match="plot_curves: .*not trained by epochs"):
+        res.plot_curves()
+    with pytest.raises(featcache.FeatcacheError, match="plot_weight_norms"):
+        res.plot_weight_norms()
+    assert isinstance(res.plot_sweep(), Figure) and isinstance(res.plot_confusion(), Figure)
+
+
+@pytest.mark.parametrize("value", ["abc", "1e-3,1e-2", True, None])
+def test_bad_option_values_name_the_python_parameter(value):
+    with pytest.raises(featcache.FeatcacheError, match=r"^lr takes a float or a list of them"):
+        featcache.fit_heads(_blobs(), lr=value)
+
+
+def test_bad_scalar_option_values_name_the_python_parameter():
+    with pytest.raises(featcache.FeatcacheError, match=r"^epochs takes an int, got 2.5"):
+        featcache.fit_heads(_blobs(), epochs=2.5)
+    with pytest.raises(featcache.FeatcacheError, match=r"^standardize takes a bool"):
+        featcache.fit_heads(_blobs(), standardize="yes")
+
+
+@pytest.mark.parametrize("kind", ["int", "str", "bool"])
+def test_labels_come_back_in_the_type_they_went_in(kind, tmp_path):
+    X, y = _blobs()
+    if kind == "int":
+        labels = y * 10 + 3
+    elif kind == "str":
+        labels = np.array(["cat", "dog", "eel"])[y]
+    else:
+        labels = y > 0  # two classes
+    res = featcache.fit_heads((X, labels), head="linear", C=1.0, val_fraction=0.25)
+    pred = res.predict(X)
+    assert pred.dtype.kind == np.asarray(labels).dtype.kind
+    assert set(pred.tolist()) <= set(labels.tolist())
+    assert (pred == labels).mean() > 0.8  # a natural accuracy check means what it says
+    res.save(tmp_path / "run")
+    loaded = featcache.load(tmp_path / "run").predict_features(X)
+    assert loaded.dtype.kind == pred.dtype.kind and (loaded == pred).all()
 
 
 def _strip_timings(obj):
@@ -139,11 +184,12 @@ def test_load_predicts_from_features_and_from_images(digits_cache, tmp_path):
     model = featcache.load(tmp_path / "run")
     Xv, yv = cache.arrays("val")
     np.testing.assert_array_equal(model.predict_features(Xv), res.predict(Xv))
-    acc = np.mean(model.predict_features(Xv) == np.asarray(cache.class_names, dtype=object)[yv])
-    assert acc == pytest.approx(res.metrics["val_accuracy"])
+    # a head trained on a cache predicts in the label space Cache.arrays returns (class indices)
+    assert (model.predict_features(Xv) == yv).mean() == pytest.approx(res.metrics["val_accuracy"])
+    assert (res.predict(Xv) == yv).mean() == pytest.approx(res.metrics["val_accuracy"])
     images = [digits_cache.cache.parent / "images" / p for p in cache.paths("val")[:6]]
     rows = model.predict(images)
-    assert [r["label"] for r in rows] == list(model.predict_features(Xv[:6]))
+    assert [r["label"] for r in rows] == [cache.class_names[i] for i in model.predict_features(Xv[:6])]
     with pytest.raises(featcache.FeatcacheError, match="shape"):
         model.predict_features(Xv[:, :10])
 

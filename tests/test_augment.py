@@ -319,7 +319,7 @@ def test_float16_views_read_back_as_float32(small_tree_ro, tmp_path):
 
 def test_logreg_weights_views_so_C_keeps_its_meaning():
     """Rows plus V copies of themselves, weighted 1/(1+V), are the same problem as the rows alone."""
-    from featcache.pipeline.heads.fit import _with_views
+    from featcache.pipeline.heads.kinds.sequential import with_views as _with_views
     from featcache.pipeline.heads.logreg import fit_logreg
 
     g = torch.Generator().manual_seed(1)

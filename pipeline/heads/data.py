@@ -27,6 +27,7 @@ class Prepared:
     val_source: str  # "cache" (the folder's val/ split) | "held out N% of train" | "none"
     views: torch.Tensor | None = None  # (M, V, D) augmented views, standardised like X; None = not used
     view_pos: np.ndarray | None = None  # (N,) int64: row -> index into views, -1 = row has none
+    feature_dtype: str = "float32"  # the cache's dtype (a k-NN head keeps its bank in it)
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(self.rows[name], device=self.X.device)
@@ -173,4 +174,4 @@ def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bo
         view_pos = np.full(len(cache.labels), -1, np.int64)
         view_pos[with_views] = np.arange(len(with_views))
     return Prepared(torch.from_numpy(np.ascontiguousarray(X)).to(device), torch.from_numpy(cache.labels).to(device),
-                    rows, mean, scale, cache.class_names, val_source, views, view_pos)
+                    rows, mean, scale, cache.class_names, val_source, views, view_pos, str(cache.features.dtype))

@@ -19,34 +19,24 @@ from featcache.cache.store import FeatureCache, read_cache
 from featcache.pipeline.config import HeadConfig
 from featcache.pipeline.device import resolve_device
 from featcache.pipeline.errors import FeatcacheError
-from featcache.pipeline.heads.cv import refit_cv_winner, train_torch
+from featcache.pipeline.heads import kinds
+from featcache.pipeline.heads.cv import refit_cv_winner
 from featcache.pipeline.heads.data import Prepared, prepare
-from featcache.pipeline.heads.exact import fit_exact
 from featcache.pipeline.heads.layersets import layer_columns, layer_set_label
-from featcache.pipeline.heads.leaderboard import exact_row, logreg_row, rank, rank_key
-from featcache.pipeline.heads.logreg import fit_logreg
+from featcache.pipeline.heads.leaderboard import rank, rank_key
 from featcache.pipeline.heads.metrics import score
 from featcache.pipeline.heads.optim import OPTIMIZERS
-from featcache.pipeline.heads.sweep import c_values, check_search, expand
+from featcache.pipeline.heads.sweep import check_search
+from featcache.pipeline.heads.kinds.sequential import EPOCH_OPTIONS  # given one: an epoch sweep (resolve_solver)
 from featcache.pipeline.heads.result import Candidate, Leaderboard, SweepResult, check_run_dir
-from featcache.pipeline.heads.train import TrainData, TrainSettings, train_many
 
-HEADS = ("linear", "mlp", "logreg")
-SOLVERS = ("auto", "exact", "epochs")  # of --head linear, see _solver
-# options only the epoch trainer reads: giving one asks for an epoch sweep (resolve_solver)
-EPOCH_OPTIONS = ("lr", "weight_decay", "optimizer", "momentum", "epochs", "batch_size", "patience")
-__all__ = ["HEADS", "check_config", "expand", "fit_sweep", "rank_key", "resolve_solver", "run_fit_head"]
+__all__ = ["EPOCH_OPTIONS", "check_config", "fit_sweep", "rank_key", "resolve_solver", "run_fit_head"]
 
 
 def check_config(cfg: HeadConfig) -> None:
     """One-line errors for option values no configuration could train with."""
-    if cfg.head not in HEADS:
-        raise FeatcacheError(f"unknown head {cfg.head!r}: choose from {', '.join(HEADS)}")
+    kind = kinds.get(cfg.head)
     check_search(cfg)
-    if cfg.solver not in SOLVERS:
-        raise FeatcacheError(f"unknown --solver {cfg.solver!r}: choose from {', '.join(SOLVERS)}")
-    if cfg.solver == "exact" and (cfg.head != "linear" or any(v > 0 for v in cfg.l1)):
-        raise FeatcacheError("--solver exact solves an L2 linear probe: it needs --head linear and no --l1 > 0")
     for opt in cfg.optimizer:
         if opt not in OPTIMIZERS:
             raise FeatcacheError(f"unknown optimizer {opt!r}: choose from {', '.join(OPTIMIZERS)}")
@@ -63,31 +53,18 @@ def check_config(cfg: HeadConfig) -> None:
         bad.append("--epochs and --batch-size must be at least 1")
     if cfg.patience < 0:
         bad.append(f"--patience {cfg.patience} (0 disables early stopping; negative has no meaning)")
-    if cfg.batchnorm and cfg.batch_size < 2 and cfg.head == "mlp":
-        bad.append("--batchnorm needs --batch-size of at least 2 (batch norm cannot normalise one row)")
     if cfg.cv == 1 or cfg.cv < 0:
         bad.append(f"--cv {cfg.cv} (needs at least 2 folds; 0 = off)")
     bad += [f"--train-sizes {v} (images per class; 0 or all = every train row)" for v in cfg.train_sizes if v < 0]
     if not 0 <= cfg.views_keep_original <= 1:
         bad.append(f"--views-keep-original {cfg.views_keep_original} (a probability in [0, 1])")
-    if cfg.head == "logreg" and (cfg.cv or cfg.train_sizes):
-        bad.append("--cv/--train-sizes with --head logreg (they train linear/mlp heads as masked stacks)")
+    bad += kind.check(cfg)
     if bad:
         raise FeatcacheError(f"invalid value: {bad[0]}")
-    lists = (cfg.dropout, cfg.weight_decay, cfg.l1, cfg.optimizer, cfg.lr, cfg.momentum, cfg.hidden, cfg.C)
+    lists = (cfg.dropout, cfg.weight_decay, cfg.l1, cfg.optimizer, cfg.lr, cfg.momentum, cfg.hidden, cfg.C, cfg.k,
+             cfg.knn_temperature, cfg.knn_voting)
     if not all(len(v) for v in lists):
         raise FeatcacheError("every swept option needs at least one value")
-
-
-def _with_views(X: torch.Tensor, y: torch.Tensor, views: torch.Tensor | None):
-    """logreg has no epochs to sample views in: it fits the rows plus all their views as extra rows,
-    each weighted 1/(1+V) so the data term (a sum over rows in sklearn) keeps its scale and C means
-    what it means without views. Returns (X, y, sample_weight or None)."""
-    if views is None:
-        return X, y, None
-    k = 1 + views.shape[1]
-    return (torch.cat([X, views.reshape(-1, X.shape[1])]), torch.cat([y, y.repeat_interleave(views.shape[1])]),
-            np.full(len(y) * k, 1.0 / k))
 
 
 def resolve_solver(head: str, solver: str, C: tuple[float, ...] | None, given) -> tuple[str, tuple[float, ...]]:
@@ -97,68 +74,26 @@ def resolve_solver(head: str, solver: str, C: tuple[float, ...] | None, given) -
         head, solver: as given; C: as given, None = the default; given: names of the options
             the user set (command line, or keyword arguments).
     Returns:
-        (solver, C): auto becomes epochs when an epoch option (EPOCH_OPTIONS) was given (an explicit
-        --lr list asks for an epoch sweep); C defaults to the exact probe's 10-value path where the
-        exact probe may run, else to logreg's 5 values.
+        (solver, C): for the linear head, auto becomes epochs when an epoch option (EPOCH_OPTIONS)
+        was given (an explicit --lr list asks for an epoch sweep) and C defaults to the exact
+        probe's 10-value path unless the solver is epochs; other heads keep HeadConfig's C.
     """
-    from featcache.pipeline.heads.exact import DEFAULT_C_PATH
+    from featcache.pipeline.heads.kinds.linear import resolve
 
-    if solver == "auto" and any(o in given for o in EPOCH_OPTIONS):
-        solver = "epochs"
-    if C is None:
-        C = HeadConfig.C if head != "linear" or solver == "epochs" else DEFAULT_C_PATH
-    return solver, C
+    if head == kinds.get("linear").name:
+        return resolve(solver, C, given)
+    return solver, HeadConfig.C if C is None else C
 
 
-def _solver(cfg: HeadConfig, data: Prepared) -> str:
-    """exact or epochs for a linear head. auto = exact for a plain L2 probe: no --l1 > 0 and no
-    augmented views to sample per epoch (the CLI also picks epochs when --lr, --weight-decay,
-    --optimizer, --momentum, --epochs, --batch-size or --patience is given: those configure epochs)."""
-    if cfg.head != "linear" or cfg.solver == "epochs":
-        return "epochs"
-    if cfg.cv or cfg.train_sizes:  # folds and sizes are masked heads of the epoch trainer
-        if cfg.solver == "exact":
-            raise FeatcacheError("--cv/--train-sizes train masked stacks of epoch-trained heads: use --solver epochs")
-        return "epochs"
-    if cfg.solver == "exact":
-        return "exact"
-    return "epochs" if any(v > 0 for v in cfg.l1) or data.views is not None else "exact"
-
-
-def _train_exact(cfg: HeadConfig, data: Prepared) -> list[Candidate]:
-    """One candidate per C (``cfg.C``, grid or random as logreg): the exact L-BFGS probe. With
-    --solver exact and augmented views, views are extra rows weighted as for logreg."""
-    X, y, weights = _with_views(*data.split("train"), data.views_of(data.rows["train"]))
-    results = fit_exact(c_values(cfg), X, y, len(data.class_names), sample_weight=weights)
-    return [Candidate(exact_row(i, r, data, cfg.seed), r.head) for i, r in enumerate(results)]
-
-
-def _train_logreg(cfg: HeadConfig, data: Prepared) -> list[Candidate]:
-    X, y, weights = _with_views(*data.split("train"), data.views_of(data.rows["train"]))
-    results = fit_logreg(c_values(cfg), X, y, len(data.class_names), cfg.seed, weights)
-    return [Candidate(logreg_row(i, r, data, cfg.seed), r.head) for i, r in enumerate(results)]
-
-
-def _refit(cfg: HeadConfig, data: Prepared, best: Candidate) -> tuple[nn.Sequential, dict]:
+def _refit(cfg: HeadConfig, data: Prepared, best: Candidate) -> tuple[nn.Module, dict]:
     """Retrain the winner's exact configuration on train+val (its best epoch count, no early
-    stopping; logreg and the exact linear probe: its C) and score it. Standardisation keeps the train-only statistics."""
+    stopping; C for logreg and the exact probe; the bank for k-NN) and score it. Standardisation
+    keeps the train-only statistics."""
     t0 = time.perf_counter()
     rows = np.sort(np.concatenate([data.rows["train"], data.rows["val"]]))
+    head, epochs = kinds.get(best.row["head"]).refit(cfg, data, best, rows)
     idx = torch.as_tensor(rows, device=data.X.device)
-    X, y = data.X[idx], data.y[idx]
-    n_classes = len(data.class_names)
-    views = data.views_of(rows)
-    if best.params is None:
-        Xr, yr, weights = _with_views(X, y, views)
-        if best.row.get("solver") == "exact":
-            head = fit_exact([best.row["C"]], Xr, yr, n_classes, sample_weight=weights)[0].head
-        else:
-            head = fit_logreg([best.row["C"]], Xr, yr, n_classes, cfg.seed, weights)[0].head
-        epochs = None
-    else:
-        epochs = best.row["best_epoch"]
-        head = train_many([best.params], data=TrainData(X, y, n_classes, None, None, views=views), settings=TrainSettings(epochs, cfg.batch_size, patience=0))[0].head
-    fitted, test = score(head, X, y), score(head, *data.split("test"))
+    fitted, test = score(head, data.X[idx], data.y[idx]), score(head, *data.split("test"))
     info = {"n_rows": len(rows), "epochs": epochs, "train_val_accuracy": fitted["accuracy"],
             "train_val_loss": fitted["loss"], "test_accuracy": test.get("accuracy"), "test_loss": test.get("loss"),
             "seconds": round(time.perf_counter() - t0, 3)}
@@ -176,10 +111,13 @@ def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False) -
     """
     t0 = time.perf_counter()
     check_config(cfg)
+    kind = kinds.get(cfg.head)
     device = resolve_device(cfg.device)
     if cfg.use_augmented and not cache.n_views:
         raise FeatcacheError(f"--use-augmented: {cache.path} has no augmented views (extract with --augment N)")
-    use_views = cache.n_views > 0 and cfg.use_augmented is not False
+    if cfg.use_augmented and not kind.trains:
+        raise FeatcacheError(f"--use-augmented with --head {cfg.head}: it trains nothing, so it has no use for views")
+    use_views = cache.n_views > 0 and cfg.use_augmented is not False and kind.trains
     # --layers: every layer set is one more swept option, prepared (and standardised) on its own
     columns_of = {layer_set_label(names, cache.attrs): cols for names in cfg.layers  # validated first
                   for cols in [layer_columns(cache.attrs, names, cache.path)]}  # one entry per distinct set
@@ -191,9 +129,7 @@ def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False) -
                        drop_nonfinite=cfg.drop_nonfinite, columns=columns)
         if cfg.refit and not len(data.rows["val"]):
             raise FeatcacheError("--refit retrains on train+val, but this run has no validation split (--val-fraction 0)")
-        train = {"logreg": _train_logreg, "exact": _train_exact}.get(
-            "logreg" if cfg.head == "logreg" else _solver(cfg, data), train_torch)
-        for c in train(cfg, data):
+        for c in kind.fit(cfg, data):
             c.row = {"index": len(candidates), **({"layers": label} if label else {}),
                      **{k: v for k, v in c.row.items() if k != "index"}}
             set_of[len(candidates)] = (label, columns, data)

@@ -1,4 +1,9 @@
-"""head.pt: a plain state_dict plus JSON-serialisable metadata, loaded only with weights_only=True."""
+"""head.pt: a plain state_dict plus JSON-serialisable metadata, loaded only with weights_only=True.
+
+The metadata names the head's kind (heads/kinds/); the kind rebuilds an empty module of the
+recorded architecture and the state_dict fills it. Files written before kinds existed have no
+``kind``: they are ``nn.Sequential`` heads (linear, mlp, logreg), rebuilt as such.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,24 +13,28 @@ import torch
 from torch import nn
 
 from featcache.pipeline.errors import FeatcacheError
-from featcache.pipeline.heads.stacked import build_sequential
+from featcache.pipeline.heads import kinds
 
 HEAD_FORMAT = "featcache-head"
 HEAD_VERSION = 1
 
 
-def save_head(path: str | Path, head: nn.Sequential, metadata: dict) -> None:
-    """metadata must hold in_dim, n_classes, hidden, batchnorm, dropout, class_names, standardize."""
+def save_head(path: str | Path, head: nn.Module, metadata: dict) -> None:
+    """metadata must hold kind, in_dim, n_classes, class_names, standardize and what the kind's
+    ``build`` reads (``HeadKind.architecture``)."""
     state = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
     torch.save({"format": HEAD_FORMAT, "version": HEAD_VERSION, "state_dict": state, "metadata": metadata}, path)
 
 
-def build_head(meta: dict) -> nn.Sequential:
+def build_head(meta: dict) -> nn.Module:
     """An untrained head of the architecture recorded in head (or fine-tuned model) metadata."""
-    return build_sequential(meta["in_dim"], tuple(meta["hidden"]), meta["n_classes"], meta["batchnorm"], meta["dropout"])
+    try:
+        return kinds.get(meta.get("kind", "linear")).build(meta)
+    except (KeyError, TypeError, ValueError) as e:
+        raise FeatcacheError(f"head metadata does not describe a {meta.get('kind', 'linear')} head ({e!r})") from None
 
 
-def load_head(path: str | Path) -> tuple[nn.Sequential, dict]:
+def load_head(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild a saved head. Refuses anything that is not a featcache head (and never unpickles code)."""
     path = Path(path)
     if path.is_dir():
@@ -54,6 +63,13 @@ def load_head(path: str | Path) -> tuple[nn.Sequential, dict]:
     return head.eval(), meta
 
 
+def label_values(meta: dict) -> np.ndarray:
+    """(C,) the label each output stands for: as recorded (a head trained on arrays keeps its labels'
+    type), else the class indices, which is what ``Cache.arrays`` returns for a cache."""
+    values = meta.get("label_values")
+    return np.asarray(values) if values is not None else np.arange(int(meta["n_classes"]))
+
+
 def input_dim(meta: dict) -> int:
     """Width of the cached features a saved head reads (its ``columns`` select ``in_dim`` of them)."""
     return int(meta.get("input_dim") or meta["in_dim"])
@@ -66,9 +82,9 @@ class StandardizedHead(nn.Module):
     """
 
     def __init__(self, head: nn.Module, mean: np.ndarray | None, scale: np.ndarray | None,
-                 columns: np.ndarray | None = None):
+                 columns: np.ndarray | None = None, in_dim: int | None = None):
         super().__init__()
-        d = head[0].in_features
+        d = in_dim if in_dim is not None else len(mean if mean is not None else scale)
         self.select = columns is not None
         if self.select:
             self.register_buffer("columns", torch.as_tensor(np.asarray(columns), dtype=torch.long))
@@ -80,7 +96,7 @@ class StandardizedHead(nn.Module):
     def from_metadata(cls, head: nn.Module, meta: dict) -> "StandardizedHead":
         """With the train-split statistics recorded in ``meta["standardize"]`` (identity if none)."""
         std = meta.get("standardize") or {}
-        return cls(head, std.get("mean"), std.get("scale"), meta.get("columns"))
+        return cls(head, std.get("mean"), std.get("scale"), meta.get("columns"), int(meta["in_dim"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.select:

@@ -10,6 +10,9 @@ from torch import nn
 
 @torch.no_grad()
 def predict_proba(head: nn.Module, X: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Softmax of ``head``'s scores for X (N, D), in row chunks: ``chunk`` rows, or fewer when a
+    module of the head says it needs less (``eval_chunk``: k-NN's (rows, M) similarities)."""
+    chunk = min([chunk, *(m.eval_chunk for m in head.modules() if hasattr(m, "eval_chunk"))])
     head = head.to(X.device).eval()
     return torch.cat([F.softmax(head(X[s: s + chunk]), dim=1) for s in range(0, len(X), chunk)]) if len(X) else torch.zeros(0)
 

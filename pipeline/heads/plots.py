@@ -142,7 +142,7 @@ def learning_curve_figure(rows: list[dict], metric: str = "val_accuracy") -> Fig
     for r in rows:
         if r.get(metric) is None:
             continue
-        name = ("linear" if r["head"] == "linear" else f"mlp {r['hidden']}") + (" + views" if r.get("views") else "")
+        name = ("linear" if r.get("hidden") in (None, "0") else f"mlp {r['hidden']}") + (" + views" if r.get("views") else "")
         at = families.setdefault(name, {})
         x = r["n_train_rows"]
         if x not in at or r[metric] > at[x][metric]:

@@ -47,14 +47,16 @@ def table(header: list[str], rows: list[list[str]], left: tuple[str, ...] = ()) 
 
 def leaderboard_lines(rows: list[dict], limit: int = 20) -> list[str]:
     """The best ``limit`` configurations: swept hyperparameters, best epoch, scores, seconds."""
-    from featcache.pipeline.heads.sweep import swept
+    from featcache.pipeline.heads.sweep import HYPERPARAMETERS, swept
 
-    epochs = ["n_iter"] if rows and "n_iter" in rows[0] else ["best_epoch"]  # logreg and exact: L-BFGS
+    # L-BFGS iterations (logreg, exact probe), the kept epoch (epoch-trained), or none (k-NN, centroid)
+    epochs = [c for c in ("n_iter", "best_epoch") if rows and c in rows[0]][:1]
+    shown = swept(rows) or [c for c in HYPERPARAMETERS if rows and c in rows[0] and c != "layers"][-1:]
     scores = [c for c in ("cv_accuracy_mean", "cv_accuracy_std", "train_accuracy", "val_accuracy", "val_loss",
                           "test_accuracy") if any(r.get(c) is not None for r in rows)]
     extra = [c for c in ("train_size", "views") if len({str(r.get(c)) for r in rows}) > 1]
     extra += ["status"] if any(r.get("status") == "failed" for r in rows) else []
-    cols = ["rank", *(swept(rows) or (["C"] if epochs == ["n_iter"] else ["lr"])), *extra, *epochs, *scores, "seconds"]
+    cols = ["rank", *shown, *extra, *epochs, *scores, "seconds"]
     lines = table(cols, [[fmt(r.get(c), c) for c in cols] for r in rows[:limit]])
     if len(rows) > limit:
         lines.append(f"... {len(rows) - limit} more in leaderboard.csv")
@@ -62,15 +64,9 @@ def leaderboard_lines(rows: list[dict], limit: int = 20) -> list[str]:
 
 
 def _describe(s: dict) -> str:
-    p = s["params"]
-    if s["head"] == "logreg":
-        return f"logreg C={p['C']:g} (scikit-learn LogisticRegression)"
-    if "C" in p:
-        return f"linear C={p['C']:g} (exact L-BFGS, scikit-learn's LogisticRegression objective)"
-    arch = "linear" if not p["hidden"] else "mlp " + "x".join(map(str, p["hidden"]))
-    extra = f" momentum={p['momentum']:g}" if p["optimizer"] == "sgd" else ""
-    return (f"{arch}, {p['optimizer']} lr={p['lr']:g} weight_decay={p['weight_decay']:g} l1={p['l1']:g}"
-            f"{extra}" + (f" dropout={p['dropout']:g}" if p["hidden"] else ""))
+    from featcache.pipeline.heads import kinds
+
+    return kinds.get(s["winner_kind"]).describe(s["params"])
 
 
 def fit_lines(s: dict) -> list[str]:

@@ -25,13 +25,14 @@ from featcache.cache.lock import cache_lock
 from featcache.cache.store import FeatureCache
 from featcache.pipeline.config import HeadConfig
 from featcache.pipeline.errors import FeatcacheError, FeatcacheWarning
+from featcache.pipeline.heads import kinds
 from featcache.pipeline.heads.data import Prepared
+from featcache.pipeline.heads.train_types import HeadParams
 from featcache.pipeline.heads.headio import StandardizedHead, save_head
 from featcache.pipeline.heads.leaderboard import write_leaderboard
 from featcache.pipeline.heads.metrics import predict_proba
 from featcache.pipeline.heads.sweep import swept
 from featcache.pipeline.heads.runs import RUN_REQUIRED
-from featcache.pipeline.heads.train import HeadParams
 from featcache.pipeline.outputs import contains, read_json
 
 CV_KEYS = ("cv_folds", "cv_accuracy_mean", "cv_accuracy_std", "cv_loss_mean", "cv_loss_std", "fold_accuracies",
@@ -56,9 +57,9 @@ class Candidate:
     """One trained configuration: its leaderboard row, its head and what is needed to retrain it."""
 
     row: dict
-    head: nn.Sequential
-    history: list[dict] = field(default_factory=list)  # per epoch; empty for logreg
-    params: HeadParams | None = None  # None for logreg (its C is in the row)
+    head: nn.Module  # standardised features (N, D) -> scores (N, C), softmax = probabilities
+    history: list[dict] = field(default_factory=list)  # per epoch; empty for heads without epochs
+    params: HeadParams | None = None  # epoch-trained heads: to retrain it; None for the others (row holds theirs)
 
 
 def backbone_record(cache: FeatureCache) -> dict:
@@ -67,15 +68,11 @@ def backbone_record(cache: FeatureCache) -> dict:
 
 
 def label(row: dict) -> str:
-    """Short description of a configuration for legends: the swept-looking values."""
-    if row["head"] == "logreg" or row.get("solver") == "exact":
-        return f"{row['head']} C={row['C']:g}"
-    arch = "linear" if row["hidden"] == "0" else f"mlp {row['hidden']}"
-    return f"{arch} {row['optimizer']} lr={row['lr']:g} wd={row['weight_decay']:g} l1={row['l1']:g}" + (
-        f" do={row['dropout']:g}" if row["hidden"] != "0" else "")
+    """Short description of a configuration for legends: its kind's own words."""
+    return kinds.get(row["head"]).label(row)
 
 
-@dataclass
+@dataclass(repr=False)
 class SweepResult:
     """Every configuration of one sweep, ranked, and the head fit-head would save.
 
@@ -91,7 +88,7 @@ class SweepResult:
     data: Prepared
     candidates: list[Candidate]
     leaderboard: Leaderboard
-    head: nn.Sequential
+    head: nn.Module
     refit: dict | None
     device: str
     seconds: float  # training and scoring, wall clock
@@ -121,9 +118,9 @@ class SweepResult:
         """What metrics.json holds (without ``files``)."""
         cfg, win, best, cache, data = self.config, self.leaderboard[0], self.best, self.cache, self.data
         m = {
-            "head": cfg.head, **{k: win.get(k) for k in ("train_accuracy", "val_accuracy", "test_accuracy", "train_loss",
+            "head": cfg.head, "winner_kind": win["head"], **{k: win.get(k) for k in ("train_accuracy", "val_accuracy", "test_accuracy", "train_loss",
                                                           "val_loss", "test_loss", "best_epoch", "epochs_run")},
-            "history": best.history, "params": asdict(best.params) if best.params else {"C": win["C"]},
+            "history": best.history, "params": self.best_kind.params(best),
             "config": asdict(cfg), "search": cfg.search, "n_configs": len(self.candidates),
             "n_train": len(data.rows["train"]), "n_val": len(data.rows["val"]), "n_test": len(data.rows["test"]),
             "val_source": data.val_source, "class_names": data.class_names, "cache": cfg.cache,
@@ -155,18 +152,23 @@ class SweepResult:
                 "augment": cache.attrs.get("augment"),
                 "augment_fingerprint": cache.attrs.get("augment_fingerprint")}
 
+    @property
+    def best_kind(self) -> kinds.HeadKind:
+        """The head kind of the winner (an mlp sweep's winner can be its linear member)."""
+        return kinds.get(self.best.row["head"])
+
     def head_metadata(self) -> dict:
-        """head.pt's metadata: the architecture, standardisation and where the features came from."""
+        """head.pt's metadata: the kind and its architecture, standardisation and where the features came from."""
         cfg, best, data, cache = self.config, self.best, self.data, self.cache
-        p = best.params or HeadParams()  # logreg: a linear head without dropout or batch norm
+        kind = self.best_kind
         return {
-            "in_dim": int(data.X.shape[1]), "n_classes": len(data.class_names), "hidden": list(p.hidden),
-            "batchnorm": p.batchnorm, "dropout": p.dropout, "class_names": data.class_names,
+            "kind": kind.name, "in_dim": int(data.X.shape[1]), "n_classes": len(data.class_names),
+            **kind.architecture(best, self.head), "class_names": data.class_names,
+            "label_values": self.label_values.tolist(),
             "standardize": None if data.mean is None else {"mean": data.mean.tolist(), "scale": data.scale.tolist()},
             "cache": cfg.cache, "cache_fingerprint": cache.fingerprint, "backbone": backbone_record(cache),
             "extract_config": cache.attrs.get("config"),  # predict/export/finetune rebuild the backbone from it
-            "config": asdict(cfg), "head_type": cfg.head,
-            "params": asdict(best.params) if best.params else {"C": best.row["C"]},
+            "config": asdict(cfg), "head_type": cfg.head, "params": kind.params(best),
             "best_epoch": best.row.get("best_epoch"), "refit": cfg.refit, "augmented": self._augmented(),
             **({"layers": self.layers, "columns": self.columns.tolist(),
                 "input_dim": int(cache.attrs.get("feature_dim") or cache.features.shape[1])}
@@ -177,20 +179,28 @@ class SweepResult:
     def model(self) -> StandardizedHead:
         """The saved head behind its standardisation: raw cached features (N, D) -> logits (N, C)."""
         d = self.data
-        return StandardizedHead(self.head, d.mean, d.scale, self.columns).eval()
+        return StandardizedHead(self.head, d.mean, d.scale, self.columns, int(d.X.shape[1])).eval()
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities (N, C) for raw (unstandardised) features X (N, D)."""
         X = torch.as_tensor(np.asarray(X, dtype=np.float32))
         return predict_proba(self.model(), X).numpy()
 
+    @property
+    def label_values(self) -> np.ndarray:
+        """(C,) what ``predict`` returns for each class: the labels as given when trained on arrays
+        (ints, strings, bools keep their type), the class indices when trained on a cache (the
+        labels ``Cache.arrays`` returns; ``class_names[i]`` names index i)."""
+        values = self.cache.attrs.get("label_values")
+        return np.asarray(values) if values is not None else np.arange(len(self.class_names))
+
     def predict(self, X) -> np.ndarray:
-        """Class names (N,) for raw features X (N, D)."""
-        return np.asarray(self.class_names, dtype=object)[self.predict_proba(X).argmax(1)]
+        """Labels (N,) for raw features X (N, D), in the label space of the training data (``label_values``)."""
+        return self.label_values[self.predict_proba(X).argmax(1)]
 
     # ------------------------------------------------------------------ pictures
-    def plot_curves(self):
-        """Train/val loss and accuracy per epoch of the winner (None for logreg: it has no epochs)."""
+    def _plot_curves(self):
+        """Train/val loss and accuracy per epoch of the winner (None for heads without epochs)."""
         from featcache.pipeline.heads import plots
 
         best = self.best
@@ -198,7 +208,7 @@ class SweepResult:
             return None
         return plots.training_curves_figure(best.history, f"best head: {label(best.row)}", best.row["best_epoch"])
 
-    def plot_weight_norms(self):
+    def _plot_weight_norms(self):
         """Weight norm per epoch of the best configurations (None for logreg)."""
         from featcache.pipeline.heads import plots
 
@@ -206,7 +216,7 @@ class SweepResult:
             return None
         return plots.weight_norm_figure([(label(r), self._by_index[r["index"]].history) for r in self.leaderboard])
 
-    def plot_confusion(self):
+    def _plot_confusion(self):
         """Confusion matrix of the saved head on the test split (val when there is none), or None."""
         from featcache.pipeline.heads import plots
         from featcache.pipeline.heads.metrics import confusion
@@ -218,7 +228,7 @@ class SweepResult:
         title = f"{split} split, {'refit of ' if self.config.refit else ''}best head\n{label(self.best.row)}"
         return plots.confusion_figure(confusion(self.head, X, y, len(self.class_names)), self.class_names, title)
 
-    def plot_sweep(self):
+    def _plot_sweep(self):
         """Val accuracy against each swept hyperparameter (None when nothing was swept)."""
         from featcache.pipeline.heads import plots
 
@@ -229,7 +239,7 @@ class SweepResult:
         metric = "cv_accuracy_mean" if self.config.cv >= 2 else metric
         return plots.sweep_figure([r for r in self.leaderboard if r.get(metric) is not None], fields, metric)
 
-    def plot_learning_curve(self):
+    def _plot_learning_curve(self):
         """Val accuracy (mean held-out fold accuracy with --cv) against training-set size, one line
         per head family; None without ``train_sizes``."""
         from featcache.pipeline.heads import plots
@@ -240,6 +250,58 @@ class SweepResult:
         if all(r.get(metric) is None for r in self.leaderboard):
             return None
         return plots.learning_curve_figure(self.leaderboard, metric)
+
+    def _figure(self, make, why: str):
+        fig = make()
+        if fig is None:
+            raise FeatcacheError(why)
+        return fig
+
+    def plot_curves(self):
+        """Train/val loss and accuracy per epoch of the winner: a matplotlib Figure.
+
+        Raises:
+            FeatcacheError: the winner has no epochs (exact probe, logreg, k-NN, centroid).
+        """
+        return self._figure(self._plot_curves, f"plot_curves: the winner ({label(self.best.row)}) is not trained "
+                            "by epochs, so it has no per-epoch curves (solver='epochs' trains linear heads by epochs)")
+
+    def plot_weight_norms(self):
+        """Weight norm per epoch of the best configurations: a Figure (FeatcacheError without epochs)."""
+        return self._figure(self._plot_weight_norms, f"plot_weight_norms: the winner ({label(self.best.row)}) is not "
+                            "trained by epochs, so there is no weight norm per epoch")
+
+    def plot_confusion(self):
+        """Confusion matrix of the saved head on the test split (val when there is none): a Figure."""
+        return self._figure(self._plot_confusion, "plot_confusion: this run has no test or val rows to count")
+
+    def plot_sweep(self):
+        """Val accuracy against each swept hyperparameter: a Figure (FeatcacheError when nothing was swept)."""
+        return self._figure(self._plot_sweep, "plot_sweep: nothing was swept (every option had one value)")
+
+    def plot_learning_curve(self):
+        """Accuracy against training-set size: a Figure (FeatcacheError without ``train_sizes``)."""
+        return self._figure(self._plot_learning_curve, "plot_learning_curve: the run has no train_sizes "
+                            "(or no scores for them)")
+
+    # ------------------------------------------------------------------ notebooks
+    def __repr__(self) -> str:
+        """One short line (the dataclass repr would print every history and array)."""
+        win = self.leaderboard[0]
+        score = "cv_accuracy_mean" if "cv_folds" in win else "val_accuracy"
+        value = win.get(score)
+        return (f"SweepResult({len(self.candidates)} configuration(s) of head {self.config.head!r}, best "
+                f"{label(win)}: {score.replace('_', ' ')} {'-' if value is None else f'{value:.4f}'}, "
+                f"{len(self.class_names)} classes, {self.seconds:.1f}s)")
+
+    def _repr_html_(self) -> str:
+        """The leaderboard as a table (notebooks), at most 20 rows."""
+        from html import escape
+
+        from featcache.pipeline.heads.report import leaderboard_lines
+
+        body = "\n".join(leaderboard_lines(list(self.leaderboard)))
+        return f"<p>{escape(repr(self))}</p><pre>{escape(body)}</pre>"
 
     # ------------------------------------------------------------------ files
     def save(self, run_dir: str | os.PathLike, *, overwrite: bool | None = None, plots: bool | None = None,
@@ -288,9 +350,9 @@ class SweepResult:
         if with_plots:
             from featcache.pipeline.heads import plots
 
-            for name, make in (("curves.png", self.plot_curves), ("weight_norm.png", self.plot_weight_norms),
-                               ("confusion.png", self.plot_confusion), ("sweep.png", self.plot_sweep),
-                               ("learning_curve.png", self.plot_learning_curve)):
+            for name, make in (("curves.png", self._plot_curves), ("weight_norm.png", self._plot_weight_norms),
+                               ("confusion.png", self._plot_confusion), ("sweep.png", self._plot_sweep),
+                               ("learning_curve.png", self._plot_learning_curve)):
                 fig = make()
                 if fig is not None:
                     files.append(plots.save_figure(fig, folder / name))

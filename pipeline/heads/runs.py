@@ -18,15 +18,13 @@ SORTS = {"val": "val_accuracy", "test": "test_accuracy", "train": "train_accurac
 
 
 def _best(m: dict, cfg: HeadConfig) -> str:
-    """The winning configuration in a few words."""
-    p, head = m.get("params") or {}, cfg.head
-    if head == "logreg":
-        return f"C={p.get('C', '?'):g}" if isinstance(p.get("C"), (int, float)) else "C=?"
-    arch = "linear" if not p.get("hidden") else "mlp " + "x".join(map(str, p["hidden"]))
-    bits = [arch, str(p.get("optimizer", "?"))] + [f"{k}={p[k]:g}" for k in ("lr", "weight_decay", "l1") if k in p]
-    if p.get("hidden"):
-        bits.append(f"dropout={p.get('dropout', 0):g}")
-    return " ".join(bits)
+    """The winning configuration in a few words, as its head kind says it."""
+    from featcache.pipeline.heads import kinds
+
+    try:
+        return kinds.get(m.get("winner_kind") or cfg.head).label(m.get("params") or {})
+    except (FeatcacheError, KeyError, TypeError, ValueError):  # a run of an unknown kind, or damaged params
+        return "?"
 
 
 def _row(root: Path, path: Path, m: dict, cfg: HeadConfig) -> dict:

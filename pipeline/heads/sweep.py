@@ -21,7 +21,8 @@ SEARCHES = ("grid", "random")
 DEFAULT_TRIALS = 20
 LOG_SCALE = ("lr", "weight_decay", "l1", "C")  # swept on a log axis: their effect is multiplicative
 # Leaderboard columns that can be swept, in the order tables and plots show them.
-HYPERPARAMETERS = ("layers", "hidden", "dropout", "batchnorm", "weight_decay", "l1", "optimizer", "lr", "momentum", "C")
+HYPERPARAMETERS = ("layers", "hidden", "dropout", "batchnorm", "weight_decay", "l1", "optimizer", "lr", "momentum", "C",
+                   "k", "knn_temperature", "knn_voting")
 
 
 def check_search(cfg: HeadConfig) -> None:
@@ -58,7 +59,9 @@ def _choice(rng: np.random.Generator, values: list):
 
 
 def _architectures(cfg: HeadConfig) -> list[tuple[int, ...]]:
-    return [()] if cfg.head == "linear" else list(dict.fromkeys(tuple(h) for h in cfg.hidden))
+    from featcache.pipeline.heads import kinds
+
+    return kinds.get(cfg.head).architectures(cfg)
 
 
 def _params(cfg: HeadConfig, h: tuple[int, ...], d: float, wd: float, l1: float, opt: str, lr: float,

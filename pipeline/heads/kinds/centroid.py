@@ -1,0 +1,85 @@
+"""``--head centroid``: nearest class mean under cosine similarity, the few-shot baseline.
+
+Each class's centroid is the mean of its L2-normalised (standardised) training features, itself
+normalised; a row's scores are its cosine similarities to the centroids divided by
+``knn_temperature`` (so their softmax is a distribution; the argmax, the nearest centroid, does not
+depend on it). A class without training rows is never predicted.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featcache.pipeline.heads.kinds import HeadKind, register
+from featcache.pipeline.heads.kinds.sequential import rows_of
+from featcache.pipeline.heads.logreg import ABSENT_CLASS_BIAS
+
+
+class CentroidHead(nn.Module):
+    """Standardised features (N, D) -> cosine similarity to each class centroid / T + bias, (N, C)."""
+
+    def __init__(self, centroids: torch.Tensor, bias: torch.Tensor, temperature: float):
+        super().__init__()
+        self.register_buffer("centroids", centroids)  # (C, D), unit rows (zero for absent classes)
+        self.register_buffer("bias", bias)  # (C,): 0, or ABSENT_CLASS_BIAS for a class without rows
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.float(), dim=1) @ self.centroids.t() / self.temperature + self.bias
+
+
+def fit_centroids(X: torch.Tensor, y: torch.Tensor, n_classes: int, temperature: float) -> CentroidHead:
+    """The centroid head of rows X (N, D) with labels y (N,)."""
+    Xn = F.normalize(X.float(), dim=1)
+    sums = torch.zeros(n_classes, X.shape[1], device=X.device).index_add_(0, y, Xn)
+    counts = torch.bincount(y, minlength=n_classes)
+    bias = torch.where(counts > 0, 0.0, ABSENT_CLASS_BIAS).float()
+    return CentroidHead(F.normalize(sums, dim=1).cpu(), bias.cpu(), temperature).eval()
+
+
+@register
+class Centroid(HeadKind):
+    name = "centroid"
+    summary = "nearest class mean under cosine similarity (no training)"
+    options = ("knn_temperature",)
+    trains = False
+
+    def check(self, cfg) -> list[str]:
+        bad = [f"--knn-temperature {t} (must be > 0 and finite)" for t in cfg.knn_temperature if not 0 < t < float("inf")]
+        if cfg.cv or cfg.train_sizes:
+            bad.append("--cv/--train-sizes with --head centroid (it trains nothing; compare it on the val split)")
+        return bad
+
+    def fit(self, cfg, data):
+        from featcache.pipeline.heads.leaderboard import split_scores
+        from featcache.pipeline.heads.result import Candidate
+
+        out = []
+        X, y = data.split("train")
+        for i, temp in enumerate(dict.fromkeys(cfg.knn_temperature)):
+            t0 = time.perf_counter()
+            head = fit_centroids(X, y, len(data.class_names), temp)
+            row = {"index": i, "head": self.name, "knn_temperature": temp, **split_scores(head, data),
+                   "seconds": round(time.perf_counter() - t0, 4)}
+            out.append(Candidate(row, head))
+        return out
+
+    def refit(self, cfg, data, best, rows):
+        X, y = rows_of(data, rows)
+        return fit_centroids(X, y, len(data.class_names), best.row["knn_temperature"]), None
+
+    def label(self, row: dict) -> str:
+        return f"centroid T={row.get('knn_temperature', 0):g}"
+
+    def describe(self, params: dict) -> str:
+        return "nearest class mean (cosine similarity, no training)"
+
+    def architecture(self, best, head) -> dict:
+        return {"knn_temperature": head.temperature}
+
+    def build(self, meta: dict) -> nn.Module:
+        c, d = meta["n_classes"], meta["in_dim"]
+        return CentroidHead(torch.zeros(c, d), torch.zeros(c), meta["knn_temperature"]).eval()

@@ -1,0 +1,165 @@
+"""``--head knn``: k-nearest neighbours under cosine similarity, the standard evaluation of frozen
+features (DINO, DINOv2) and a strong zero-training baseline for few-shot data.
+
+Features are standardised (unless ``standardize=False``) and L2-normalised, so the dot product is
+the cosine similarity. Voting is DINO's (``temperature``: each of the k neighbours votes
+exp(similarity / T) for its class) or plain majority (``majority``: one vote each). The head's
+scores are the log of each class's share of the votes, so their softmax is the vote distribution.
+
+A sweep computes each evaluated row's similarities to the training rows once, in row chunks
+((CHUNK, M) floats at a time), keeps the top max(k) neighbours and scores every (k, temperature,
+voting) configuration from them. Training rows are scored leave-one-out (a row is never its own
+neighbour), so train accuracy means something. The saved head carries the training features (the
+"bank", (M, D) at the cache's dtype: M x D x 4 bytes for float32 caches, half that for float16)
+and their labels; head.pt grows accordingly and an export holds the bank as a constant.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featcache.pipeline.heads.kinds import HeadKind, register
+from featcache.pipeline.heads.kinds.sequential import rows_of
+
+VOTING = ("temperature", "majority")
+CHUNK = 4096  # evaluated rows per similarity block: (CHUNK, M) float32
+
+
+def vote_log_shares(sims: torch.Tensor, labels: torch.Tensor, n_classes: int, temperature: float,
+                    voting: str) -> torch.Tensor:
+    """(B, k) similarities of the k nearest and their (B, k) labels -> (B, C) log vote shares."""
+    weights = torch.exp(sims / temperature) if voting == "temperature" else torch.ones_like(sims)
+    votes = torch.zeros(len(sims), n_classes, dtype=weights.dtype, device=sims.device)
+    votes.scatter_add_(1, labels, weights)
+    return torch.log(votes / votes.sum(1, keepdim=True) + 1e-12)
+
+
+class KNNHead(nn.Module):
+    """k-NN over a bank of L2-normalised training features: standardised features (N, D) -> (N, C)."""
+
+    def __init__(self, bank: torch.Tensor, labels: torch.Tensor, n_classes: int, k: int, temperature: float,
+                 voting: str):
+        super().__init__()
+        self.register_buffer("bank", bank)  # (M, D) L2-normalised rows, the cache's dtype
+        self.register_buffer("labels", labels.long())  # (M,)
+        self.n_classes, self.k, self.temperature, self.voting = n_classes, min(k, len(bank)), temperature, voting
+        # rows per forward for callers that chunk (metrics.predict_proba): (rows, M) similarities <= ~256 MB
+        self.eval_chunk = max(1, (256 << 20) // (4 * max(len(bank), 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sims = F.normalize(x.float(), dim=1) @ self.bank.float().t()  # (N, M)
+        top, idx = sims.topk(self.k, dim=1)
+        return vote_log_shares(top, self.labels[idx], self.n_classes, self.temperature, self.voting)
+
+
+def normalized(X: torch.Tensor) -> torch.Tensor:
+    return F.normalize(X.float(), dim=1)
+
+
+def neighbours(Q: torch.Tensor, bank: torch.Tensor, k: int, exclude_self: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (similarities, bank indices), each (len(Q), k), in CHUNK-row blocks; with ``exclude_self``
+    Q is the bank itself and row i never counts itself."""
+    sims_out, idx_out = [], []
+    for s in range(0, len(Q), CHUNK):
+        sims = Q[s: s + CHUNK] @ bank.t()  # (b, M)
+        if exclude_self:
+            rows = torch.arange(s, s + len(sims), device=sims.device)
+            sims[torch.arange(len(sims), device=sims.device), rows] = -float("inf")
+        top, idx = sims.topk(k, dim=1)
+        sims_out.append(top)
+        idx_out.append(idx)
+    return torch.cat(sims_out), torch.cat(idx_out)
+
+
+def _scores(log_shares: torch.Tensor, y: torch.Tensor) -> dict:
+    return {"accuracy": float((log_shares.argmax(1) == y).float().mean()),
+            "loss": float(F.nll_loss(log_shares, y))}
+
+
+@register
+class KNN(HeadKind):
+    name = "knn"
+    summary = "k-nearest neighbours under cosine similarity (no training; DINO's temperature voting)"
+    options = ("k", "knn_temperature", "knn_voting")
+    trains = False
+
+    def check(self, cfg) -> list[str]:
+        bad = [f"--k {k} (must be at least 1)" for k in cfg.k if k < 1]
+        bad += [f"--knn-temperature {t} (must be > 0 and finite)" for t in cfg.knn_temperature if not 0 < t < float("inf")]
+        bad += [f"--knn-voting {v!r} (choose from {', '.join(VOTING)})" for v in cfg.knn_voting if v not in VOTING]
+        if cfg.cv or cfg.train_sizes:
+            bad.append("--cv/--train-sizes with --head knn (k-NN trains nothing: its k values are compared on the "
+                       "val split, from one similarity computation)")
+        return bad
+
+    def configurations(self, cfg) -> list[tuple[int, float, str]]:
+        """(k, temperature, voting) combinations; majority voting ignores the temperature."""
+        combos = itertools.product(dict.fromkeys(cfg.k), dict.fromkeys(cfg.knn_temperature), dict.fromkeys(cfg.knn_voting))
+        return list(dict.fromkeys((k, t if v == "temperature" else 0.0, v) for k, t, v in combos))
+
+    def fit(self, cfg, data):
+        from featcache.pipeline.heads.result import Candidate
+
+        t0 = time.perf_counter()
+        n_classes = len(data.class_names)
+        Xb, yb = rows_of(data, data.rows["train"])
+        bank = normalized(Xb)
+        configs = self.configurations(cfg)
+        kmax = min(max(k for k, _, _ in configs), len(bank) - 1)
+        near = {}  # split -> (sims, labels) of its top-kmax neighbours
+        for split in ("train", "val", "test"):
+            X, y = data.split(split)
+            if len(X):
+                sims, idx = neighbours(normalized(X) if split != "train" else bank, bank, max(kmax, 1), split == "train")
+                near[split] = (sims, yb[idx], y)
+        shared = (time.perf_counter() - t0) / len(configs)
+        saved = saved_bank(bank, data)  # one tensor shared by every configuration's head
+        out = []
+        for i, (k, temp, voting) in enumerate(configs):
+            t1 = time.perf_counter()
+            row = {"index": i, "head": self.name, "k": k, "knn_temperature": temp, "knn_voting": voting}
+            for split in ("train", "val", "test"):
+                if split in near:
+                    sims, labels, y = near[split]
+                    s = _scores(vote_log_shares(sims[:, :k], labels[:, :k], n_classes, temp or 1.0, voting), y)
+                else:
+                    s = {}
+                row[f"{split}_loss"], row[f"{split}_accuracy"] = s.get("loss"), s.get("accuracy")
+            row["seconds"] = round(shared + time.perf_counter() - t1, 4)
+            head = KNNHead(saved, yb.cpu(), n_classes, k, temp or 1.0, voting)
+            out.append(Candidate(row, head))
+        return out
+
+    def refit(self, cfg, data, best, rows):
+        X, y = rows_of(data, rows)
+        r = best.row
+        bank = saved_bank(normalized(X), data)
+        return KNNHead(bank, y.cpu(), len(data.class_names), r["k"], r["knn_temperature"] or 1.0, r["knn_voting"]), None
+
+    def label(self, row: dict) -> str:
+        vote = "majority" if row.get("knn_voting") == "majority" else f"T={row.get('knn_temperature', 0):g}"
+        return f"knn k={row.get('k')} {vote}"
+
+    def describe(self, params: dict) -> str:
+        return self.label(params) + " (cosine similarity, no training)"
+
+    def architecture(self, best, head) -> dict:
+        return {"k": head.k, "knn_temperature": head.temperature, "knn_voting": head.voting,
+                "bank_rows": int(head.bank.shape[0]), "bank_dtype": str(head.bank.dtype).replace("torch.", "")}
+
+    def build(self, meta: dict) -> nn.Module:
+        dtype = getattr(torch, meta.get("bank_dtype", "float32"))
+        bank = torch.zeros(meta["bank_rows"], meta["in_dim"], dtype=dtype)
+        return KNNHead(bank, torch.zeros(meta["bank_rows"], dtype=torch.long), meta["n_classes"], meta["k"],
+                       meta["knn_temperature"], meta["knn_voting"]).eval()
+
+
+def saved_bank(bank: torch.Tensor, data) -> torch.Tensor:
+    """The bank as saved: CPU, at the cache's dtype (float16 caches keep a float16 bank)."""
+    dtype = torch.float16 if getattr(data, "feature_dtype", "float32") == "float16" else torch.float32
+    return bank.detach().to("cpu", dtype)

@@ -1,0 +1,87 @@
+"""What every head kind saved as an ``nn.Sequential`` of Linear [BatchNorm] ReLU Dropout layers shares
+(linear, mlp, logreg): its head.pt architecture, its rebuild, and the epoch-trained stack's rows.
+
+Not a kind itself (nothing registers it): the kinds subclass it.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from torch import nn
+
+from featcache.pipeline.heads.kinds import HeadKind
+from featcache.pipeline.heads.stacked import build_sequential
+
+EPOCH_OPTIONS = ("lr", "weight_decay", "l1", "optimizer", "momentum", "epochs", "batch_size", "patience")
+
+
+def with_views(X: torch.Tensor, y: torch.Tensor, views: torch.Tensor | None):
+    """Solvers without epochs (logreg, the exact probe) fit the rows plus all their views as extra
+    rows, each weighted 1/(1+V) so the data term (a sum over rows in sklearn) keeps its scale and C
+    means what it means without views. Returns (X, y, sample_weight or None)."""
+    if views is None:
+        return X, y, None
+    k = 1 + views.shape[1]
+    return (torch.cat([X, views.reshape(-1, X.shape[1])]), torch.cat([y, y.repeat_interleave(views.shape[1])]),
+            np.full(len(y) * k, 1.0 / k))
+
+
+def rows_of(data, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X, y) of ``rows`` of the prepared data, on its device."""
+    idx = torch.as_tensor(rows, device=data.X.device)
+    return data.X[idx], data.y[idx]
+
+
+class SequentialKind(HeadKind):
+    """Heads saved as ``nn.Sequential`` (stacked.build_sequential): linear, mlp, logreg."""
+
+    def architecture(self, best, head: nn.Module) -> dict:
+        p = best.params
+        return {"hidden": list(p.hidden) if p else [], "batchnorm": bool(p and p.batchnorm),
+                "dropout": float(p.dropout) if p else 0.0}
+
+    def build(self, meta: dict) -> nn.Module:
+        return build_sequential(meta["in_dim"], tuple(meta["hidden"]), meta["n_classes"], meta["batchnorm"],
+                                meta["dropout"])
+
+
+class EpochKind(SequentialKind):
+    """Heads trained by epochs as stacks (heads/train.py, heads/cv.py): --cv and --train-sizes work."""
+
+    selection = True
+    curves = True
+    options = ("hidden", "dropout", "batchnorm", *EPOCH_OPTIONS)
+
+    def fit(self, cfg, data):
+        from featcache.pipeline.heads.cv import train_torch
+
+        return train_torch(cfg, data)
+
+    def refit(self, cfg, data, best, rows):
+        from featcache.pipeline.heads.train import TrainData, TrainSettings, train_many
+
+        X, y = rows_of(data, rows)
+        epochs = best.row["best_epoch"]
+        td = TrainData(X, y, len(data.class_names), None, None, views=data.views_of(rows))
+        head = train_many([best.params], data=td, settings=TrainSettings(epochs, cfg.batch_size, patience=0))[0].head
+        return head, epochs
+
+    def params(self, best) -> dict:
+        return asdict(best.params)
+
+    def label(self, row: dict) -> str:
+        hidden = row.get("hidden")
+        if isinstance(hidden, (list, tuple)):  # recorded params hold a list, leaderboard rows "512,256"
+            hidden = ",".join(map(str, hidden)) or "0"
+        arch = "linear" if hidden in (None, "0", "") else f"mlp {hidden}"
+        text = (f"{arch} {row.get('optimizer', '?')} lr={row.get('lr', 0):g} wd={row.get('weight_decay', 0):g} "
+                f"l1={row.get('l1', 0):g}")
+        return text + (f" do={row.get('dropout', 0):g}" if arch != "linear" else "")
+
+    def describe(self, params: dict) -> str:
+        arch = "linear" if not params.get("hidden") else "mlp " + "x".join(map(str, params["hidden"]))
+        extra = f" momentum={params['momentum']:g}" if params.get("optimizer") == "sgd" else ""
+        return (f"{arch}, {params['optimizer']} lr={params['lr']:g} weight_decay={params['weight_decay']:g} "
+                f"l1={params['l1']:g}{extra}" + (f" dropout={params['dropout']:g}" if params.get("hidden") else ""))
