@@ -308,12 +308,12 @@ def fit_heads(data, *, output: PathLike | None = None, progress: bool = False, *
     """
     from featcache.pipeline.heads.fit import fit_sweep, resolve_solver
 
-    if isinstance(data, Cache):
-        fc, path = data.features, str(data.path)
+    if isinstance(data, Cache):  # its metadata: fit-head's prepare reads the features once, itself
+        fc, path = data._meta, str(data.path)
     elif isinstance(data, FeatureCache):
         fc, path = data, str(data.path)
     elif isinstance(data, (str, os.PathLike)):
-        fc, path = read_cache(data), str(data)
+        fc, path = read_cache(data, features=False), str(data)
     else:
         fc, path = _arrays_cache(data), None
     # as fit-head: solver auto (the exact probe for a plain L2 linear head) unless an epoch option is given

@@ -104,3 +104,4 @@ class HeadConfig(_Recorded):
     k: tuple[int, ...] = (1, 5, 10, 20)  # knn: neighbours, every value scored from one similarity computation
     knn_temperature: tuple[float, ...] = (0.07,)  # knn voting weight exp(sim / T) (DINO's); centroid softmax T
     knn_voting: tuple[str, ...] = ("temperature",)  # knn: temperature (DINO's weighted vote) | majority
+    max_memory: str | None = None  # e.g. "4G": refuse a run whose memory plan exceeds it (None = what is available)

@@ -149,7 +149,7 @@ def test_labels_come_back_in_the_type_they_went_in(kind, tmp_path):
 
 def _strip_timings(obj):
     if isinstance(obj, dict):
-        return {k: _strip_timings(v) for k, v in obj.items() if k not in ("seconds", "output")}
+        return {k: _strip_timings(v) for k, v in obj.items() if k not in ("seconds", "output", "memory")}
     if isinstance(obj, list):
         return [_strip_timings(v) for v in obj]
     return obj

@@ -1,7 +1,13 @@
 """Cached features -> training tensors: splits, z-score standardisation, device placement.
 
-Features are read from HDF5 once into one tensor on the training device; every epoch of every
-head then indexes that tensor (no DataLoader over files).
+Features are read from HDF5 once into one float32 tensor on the training device; every epoch of
+every head then indexes that tensor (no DataLoader over files). Memory is designed, not
+discovered: the matrix is held once. It is read block by block straight into its final array
+(``read_direct``: no temporary of the whole matrix), its statistics are accumulated per block in
+float64, it is standardised in place block by block, and a split whose rows are one contiguous
+range (every split of a train/val/test folder tree: paths sort by their split folder) is a view
+of it, not a gathered copy. Features and augmented views come from one open of the file, checked
+against the metadata the caller read, so an extract that replaces the cache meanwhile is caught.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from featcache.cache.store import FeatureCache, read_views
+from featcache.cache.store import FeatureCache, checked_reads, open_checked, read_views
 from featcache.pipeline.errors import FeatcacheError, FeatcacheWarning
 
 
@@ -30,7 +36,11 @@ class Prepared:
     feature_dtype: str = "float32"  # the cache's dtype (a k-NN head keeps its bank in it)
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(self.rows[name], device=self.X.device)
+        """(X, y) of a split: views when its rows are one contiguous range, else gathered copies."""
+        rows = self.rows[name]
+        if len(rows) and rows[-1] - rows[0] == len(rows) - 1:  # sorted and contiguous
+            return self.X[rows[0]: rows[-1] + 1], self.y[rows[0]: rows[-1] + 1]
+        idx = torch.as_tensor(rows, device=self.X.device)
         return self.X[idx], self.y[idx]
 
     def views_of(self, rows: np.ndarray) -> torch.Tensor | None:
@@ -98,11 +108,33 @@ def make_splits(cache: FeatureCache, val_fraction: float, seed: int) -> tuple[di
     return rows, source
 
 
-def _finite_rows(cache: FeatureCache, rows: dict[str, np.ndarray], drop: bool) -> dict[str, np.ndarray]:
+READ_BYTES = 64 << 20  # features per block (read, statistics, standardisation): bounds every temporary
+
+
+def _blocks(n: int, row_bytes: int):
+    """Consecutive row ranges of about READ_BYTES each."""
+    step = max(1, READ_BYTES // max(row_bytes, 1))
+    return (slice(s, min(s + step, n)) for s in range(0, n, step))
+
+
+def _row_runs(rows: np.ndarray):
+    """Sorted ``rows`` as (start, stop) runs of consecutive indices, each at most a block long."""
+    if not len(rows):
+        return
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for run in np.split(rows, breaks):
+        yield int(run[0]), int(run[-1]) + 1
+
+
+def _finite_rows(cache: FeatureCache, X: np.ndarray, rows: dict[str, np.ndarray], drop: bool) -> dict[str, np.ndarray]:
     """Refuse (or with ``drop`` leave out) labeled rows whose features hold NaN or Inf: one such row
-    would turn every head trained with it into NaN, and in val/test it skews the scores."""
+    would turn every head trained with it into NaN, and in val/test it skews the scores. Checked
+    block by block (no (N, D) boolean temporary)."""
+    bad_mask = np.zeros(len(X), bool)
+    for b in _blocks(len(X), X.shape[1] * X.itemsize):
+        bad_mask[b] = ~np.isfinite(X[b]).all(axis=1)
     used = np.concatenate(list(rows.values()))
-    bad = used[~np.isfinite(cache.features[used]).all(axis=1)]
+    bad = used[bad_mask[used]]
     if not len(bad):
         return rows
     first = ", ".join(cache.paths[i] for i in np.sort(bad)[:3])
@@ -114,13 +146,68 @@ def _finite_rows(cache: FeatureCache, rows: dict[str, np.ndarray], drop: bool) -
     return {s: np.setdiff1d(r, bad) for s, r in rows.items()}
 
 
-def zscore_stats(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, scale), each (D,) float32, of training rows (N, D), summed in float64. Constant
-    features (dead ReLUs) get scale 1, so they stay at zero instead of exploding."""
-    tr = train.astype(np.float64)
-    mean, scale = tr.mean(0).astype(np.float32), tr.std(0).astype(np.float32)
+def zscore_stats(train: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale), each (D,) float32, of training rows (N, D) (or of ``rows`` of them), summed in
+    float64 per block (two passes: no float64 copy of the matrix). Constant features (dead ReLUs)
+    get scale 1, so they stay at zero instead of exploding."""
+    runs = [(0, len(train))] if rows is None else list(_row_runs(np.asarray(rows)))
+    n = sum(b - a for a, b in runs)
+    total = np.zeros(train.shape[1], np.float64)
+    for a, b in runs:
+        for blk in _blocks(b - a, train.shape[1] * 8):
+            total += train[a + blk.start: a + blk.stop].sum(0, dtype=np.float64)
+    mean = total / max(n, 1)
+    sq = np.zeros(train.shape[1], np.float64)
+    for a, b in runs:
+        for blk in _blocks(b - a, train.shape[1] * 8):
+            sq += np.square(train[a + blk.start: a + blk.stop] - mean).sum(0, dtype=np.float64)
+    scale = np.sqrt(sq / max(n, 1)).astype(np.float32)
     scale[scale < 1e-6] = 1.0
-    return mean, scale
+    return mean.astype(np.float32), scale
+
+
+def _standardize_in_place(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> None:
+    for b in _blocks(len(X), X.shape[1] * X.itemsize):
+        X[b] -= mean
+        X[b] /= scale
+
+
+def _read_features(f, columns: np.ndarray | None) -> np.ndarray:
+    """/features (or ``columns`` of it) as one float32 (N, D) array, read block by block straight
+    into it (HDF5 converts float16 on the way)."""
+    ds = f["features"]
+    n, d = ds.shape
+    if columns is None:
+        out = np.empty((n, d), np.float32)
+        for b in _blocks(n, d * 4):
+            ds.read_direct(out, b, b)
+        return out
+    out = np.empty((n, len(columns)), np.float32)
+    for b in _blocks(n, d * 4):  # whole rows per read (HDF5 chunks are rows), then the columns
+        out[b] = ds[b][:, columns]
+    return out
+
+
+def _same_cache(f, cache: FeatureCache) -> None:
+    """The open file must be the cache whose metadata the caller read (an extract may have replaced it)."""
+    labels = f["labels"][...]
+    if (f["features"].shape[0] != len(cache.labels) or f.attrs.get("fingerprint") != cache.fingerprint
+            or not np.array_equal(labels, cache.labels)):
+        raise FeatcacheError(f"{cache.path} changed while fit-head was reading it (another extract updated it); "
+                             "run fit-head again once the extract has finished")
+
+
+def _views_from(f, rows: np.ndarray) -> np.ndarray:
+    """(len(rows), V, D) float32 views of sorted ``rows`` from the open file (runs read as slices)."""
+    if "views" not in f:
+        raise FeatcacheError("the cache has no augmented views; extract with --augment N to store some")
+    ds = f["views"]
+    out = np.empty((len(rows), *ds.shape[1:]), np.float32)
+    pos = 0
+    for a, b in _row_runs(rows):
+        ds.read_direct(out, np.s_[a:b], np.s_[pos: pos + b - a])
+        pos += b - a
+    return out
 
 
 def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bool, device: torch.device,
@@ -147,31 +234,53 @@ def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bo
     if unseen:
         warnings.warn(f"class(es) {', '.join(unseen[:5])} have validation/test images but no training images: "
                       "no head can predict them", FeatcacheWarning, stacklevel=2)
-    rows = _finite_rows(cache, rows, drop_nonfinite)
-    X = cache.features.astype(np.float32, copy=False)
-    if columns is not None:
-        X = X[:, columns]
+    view_rows = None
+    if use_views:  # /views holds rows of the cache's train split only (extract --augment)
+        wanted = np.concatenate([rows["train"], rows["val"]]) if val_views else rows["train"]
+        view_rows = np.intersect1d(np.flatnonzero(cache.split == "train"), wanted)
+    X, v = _load(cache, columns, view_rows)
+    rows = _finite_rows(cache, X, rows, drop_nonfinite)
     mean = scale = None
     if standardize:
-        mean, scale = zscore_stats(X[rows["train"]])
-        X = (X - mean) / scale
+        mean, scale = zscore_stats(X, rows["train"])
+        _standardize_in_place(X, mean, scale)
     views = view_pos = None
-    if use_views:
-        # /views holds rows of the cache's train split only (extract --augment)
-        wanted = np.concatenate([rows["train"], rows["val"]]) if val_views else rows["train"]
-        with_views = np.intersect1d(np.flatnonzero(cache.split == "train"), wanted)
-        v = read_views(cache.path, with_views)  # (M, V, D) float32
-        if columns is not None:
-            v = np.ascontiguousarray(v[:, :, columns])
+    if v is not None:
         if not np.isfinite(v).all():
             n_bad = int((~np.isfinite(v).all(axis=(1, 2))).sum())
             raise FeatcacheError(f"{cache.path}: augmented views of {n_bad} row(s) are not finite (NaN or Inf); "
                                  "re-extract, or train without them (--no-use-augmented)")
-        if standardize:  # in place: views are the largest array here
-            v -= mean
-            v /= scale
-        views = torch.from_numpy(np.ascontiguousarray(v)).to(device)
+        if standardize:
+            _standardize_in_place(v.reshape(-1, v.shape[-1]), mean, scale)
+        views = torch.from_numpy(v).to(device)
         view_pos = np.full(len(cache.labels), -1, np.int64)
-        view_pos[with_views] = np.arange(len(with_views))
-    return Prepared(torch.from_numpy(np.ascontiguousarray(X)).to(device), torch.from_numpy(cache.labels).to(device),
-                    rows, mean, scale, cache.class_names, val_source, views, view_pos, str(cache.features.dtype))
+        view_pos[view_rows] = np.arange(len(view_rows))
+    return Prepared(torch.from_numpy(X).to(device), torch.from_numpy(cache.labels).to(device),
+                    rows, mean, scale, cache.class_names, val_source, views, view_pos, str(_dtype(cache)))
+
+
+def _dtype(cache: FeatureCache) -> str:
+    return str(cache.features.dtype) if cache.features is not None else str(cache.attrs.get("dtype", "float32"))
+
+
+def _load(cache: FeatureCache, columns: np.ndarray | None, view_rows: np.ndarray | None):
+    """(X (N, D') float32 that prepare owns and may standardise in place, views or None).
+
+    A cache loaded without features (read_cache(path, features=False), what fit-head does) is read
+    here, features and views from one open of the file; features already in memory (arrays, an
+    open Cache) are copied once, since they belong to the caller."""
+    if cache.features is None:
+        with open_checked(cache.path) as f, checked_reads(cache.path):
+            _same_cache(f, cache)
+            X = _read_features(f, columns)
+            v = _views_from(f, view_rows) if view_rows is not None else None
+        if v is not None and columns is not None:
+            v = np.ascontiguousarray(v[:, :, columns])
+        return X, v
+    X = np.array(cache.features if columns is None else cache.features[:, columns], dtype=np.float32)
+    v = None
+    if view_rows is not None:
+        v = read_views(cache.path, view_rows)
+        if columns is not None:
+            v = np.ascontiguousarray(v[:, :, columns])
+    return X, v

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,11 @@ from featcache.pipeline.device import resolve_device
 from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.heads import kinds
 from featcache.pipeline.heads.cv import refit_cv_winner
-from featcache.pipeline.heads.data import Prepared, prepare
+from featcache.pipeline.heads.data import Prepared, make_splits, prepare
 from featcache.pipeline.heads.layersets import layer_columns, layer_set_label
 from featcache.pipeline.heads.leaderboard import rank, rank_key
+from featcache.pipeline.heads.memory import MemoryPlan, parse_size, peak_rss_bytes
+from featcache.pipeline.heads.memory import plan as memory_plan
 from featcache.pipeline.heads.metrics import score
 from featcache.pipeline.heads.optim import OPTIMIZERS
 from featcache.pipeline.heads.sweep import check_search
@@ -53,6 +56,8 @@ def check_config(cfg: HeadConfig) -> None:
         bad.append("--epochs and --batch-size must be at least 1")
     if cfg.patience < 0:
         bad.append(f"--patience {cfg.patience} (0 disables early stopping; negative has no meaning)")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        bad.append(f"--val-fraction {cfg.val_fraction} (must be in [0, 1))")
     if cfg.cv == 1 or cfg.cv < 0:
         bad.append(f"--cv {cfg.cv} (needs at least 2 folds; 0 = off)")
     bad += [f"--train-sizes {v} (images per class; 0 or all = every train row)" for v in cfg.train_sizes if v < 0]
@@ -100,6 +105,24 @@ def _refit(cfg: HeadConfig, data: Prepared, best: Candidate) -> tuple[nn.Module,
     return head, info
 
 
+def _plan(cfg: HeadConfig, kind: kinds.HeadKind, cache: FeatureCache, sets: list, use_views: bool) -> MemoryPlan:
+    """The run's memory plan (heads/memory.py), from the cache's metadata alone."""
+    with warnings.catch_warnings():  # prepare warns about the same split when it makes it
+        warnings.simplefilter("ignore")
+        rows, _ = make_splits(cache, cfg.val_fraction, cfg.seed)
+    widths = sorted((int(cache.attrs["feature_dim"]) if cols is None else len(cols) for _, cols in sets), reverse=True)
+    held = sum(widths[:2])  # the set being trained and the best set so far (fit_sweep keeps no other)
+    contiguous = all(len(r) == 0 or r[-1] - r[0] == len(r) - 1 for r in rows.values())
+    view_rows = int(np.isin(rows["train"], np.flatnonzero(cache.split == "train")).sum()) if use_views else 0
+    solver = kind.solver_bytes(cfg, n_train=len(rows["train"]), dim=widths[0], n_classes=len(cache.class_names))
+    return memory_plan(n_rows=len(cache.labels), dim=held, contiguous=contiguous, view_rows=view_rows,
+                       n_views=cache.n_views if use_views else 0, solver=solver, budget=parse_size(cfg.max_memory))
+
+
+def _memory_record(memory: MemoryPlan) -> dict:
+    return {"plan": memory.record(), "peak_rss_bytes": peak_rss_bytes()}
+
+
 def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False) -> SweepResult:
     """Train every configuration of ``cfg`` on ``cache`` in memory and rank them; writes nothing.
 
@@ -122,8 +145,11 @@ def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False) -
     columns_of = {layer_set_label(names, cache.attrs): cols for names in cfg.layers  # validated first
                   for cols in [layer_columns(cache.attrs, names, cache.path)]}  # one entry per distinct set
     sets = list(columns_of.items()) or [(None, None)]
+    memory = _plan(cfg, kind, cache, sets, use_views)
+    memory.check()
     candidates: list[Candidate] = []
-    set_of: dict[int, tuple[str | None, np.ndarray | None, Prepared]] = {}  # row index -> its set
+    set_of: dict[int, tuple[str | None, np.ndarray | None]] = {}  # row index -> its layer set
+    kept: dict[str | None, Prepared] = {}  # the prepared data of the best set so far only (memory)
     for label, columns in sets:
         data = prepare(cache, cfg.val_fraction, cfg.seed, cfg.standardize, device, use_views, val_views=cfg.refit,
                        drop_nonfinite=cfg.drop_nonfinite, columns=columns)
@@ -132,25 +158,30 @@ def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False) -
         for c in kind.fit(cfg, data):
             c.row = {"index": len(candidates), **({"layers": label} if label else {}),
                      **{k: v for k, v in c.row.items() if k != "index"}}
-            set_of[len(candidates)] = (label, columns, data)
+            set_of[len(candidates)] = (label, columns)
             candidates.append(c)
+        kept[label] = data
+        leader = set_of[min((c.row for c in candidates), key=rank_key)["index"]][0]
+        kept = {leader: kept[leader]}
+        del data
     ranked = Leaderboard(rank([c.row for c in candidates]))
     if ranked[0].get("status") == "failed":
         raise FeatcacheError(f"every configuration diverged (non-finite training loss) in all {len(ranked)}; "
                              "try a smaller --lr")
     best = next(c for c in candidates if c.row["index"] == ranked[0]["index"])
-    label, columns, data = set_of[best.row["index"]]
+    label, columns = set_of[best.row["index"]]
+    data = kept[label]
     if cfg.cv >= 2:  # the winner of the folds, refitted on all train rows (train+val with --refit)
         candidates = [refit_cv_winner(cfg, data, best) if c is best else c for c in candidates]
         best = next(c for c in candidates if c.row["index"] == ranked[0]["index"])
         ranked[0] = {"rank": 1, **best.row}
         return SweepResult(config=cfg, cache=cache, data=data, candidates=candidates, leaderboard=ranked,
                            head=best.head, refit=None, device=str(device), seconds=time.perf_counter() - t0,
-                           columns=columns, layers=label)
+                           columns=columns, layers=label, memory=_memory_record(memory))
     head, refit = _refit(cfg, data, best) if cfg.refit else (best.head, None)
     return SweepResult(config=cfg, cache=cache, data=data, candidates=candidates, leaderboard=ranked, head=head,
                        refit=refit, device=str(device), seconds=time.perf_counter() - t0, columns=columns,
-                       layers=label)
+                       layers=label, memory=_memory_record(memory))
 
 
 def run_fit_head(cfg: HeadConfig, progress: bool = True) -> dict:
@@ -161,7 +192,8 @@ def run_fit_head(cfg: HeadConfig, progress: bool = True) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     # Held from before training to the rename: a second fit-head into RUN_DIR is refused at once.
     with cache_lock(out, writer="featcache fit-head"):
-        result = fit_sweep(cfg, read_cache(cfg.cache), progress=progress)
+        # features=False: prepare reads the matrix itself, once, straight into its training array
+        result = fit_sweep(cfg, read_cache(cfg.cache, features=False), progress=progress)
         files = result.save(out, lock=False)
     return summary(result, files)
 

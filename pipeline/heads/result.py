@@ -94,6 +94,7 @@ class SweepResult:
     seconds: float  # training and scoring, wall clock
     columns: np.ndarray | None = None  # the winner's columns of the cache's features (fit-head --layers)
     layers: str | None = None  # the winner's layer set, e.g. "blocks.3,blocks.4"
+    memory: dict | None = None  # the memory plan (bytes per part, available) and the process's peak RSS
 
     @property
     def best(self) -> Candidate:
@@ -138,6 +139,8 @@ class SweepResult:
         if m["test_accuracy"] is None:
             for key in ("test_accuracy", "test_loss", "test_accuracy_before_refit"):
                 m.pop(key, None)
+        if self.memory is not None:
+            m["memory"] = self.memory
         m["seconds"] = round(self.seconds, 3)
         return m
 
@@ -171,7 +174,7 @@ class SweepResult:
             "config": asdict(cfg), "head_type": cfg.head, "params": kind.params(best),
             "best_epoch": best.row.get("best_epoch"), "refit": cfg.refit, "augmented": self._augmented(),
             **({"layers": self.layers, "columns": self.columns.tolist(),
-                "input_dim": int(cache.attrs.get("feature_dim") or cache.features.shape[1])}
+                "input_dim": int(cache.attrs["feature_dim"])}
                if self.columns is not None else {}),
         }
 

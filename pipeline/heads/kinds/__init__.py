@@ -70,6 +70,11 @@ class HeadKind:
         """An empty module of the architecture recorded in ``meta``, to load head.pt's state_dict into."""
         raise NotImplementedError
 
+    def solver_bytes(self, cfg: "HeadConfig", *, n_train: int, dim: int, n_classes: int) -> int:
+        """Bytes this kind needs beyond the feature matrix (heads/memory.py): parameters, gradients,
+        optimizer state, per-pass temporaries. An estimate, rounded up."""
+        return 0
+
     def architectures(self, cfg: "HeadConfig") -> list[tuple[int, ...]]:
         """Hidden-layer shapes an epoch-trained sweep of this kind tries (stacked kinds only)."""
         return [()]

@@ -53,6 +53,9 @@ class Centroid(HeadKind):
             bad.append("--cv/--train-sizes with --head centroid (it trains nothing; compare it on the val split)")
         return bad
 
+    def solver_bytes(self, cfg, *, n_train: int, dim: int, n_classes: int) -> int:
+        return n_train * dim * 4  # the normalised training rows
+
     def fit(self, cfg, data):
         from featcache.pipeline.heads.leaderboard import split_scores
         from featcache.pipeline.heads.result import Candidate

@@ -97,6 +97,11 @@ class KNN(HeadKind):
                        "val split, from one similarity computation)")
         return bad
 
+    def solver_bytes(self, cfg, *, n_train: int, dim: int, n_classes: int) -> int:
+        """The normalised bank (and its saved copy for float16), a normalised query split, and one
+        (CHUNK, M) similarity block with its top-k."""
+        return 2 * n_train * dim * 4 + 2 * CHUNK * n_train * 4
+
     def configurations(self, cfg) -> list[tuple[int, float, str]]:
         """(k, temperature, voting) combinations; majority voting ignores the temperature."""
         combos = itertools.product(dict.fromkeys(cfg.k), dict.fromkeys(cfg.knn_temperature), dict.fromkeys(cfg.knn_voting))

@@ -62,6 +62,21 @@ class Linear(EpochKind):
     def architectures(self, cfg) -> list[tuple[int, ...]]:
         return [()]
 
+    def solver_bytes(self, cfg, *, n_train: int, dim: int, n_classes: int) -> int:
+        """Epochs: the stack's (EpochKind). Exact: per pass over X, BLOCK heads' (N, H, K) logits
+        and probabilities (4 temporaries), the L-BFGS history of the path (2 x 10 slots) and
+        Sigma's (D, D) eigendecomposition (3 matrices; none above lbfgs.MAX_PRECOND_DIM)."""
+        epochs = super().solver_bytes(cfg, n_train=n_train, dim=dim, n_classes=n_classes)
+        if cfg.solver == "epochs" or cfg.cv or cfg.train_sizes or any(v > 0 for v in cfg.l1):
+            return epochs
+        from featcache.pipeline.heads.exact import BLOCK
+        from featcache.pipeline.heads.lbfgs import MAX_PRECOND_DIM
+
+        theta = BLOCK * n_classes * (dim + 1) * 4
+        sigma = 3 * dim * dim * 4 if dim <= MAX_PRECOND_DIM else 0
+        rotated = n_train * dim * 4 if n_train <= 2 * dim else 0  # X in Sigma's eigenbasis (exact.ROTATE_ROWS)
+        return 4 * n_train * BLOCK * n_classes * 4 + theta * 30 + sigma + rotated
+
     def fit(self, cfg, data):
         if solver_of(cfg, data) == "epochs":
             return super().fit(cfg, data)

@@ -18,6 +18,11 @@ class Logreg(SequentialKind):
                     "whose exact probe solves the same objective)"]
         return []
 
+    def solver_bytes(self, cfg, *, n_train: int, dim: int, n_classes: int) -> int:
+        """scikit-learn keeps float32 X as it is; its loss holds (N, K) float64 predictions and
+        gradients (~6 of them)."""
+        return 6 * n_train * n_classes * 8
+
     def fit(self, cfg, data):
         from featcache.pipeline.heads.leaderboard import logreg_row
         from featcache.pipeline.heads.logreg import fit_logreg

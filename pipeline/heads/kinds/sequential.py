@@ -71,6 +71,18 @@ class EpochKind(SequentialKind):
     def params(self, best) -> dict:
         return asdict(best.params)
 
+    def solver_bytes(self, cfg, *, n_train: int, dim: int, n_classes: int) -> int:
+        """Per head: parameters x 5 (weights, gradient, two Adam moments, the best epoch's copy); per
+        stack: the (B, K, width) activations and the (chunk, C, K) evaluation logits; plus the
+        training pool gathered out of the matrix (heads/cv.py) and a sampled views copy per epoch."""
+        from featcache.pipeline.heads.sweep import configurations
+
+        heads = len(configurations(cfg)) * max(cfg.cv, 1) * (1 + len(cfg.train_sizes))
+        widest = max([n_classes, *(w for h in self.architectures(cfg) for w in h)])
+        params = max(sum(a * b + b for a, b in zip([dim, *h], [*h, n_classes])) for h in self.architectures(cfg))
+        return (heads * params * 4 * 5 + heads * cfg.batch_size * widest * 4 * 4 + heads * 8192 * n_classes * 4 * 2
+                + n_train * dim * 4)
+
     def label(self, row: dict) -> str:
         hidden = row.get("hidden")
         if isinstance(hidden, (list, tuple)):  # recorded params hold a list, leaderboard rows "512,256"

@@ -1,0 +1,125 @@
+"""fit-head's memory plan: the bytes a run needs, known before it starts, against what the machine has.
+
+Estimated per part (bytes, float32 throughout):
+- features: the (N, D) matrix, held once (heads/data.py reads it block by block into its final array,
+  standardises it in place and hands out contiguous splits as views);
+- views: the augmented views of the training rows, (M, V, D);
+- gathers: the train/val rows copied out when a split is not one contiguous range (a hold-out of
+  the train split interleaves them);
+- solver: what the head kind needs beyond the data (HeadKind.solver_bytes): a stack's parameters,
+  gradients and optimizer state, the exact probe's logits over every row and its history, a k-NN
+  bank, a scikit-learn copy;
+- runtime: the interpreter, torch and its allocator (RUNTIME_BYTES, measured as the RSS of an idle
+  fit-head process on the development machine, rounded up).
+
+The plan is compared with the memory this process may use: the smaller of the kernel's
+MemAvailable and the cgroup's limit less its usage, or ``max_memory`` when given. A plan over it is
+refused before any work with one line that names the numbers, instead of meeting the OOM killer.
+"""
+from __future__ import annotations
+
+import os
+import re
+import resource
+from dataclasses import asdict, dataclass
+
+from featcache.pipeline.errors import FeatcacheError
+
+RUNTIME_BYTES = 700 << 20  # python + torch + numpy + h5py + sklearn imported, idle (~0.6 GB RSS)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: str | int | None, name: str = "max_memory") -> int | None:
+    """``4G``, ``512M``, ``1.5G`` or a number of bytes -> bytes (powers of 1,024); None stays None."""
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)i?B?\s*", str(value), re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise FeatcacheError(f"{name} takes a size such as 4G, 512M or a number of bytes, got {value!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def _cgroup_room() -> int | None:
+    """Bytes the cgroup (v2) still lets this process use, or None without a limit."""
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else max(int(limit) - used, 0)
+
+
+def available_bytes() -> int:
+    """Memory a new allocation can get: MemAvailable, or less under a cgroup limit."""
+    avail = None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:  # not Linux: physical memory as the bound
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    room = _cgroup_room()
+    return avail if room is None else min(avail, room)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set so far (the kernel's ru_maxrss, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    features: int
+    views: int
+    gathers: int
+    solver: int
+    runtime: int
+    available: int
+    budget: int | None = None  # max_memory, when given
+
+    @property
+    def total(self) -> int:
+        return self.features + self.views + self.gathers + self.solver + self.runtime
+
+    @property
+    def limit(self) -> int:
+        return min(self.available, self.budget) if self.budget else self.available
+
+    def record(self) -> dict:
+        """What metrics.json and --json carry (bytes)."""
+        return {**asdict(self), "total": self.total, "limit": self.limit}
+
+    def check(self) -> None:
+        """One line, before any work, when the run would not fit."""
+        if self.total <= self.limit:
+            return
+        parts = ", ".join(f"{k} {_gb(v)}" for k, v in asdict(self).items()
+                          if k not in ("available", "budget") and v >= 50 << 20)
+        which = f"--max-memory {_gb(self.budget)}" if self.budget and self.budget < self.available else \
+            f"{_gb(self.available)} available"
+        raise FeatcacheError(f"fit-head needs about {_gb(self.total)} ({parts}), {which}; train fewer "
+                             "configurations or columns (--layers), or on a machine with more memory "
+                             "(streaming a cache larger than memory is not built yet)")
+
+
+def _gb(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GB"
+
+
+def plan(*, n_rows: int, dim: int, contiguous: bool, view_rows: int, n_views: int, solver: int,
+         budget: int | None = None) -> MemoryPlan:
+    """The plan of one fit-head run (see the module docstring for each part).
+
+    Args:
+        n_rows, dim: the feature matrix held (every row of the cache, the columns trained on).
+        contiguous: whether train, val and test are each one range of rows (else they are gathered).
+        view_rows, n_views: rows with augmented views and views per row (0, 0 without).
+        solver: the head kind's own bytes (HeadKind.solver_bytes).
+        budget: max_memory in bytes, or None.
+    """
+    row = dim * 4
+    return MemoryPlan(features=n_rows * row, views=view_rows * n_views * row,
+                      gathers=0 if contiguous else n_rows * row, solver=solver, runtime=RUNTIME_BYTES,
+                      available=available_bytes(), budget=budget)
