@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 from featcache.pipeline.errors import FeatcacheError
 
-RUNTIME_BYTES = 700 << 20  # python + torch + numpy + h5py + sklearn imported, idle (~0.6 GB RSS)
+RUNTIME_BYTES = 1 << 30  # python, torch, numpy, h5py, sklearn: 1.07 GB peak RSS on a 20 MB cache (bench/scale.py)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
