@@ -9,8 +9,8 @@ Estimated per part (bytes, float32 throughout):
 - solver: what the head kind needs beyond the data (HeadKind.solver_bytes): a stack's parameters,
   gradients and optimizer state, the exact probe's logits over every row and its history, a k-NN
   bank, a scikit-learn copy;
-- runtime: the interpreter, torch and its allocator (RUNTIME_BYTES, measured as the RSS of an idle
-  fit-head process on the development machine, rounded up).
+- runtime: the interpreter, torch and its allocator (RUNTIME_BYTES, measured as the peak RSS of
+  fit-head on a tiny cache on the development machine).
 
 The plan is compared with the memory this process may use: the smaller of the kernel's
 MemAvailable and the cgroup's limit less its usage, or ``max_memory`` when given. A plan over it is
