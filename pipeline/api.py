@@ -265,6 +265,8 @@ def _coerce(values: dict) -> dict:
     (tuples) from a scalar or a list, each item converted."""
     hints = typing.get_type_hints(HeadConfig)
     out = dict(values)
+    if "class_weight" in values:
+        out["class_weight"] = _class_weight(values.pop("class_weight"))
     for name, v in values.items():
         text = str(hints[name])
         kind = next((k for k in ("bool", "float", "int", "str") if k in text), None)
@@ -274,6 +276,18 @@ def _coerce(values: dict) -> dict:
         elif kind and name not in ("hidden", "layers", "train_sizes") and not (v is None and "None" in text):
             out[name] = _typed(name, v, kind)
     return out
+
+
+def _class_weight(value: Any):
+    """None, "balanced", or {class: weight} -> HeadConfig's (class name, weight) pairs."""
+    if value is None or value == "balanced":
+        return value
+    if isinstance(value, dict):
+        try:
+            return tuple(sorted((str(k), float(w)) for k, w in value.items()))
+        except (TypeError, ValueError):
+            pass
+    raise FeatcacheError(f"class_weight takes 'balanced' or a dict {{class: weight}}, got {value!r}")
 
 
 def head_config(*, cache: str | None = None, output: str | None = None, **options: Any) -> HeadConfig:

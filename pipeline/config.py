@@ -104,4 +104,6 @@ class HeadConfig(_Recorded):
     k: tuple[int, ...] = (1, 5, 10, 20)  # knn: neighbours, every value scored from one similarity computation
     knn_temperature: tuple[float, ...] = (0.07,)  # knn voting weight exp(sim / T) (DINO's); centroid softmax T
     knn_voting: tuple[str, ...] = ("temperature",)  # knn: temperature (DINO's weighted vote) | majority
+    class_weight: str | tuple[tuple[str, float], ...] | None = None  # "balanced" | (class name, weight) pairs
+    select_by: str = "accuracy"  # rank configurations by val accuracy | balanced_accuracy | macro_f1
     max_memory: str | None = None  # e.g. "4G": refuse a run whose memory plan exceeds it (None = what is available)

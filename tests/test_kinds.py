@@ -142,3 +142,67 @@ def test_knn_run_predicts_images_and_evaluates_its_cache(split_cache, split_tree
     images = sorted(str(p) for p in (split_tree_ro / "val").rglob("*.png"))[:3]
     preds = featcache.load(run).predict(images, device="cpu")
     assert len(preds) == 3 and all(p["top"][0]["class"] in s.class_names for p in preds)
+
+
+# ------------------------------------------------------------------ imbalance: class weights, balanced metrics
+def _imbalanced(seed=0):
+    """900 rows of class 0 and 60 of each of classes 1, 2, overlapping: accuracy rewards ignoring the small ones."""
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.zeros(900, int), np.ones(60, int), np.full(60, 2)]
+    X = (rng.normal(0, 1, (len(y), 6)) + 0.9 * np.eye(3, 6)[y]).astype(np.float32)
+    p = rng.permutation(len(y))
+    X, y = X[p], y[p]
+    return {"train": (X[:700], y[:700]), "val": (X[700:860], y[700:860]), "test": (X[860:], y[860:])}
+
+
+@pytest.mark.parametrize("head", ["linear", "logreg"])
+def test_balanced_class_weight_raises_balanced_accuracy(head):
+    data = _imbalanced()
+    plain = featcache.fit_heads(data, head=head, C=1.0)
+    balanced = featcache.fit_heads(data, head=head, C=1.0, class_weight="balanced")
+    assert balanced.metrics["val_balanced_accuracy"] > plain.metrics["val_balanced_accuracy"] + 0.05
+    assert balanced.metrics["config"]["class_weight"] == "balanced"
+
+
+def test_class_weight_pairs_equal_balanced_weights():
+    from sklearn.utils.class_weight import compute_class_weight
+
+    data = _imbalanced()
+    w = compute_class_weight("balanced", classes=np.arange(3), y=data["train"][1])
+    a = featcache.fit_heads(data, head="linear", C=1.0, class_weight="balanced")
+    b = featcache.fit_heads(data, head="linear", C=1.0, class_weight={c: float(w[c]) for c in range(3)})
+    torch.testing.assert_close(a.head[0].weight, b.head[0].weight, atol=1e-4, rtol=1e-3)
+
+
+def test_metrics_carry_balanced_scores_and_a_per_class_report(tmp_path):
+    import json
+
+    s = featcache.fit_heads(_imbalanced(), head="linear", C=1.0, output=tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    report = m["val_per_class"]
+    assert set(report) >= {"0", "1", "2", "macro avg", "weighted avg"}
+    assert report["1"]["support"] == int((_imbalanced()["val"][1] == 1).sum())
+    recalls = [report[c]["recall"] for c in ("0", "1", "2")]
+    assert m["val_balanced_accuracy"] == pytest.approx(np.mean(recalls))
+    assert m["test_macro_f1"] == pytest.approx(m["test_per_class"]["macro avg"]["f1-score"])
+    row = s.leaderboard[0]
+    assert {"val_balanced_accuracy", "val_macro_f1", "test_balanced_accuracy"} <= set(row)
+
+
+def test_select_by_balanced_accuracy_ranks_by_it():
+    s = featcache.fit_heads(_imbalanced(), head="linear", C=[1e-4, 1e-3, 1e-2, 1.0], select_by="balanced_accuracy")
+    vals = [r["val_balanced_accuracy"] for r in s.leaderboard]
+    assert vals == sorted(vals, reverse=True)
+    with pytest.raises(FeatcacheError, match="--select-by 'nope'"):
+        featcache.fit_heads(_imbalanced(), select_by="nope")
+
+
+def test_class_weight_is_refused_where_it_cannot_apply():
+    with pytest.raises(FeatcacheError, match="trains nothing to weight"):
+        featcache.fit_heads(_imbalanced(), head="knn", class_weight="balanced")
+    with pytest.raises(FeatcacheError, match="not built yet"):
+        featcache.fit_heads(_imbalanced(), head="mlp", class_weight="balanced")
+    with pytest.raises(FeatcacheError, match="class 'zebra'"):
+        featcache.fit_heads(_imbalanced(), head="linear", class_weight={"zebra": 2.0})
+    with pytest.raises(FeatcacheError, match="^class_weight takes"):
+        featcache.fit_heads(_imbalanced(), head="linear", class_weight=3)

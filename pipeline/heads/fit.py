@@ -27,7 +27,7 @@ from featcache.pipeline.heads.layersets import layer_columns, layer_set_label
 from featcache.pipeline.heads.leaderboard import rank, rank_key
 from featcache.pipeline.heads.memory import MemoryPlan, parse_size, peak_rss_bytes
 from featcache.pipeline.heads.memory import plan as memory_plan
-from featcache.pipeline.heads.metrics import score
+from featcache.pipeline.heads.metrics import SELECT_BY, score
 from featcache.pipeline.heads.optim import OPTIMIZERS
 from featcache.pipeline.heads.sweep import check_search
 from featcache.pipeline.heads.kinds.sequential import EPOCH_OPTIONS  # given one: an epoch sweep (resolve_solver)
@@ -63,6 +63,12 @@ def check_config(cfg: HeadConfig) -> None:
     bad += [f"--train-sizes {v} (images per class; 0 or all = every train row)" for v in cfg.train_sizes if v < 0]
     if not 0 <= cfg.views_keep_original <= 1:
         bad.append(f"--views-keep-original {cfg.views_keep_original} (a probability in [0, 1])")
+    if cfg.select_by not in SELECT_BY:
+        bad.append(f"--select-by {cfg.select_by!r} (choose from {', '.join(SELECT_BY)})")
+    elif cfg.select_by != "accuracy" and cfg.cv:
+        bad.append(f"--select-by {cfg.select_by} with --cv (folds are ranked by their mean accuracy)")
+    if cfg.class_weight is not None and not kind.trains:
+        bad.append(f"--class-weight with --head {cfg.head} (it trains nothing to weight)")
     bad += kind.check(cfg)
     if bad:
         raise FeatcacheError(f"invalid value: {bad[0]}")
@@ -161,10 +167,10 @@ def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False) -
             set_of[len(candidates)] = (label, columns)
             candidates.append(c)
         kept[label] = data
-        leader = set_of[min((c.row for c in candidates), key=rank_key)["index"]][0]
+        leader = set_of[min((c.row for c in candidates), key=lambda r: rank_key(r, cfg.select_by))["index"]][0]
         kept = {leader: kept[leader]}
         del data
-    ranked = Leaderboard(rank([c.row for c in candidates]))
+    ranked = Leaderboard(rank([c.row for c in candidates], cfg.select_by))
     if ranked[0].get("status") == "failed":
         raise FeatcacheError(f"every configuration diverged (non-finite training loss) in all {len(ranked)}; "
                              "try a smaller --lr")

@@ -22,12 +22,13 @@ SPLITS = ("train", "val", "test")
 
 
 def split_scores(head: nn.Module, data: Prepared) -> dict:
-    """train/val/test accuracy and mean cross-entropy of ``head``; None for a split with no rows."""
+    """train/val/test accuracy, mean cross-entropy, balanced accuracy and macro-F1 of ``head``;
+    None for a split with no rows."""
     row: dict = {}
     for split in SPLITS:
         s = score(head, *data.split(split))
-        row[f"{split}_loss"] = s.get("loss")
-        row[f"{split}_accuracy"] = s.get("accuracy")
+        for m in ("loss", "accuracy", "balanced_accuracy", "macro_f1"):
+            row[f"{split}_{m}"] = s.get(m)
     return row
 
 
@@ -53,23 +54,24 @@ def exact_row(i: int, res: ExactResult, data: Prepared, seed: int) -> dict:
             **split_scores(res.head, data), "seconds": round(res.seconds, 4)}
 
 
-def rank_key(r: dict) -> tuple:
-    """Best first: highest val accuracy, then lowest val loss, then the earlier configuration.
-    Without a validation split the same order is taken on the training scores; with --cv on the
-    mean held-out fold scores. Failed (diverged) configurations come last, and learning-curve rows
-    of a smaller training set after those trained on all train rows."""
+def rank_key(r: dict, select_by: str = "accuracy") -> tuple:
+    """Best first: highest val ``select_by`` (accuracy, balanced_accuracy or macro_f1), then lowest
+    val loss, then the earlier configuration. Without a validation split the same order is taken on
+    the training scores; with --cv on the mean held-out fold scores. Failed (diverged)
+    configurations come last, and learning-curve rows of a smaller training set after those
+    trained on all train rows."""
     if "cv_folds" in r:
-        acc, loss = r.get("cv_accuracy_mean"), r.get("cv_loss_mean")
+        acc, loss = r.get(f"cv_{select_by}_mean"), r.get("cv_loss_mean")
     else:
         split = "val" if r.get("val_accuracy") is not None else "train"
-        acc, loss = r.get(f"{split}_accuracy"), r.get(f"{split}_loss")
+        acc, loss = r.get(f"{split}_{select_by}"), r.get(f"{split}_loss")
     return (r.get("status") == "failed", r.get("train_size", "all") != "all", -(acc if acc is not None else -1.0),
             loss if loss is not None else float("inf"), r["index"])
 
 
-def rank(rows: list[dict]) -> list[dict]:
-    """Rows sorted best first, each given its 1-based ``rank``."""
-    return [{"rank": n, **r} for n, r in enumerate(sorted(rows, key=rank_key), start=1)]
+def rank(rows: list[dict], select_by: str = "accuracy") -> list[dict]:
+    """Rows sorted best first (``rank_key``), each given its 1-based ``rank``."""
+    return [{"rank": n, **r} for n, r in enumerate(sorted(rows, key=lambda r: rank_key(r, select_by)), start=1)]
 
 
 def write_leaderboard(out: Path, rows: list[dict]) -> list[str]:

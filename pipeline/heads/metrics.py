@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, confusion_matrix
+import warnings
+
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, classification_report, confusion_matrix, f1_score
 from torch import nn
 
 
@@ -17,13 +19,32 @@ def predict_proba(head: nn.Module, X: torch.Tensor, chunk: int = 8192) -> torch.
     return torch.cat([F.softmax(head(X[s: s + chunk]), dim=1) for s in range(0, len(X), chunk)]) if len(X) else torch.zeros(0)
 
 
+SELECT_BY = ("accuracy", "balanced_accuracy", "macro_f1")  # what a sweep may rank its configurations by
+
+
+def label_scores(y: np.ndarray, pred: np.ndarray) -> dict:
+    """Accuracy, balanced accuracy (mean per-class recall over the classes present in ``y``) and
+    macro-F1 (over the classes present in ``y`` or ``pred``) of integer predictions."""
+    with warnings.catch_warnings():  # a class predicted but absent from y: sklearn warns, the score is right
+        warnings.simplefilter("ignore")
+        return {"accuracy": float(accuracy_score(y, pred)), "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+                "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0))}
+
+
 def score(head: nn.Module, X: torch.Tensor, y: torch.Tensor) -> dict:
-    """Accuracy and mean cross-entropy of ``head`` on (X, y); empty dict for no rows."""
+    """Accuracy, balanced accuracy, macro-F1 and mean cross-entropy of ``head`` on (X, y); {} for no rows."""
     if len(X) == 0:
         return {}
     proba = predict_proba(head, X)
     loss = F.nll_loss(torch.log(proba.clamp_min(1e-12)), y).item()
-    return {"accuracy": float(accuracy_score(y.cpu().numpy(), proba.argmax(1).cpu().numpy())), "loss": loss}
+    return {**label_scores(y.cpu().numpy(), proba.argmax(1).cpu().numpy()), "loss": loss}
+
+
+def per_class(y: np.ndarray, pred: np.ndarray, class_names: list[str]) -> dict:
+    """scikit-learn's classification_report as a dict: precision, recall, f1-score and support per
+    class name (every class, support 0 included), plus its accuracy and averages."""
+    return classification_report(y, pred, labels=list(range(len(class_names))), target_names=class_names,
+                                 output_dict=True, zero_division=0)
 
 
 def confusion(head: nn.Module, X: torch.Tensor, y: torch.Tensor, n_classes: int) -> np.ndarray:

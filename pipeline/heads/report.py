@@ -35,7 +35,7 @@ def fmt(v, col: str = "") -> str:
         return "-"
     if not isinstance(v, float):
         return str(v)
-    return f"{v:.4f}" if col.endswith(("accuracy", "loss")) else f"{v:.2f}" if col == "seconds" else f"{v:.4g}"
+    return f"{v:.4f}" if col.endswith(("accuracy", "loss", "f1")) else f"{v:.2f}" if col == "seconds" else f"{v:.4g}"
 
 
 def table(header: list[str], rows: list[list[str]], left: tuple[str, ...] = ()) -> list[str]:
@@ -45,14 +45,16 @@ def table(header: list[str], rows: list[list[str]], left: tuple[str, ...] = ()) 
     return ["  ".join(j(cell, w) for cell, w, j in zip(r, widths, just)).rstrip() for r in [header, *rows]]
 
 
-def leaderboard_lines(rows: list[dict], limit: int = 20) -> list[str]:
-    """The best ``limit`` configurations: swept hyperparameters, best epoch, scores, seconds."""
+def leaderboard_lines(rows: list[dict], limit: int = 20, select_by: str = "accuracy") -> list[str]:
+    """The best ``limit`` configurations: swept hyperparameters, best epoch, scores (and the
+    selection metric when it is not accuracy), seconds."""
     from featcache.pipeline.heads.sweep import HYPERPARAMETERS, swept
 
     # L-BFGS iterations (logreg, exact probe), the kept epoch (epoch-trained), or none (k-NN, centroid)
     epochs = [c for c in ("n_iter", "best_epoch") if rows and c in rows[0]][:1]
     shown = swept(rows) or [c for c in HYPERPARAMETERS if rows and c in rows[0] and c != "layers"][-1:]
-    scores = [c for c in ("cv_accuracy_mean", "cv_accuracy_std", "train_accuracy", "val_accuracy", "val_loss",
+    chosen = () if select_by == "accuracy" else (f"val_{select_by}",)
+    scores = [c for c in ("cv_accuracy_mean", "cv_accuracy_std", "train_accuracy", "val_accuracy", *chosen, "val_loss",
                           "test_accuracy") if any(r.get(c) is not None for r in rows)]
     extra = [c for c in ("train_size", "views") if len({str(r.get(c)) for r in rows}) > 1]
     extra += ["status"] if any(r.get("status") == "failed" for r in rows) else []
@@ -73,7 +75,7 @@ def fit_lines(s: dict) -> list[str]:
     """Human summary of a fit-head run: leaderboard (when swept), winner, scores, files."""
     lines = []
     if len(s["leaderboard"]) > 1:
-        lines += leaderboard_lines(s["leaderboard"]) + [""]
+        lines += leaderboard_lines(s["leaderboard"], select_by=s["config"].get("select_by", "accuracy")) + [""]
     when = f"epoch {s['best_epoch']} of {s['epochs_run']}, " if s.get("best_epoch") is not None else ""
     lines += [
         f"best head: {_describe(s)} ({when}{s['n_configs']} configuration(s), {s['search']} search)",

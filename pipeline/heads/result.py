@@ -119,8 +119,10 @@ class SweepResult:
         """What metrics.json holds (without ``files``)."""
         cfg, win, best, cache, data = self.config, self.leaderboard[0], self.best, self.cache, self.data
         m = {
-            "head": cfg.head, "winner_kind": win["head"], **{k: win.get(k) for k in ("train_accuracy", "val_accuracy", "test_accuracy", "train_loss",
-                                                          "val_loss", "test_loss", "best_epoch", "epochs_run")},
+            "head": cfg.head, "winner_kind": win["head"],
+            **{k: win.get(k) for k in ("train_accuracy", "val_accuracy", "test_accuracy", "train_loss", "val_loss",
+                                       "test_loss", "train_balanced_accuracy", "train_macro_f1", "best_epoch",
+                                       "epochs_run")},
             "history": best.history, "params": self.best_kind.params(best),
             "config": asdict(cfg), "search": cfg.search, "n_configs": len(self.candidates),
             "n_train": len(data.rows["train"]), "n_val": len(data.rows["val"]), "n_test": len(data.rows["test"]),
@@ -139,10 +141,29 @@ class SweepResult:
         if m["test_accuracy"] is None:
             for key in ("test_accuracy", "test_loss", "test_accuracy_before_refit"):
                 m.pop(key, None)
+        m.update(self._label_report())
         if self.memory is not None:
             m["memory"] = self.memory
         m["seconds"] = round(self.seconds, 3)
         return m
+
+    def _label_report(self) -> dict:
+        """The saved head's balanced accuracy, macro-F1 and per-class report (precision, recall, F1,
+        support per class: scikit-learn's classification_report) on the val and test splits."""
+        if getattr(self, "_report_cache", None) is None:
+            from featcache.pipeline.heads.metrics import label_scores, per_class, predict_proba
+
+            out = {}
+            for split in ("val", "test"):
+                X, y = self.data.split(split)
+                if len(X):
+                    pred, yn = predict_proba(self.head, X).argmax(1).cpu().numpy(), y.cpu().numpy()
+                    scores = label_scores(yn, pred)
+                    out.update({f"{split}_balanced_accuracy": scores["balanced_accuracy"],
+                                f"{split}_macro_f1": scores["macro_f1"],
+                                f"{split}_per_class": per_class(yn, pred, self.class_names)})
+            self._report_cache = out
+        return self._report_cache
 
     def _augmented(self) -> dict:
         """What the training rows were: views sampled per epoch, or the un-augmented features."""

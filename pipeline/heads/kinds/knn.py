@@ -77,8 +77,9 @@ def neighbours(Q: torch.Tensor, bank: torch.Tensor, k: int, exclude_self: bool) 
 
 
 def _scores(log_shares: torch.Tensor, y: torch.Tensor) -> dict:
-    return {"accuracy": float((log_shares.argmax(1) == y).float().mean()),
-            "loss": float(F.nll_loss(log_shares, y))}
+    from featcache.pipeline.heads.metrics import label_scores
+
+    return {**label_scores(y.cpu().numpy(), log_shares.argmax(1).cpu().numpy()), "loss": float(F.nll_loss(log_shares, y))}
 
 
 @register
@@ -134,7 +135,8 @@ class KNN(HeadKind):
                     s = _scores(vote_log_shares(sims[:, :k], labels[:, :k], n_classes, temp or 1.0, voting), y)
                 else:
                     s = {}
-                row[f"{split}_loss"], row[f"{split}_accuracy"] = s.get("loss"), s.get("accuracy")
+                for m in ("loss", "accuracy", "balanced_accuracy", "macro_f1"):
+                    row[f"{split}_{m}"] = s.get(m)
             row["seconds"] = round(shared + time.perf_counter() - t1, 4)
             head = KNNHead(saved, yb.cpu(), n_classes, k, temp or 1.0, voting)
             out.append(Candidate(row, head))

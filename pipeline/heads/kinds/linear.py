@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.heads.kinds import register
-from featcache.pipeline.heads.kinds.sequential import EPOCH_OPTIONS, EpochKind, rows_of, with_views
+from featcache.pipeline.heads.kinds.sequential import EPOCH_OPTIONS, EpochKind, class_weights, rows_of, with_views
 
 SOLVERS = ("auto", "exact", "epochs")
 
@@ -28,7 +28,12 @@ def solver_of(cfg, data) -> str:
         return "epochs"
     if cfg.solver == "exact":
         return "exact"
-    return "epochs" if any(v > 0 for v in cfg.l1) or data.views is not None else "exact"
+    if any(v > 0 for v in cfg.l1) or data.views is not None:
+        if cfg.class_weight is not None:
+            raise FeatcacheError("--class-weight with an epoch-trained linear head (chosen for --l1 or augmented "
+                                 "views) is not built yet: use --solver exact (views become weighted rows) or no --l1")
+        return "epochs"
+    return "exact"
 
 
 def resolve(solver: str, C, given) -> tuple[str, tuple[float, ...]]:
@@ -57,6 +62,8 @@ class Linear(EpochKind):
             bad.append(f"--solver {cfg.solver!r} (choose from {', '.join(SOLVERS)})")
         if cfg.solver == "exact" and any(v > 0 for v in cfg.l1):
             bad.append("--solver exact with --l1 > 0 (the exact probe solves an L2 probe; use --solver epochs)")
+        if cfg.solver == "epochs" or cfg.cv or cfg.train_sizes:
+            bad += super().check(cfg)
         return bad
 
     def architectures(self, cfg) -> list[tuple[int, ...]]:
@@ -86,6 +93,7 @@ class Linear(EpochKind):
         from featcache.pipeline.heads.sweep import c_values
 
         X, y, weights = with_views(*data.split("train"), data.views_of(data.rows["train"]))
+        weights = class_weights(cfg, y, data.class_names, weights)
         results = fit_exact(c_values(cfg), X, y, len(data.class_names), sample_weight=weights)
         return [Candidate(exact_row(i, r, data, cfg.seed), r.head) for i, r in enumerate(results)]
 
@@ -95,6 +103,7 @@ class Linear(EpochKind):
         from featcache.pipeline.heads.exact import fit_exact
 
         X, y, weights = with_views(*rows_of(data, rows), data.views_of(rows))
+        weights = class_weights(cfg, y, data.class_names, weights)
         return fit_exact([best.row["C"]], X, y, len(data.class_names), sample_weight=weights)[0].head, None
 
     def params(self, best) -> dict:

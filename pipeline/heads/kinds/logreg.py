@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from featcache.pipeline.heads.kinds import register
-from featcache.pipeline.heads.kinds.sequential import SequentialKind, rows_of, with_views
+from featcache.pipeline.heads.kinds.sequential import SequentialKind, class_weights, rows_of, with_views
 
 
 @register
@@ -30,6 +30,7 @@ class Logreg(SequentialKind):
         from featcache.pipeline.heads.sweep import c_values
 
         X, y, weights = with_views(*data.split("train"), data.views_of(data.rows["train"]))
+        weights = class_weights(cfg, y, data.class_names, weights)
         results = fit_logreg(c_values(cfg), X, y, len(data.class_names), cfg.seed, weights)
         return [Candidate(logreg_row(i, r, data, cfg.seed), r.head) for i, r in enumerate(results)]
 
@@ -37,6 +38,7 @@ class Logreg(SequentialKind):
         from featcache.pipeline.heads.logreg import fit_logreg
 
         X, y, weights = with_views(*rows_of(data, rows), data.views_of(rows))
+        weights = class_weights(cfg, y, data.class_names, weights)
         return fit_logreg([best.row["C"]], X, y, len(data.class_names), cfg.seed, weights)[0].head, None
 
     def label(self, row: dict) -> str:

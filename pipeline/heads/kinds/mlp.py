@@ -13,9 +13,10 @@ class MLP(EpochKind):
     summary = "multilayer perceptron with dropout, weight decay, L1, batch norm, early stopping"
 
     def check(self, cfg) -> list[str]:
+        bad = super().check(cfg)
         if cfg.batchnorm and cfg.batch_size < 2:
-            return ["--batchnorm needs --batch-size of at least 2 (batch norm cannot normalise one row)"]
-        return []
+            bad.append("--batchnorm needs --batch-size of at least 2 (batch norm cannot normalise one row)")
+        return bad
 
     def architectures(self, cfg) -> list[tuple[int, ...]]:
         return list(dict.fromkeys(tuple(h) for h in cfg.hidden))
