@@ -13,10 +13,16 @@ import warnings
 
 import click
 
-from featcache.pipeline.config import ExtractConfig, HeadConfig
+from featcache import __version__
+from featcache.pipeline.config import SELECT_BY, ExtractConfig, HeadConfig
 from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline import startup
-from featcache.pipeline.options import float_list, str_list
+from featcache.pipeline.heads import kinds
+from featcache.pipeline.options import float_list, int_list, str_list
+from featcache.pipeline.signals import interrupt_status, sigterm_as_interrupt
+
+# What an interrupted command adds to "interrupted": extract keeps every finished batch in its journal.
+RESUME_HINT = {"extract": "re-run the same command to resume"}
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -29,22 +35,41 @@ def fail(message: str, code: int = 1) -> None:
 class Group(click.Group):
     """A click group whose every error is one line on stderr (no usage dump, no traceback).
 
-    Set FEATCACHE_DEBUG=1 to see the traceback of an unexpected error.
+    Set FEATCACHE_DEBUG=1 to see the traceback of an unexpected error. SIGTERM is handled like
+    Ctrl-C (pipeline/signals.py): one line, exit 143 (130 for Ctrl-C), every cleanup run.
     """
+
+    subcommand: str | None = None  # the command being run, for the interruption line
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:  # caught before click, which would print an empty line first
+            raise _Interrupted(interrupt_status(e)) from None
+
+    # commands in the order of the workflow, not alphabetically: extract, look, train, compare, use
+    ORDER = ("extract", "info", "layers", "fit-head", "runs", "evaluate", "predict", "export", "finetune")
+
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: (self.ORDER.index(n) if n in self.ORDER else len(self.ORDER), n))
 
     def main(self, args=None, *rest, **extra):
         if args is None:  # the command's own process (not a test runner): faster imports and exit
             startup.install()
         try:
-            self._main(args, *rest, **extra)
+            with sigterm_as_interrupt():
+                self._main(args, *rest, **extra)
         finally:
             if args is None:  # the real program, not a test runner: the exit code is decided now, and a
-                # Ctrl-C during interpreter teardown would otherwise kill the process by SIGINT (exit -2)
+                # Ctrl-C or SIGTERM during interpreter teardown would otherwise kill the process by the signal
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 startup.freeze()
 
     def _main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         warnings.showwarning = _warning_line
+        self.subcommand = None
         try:
             rv = super().main(args, prog_name or "featcache", complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as e:
@@ -53,13 +78,23 @@ class Group(click.Group):
             fail(e.format_message(), e.exit_code)
         except FeatcacheError as e:
             fail(str(e))
-        except (click.Abort, KeyboardInterrupt):
-            fail("interrupted", 130)
+        except (_Interrupted, click.Abort, KeyboardInterrupt) as e:  # click turns KeyboardInterrupt into Abort
+            hint = RESUME_HINT.get(self.subcommand or "")
+            fail("interrupted" + (f"; {hint}" if hint else ""), e.status if isinstance(e, _Interrupted) else
+                 interrupt_status(e))
         except Exception as e:  # a bug, not bad input: still one line unless debugging
             if os.environ.get("FEATCACHE_DEBUG"):
                 raise
             fail(f"internal error: {type(e).__name__}: {e} (set FEATCACHE_DEBUG=1 for the traceback)")
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class _Interrupted(Exception):
+    """A command stopped by Ctrl-C or SIGTERM after its cleanup ran; ``status`` is 130 or 143."""
+
+    def __init__(self, status: int):
+        super().__init__("interrupted")
+        self.status = status
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
@@ -83,8 +118,14 @@ def progress_enabled(as_json: bool) -> bool:
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-def main() -> None:
+@click.version_option(__version__, "--version", prog_name="featcache", message="%(prog)s %(version)s")
+@click.option("--verbose", is_flag=True, help="Also show the libraries' own log lines (PyTorch's) on stderr.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """Run a frozen CNN once, cache its features in HDF5, train many heads in seconds."""
+    ctx.command.subcommand = ctx.invoked_subcommand
+    if not verbose:
+        startup.quiet_library_logs()
 
 
 @main.command()
@@ -111,8 +152,11 @@ def main() -> None:
 @click.option("--verify-content", is_flag=True, help="Detect changed images by sha256, not size+mtime.")
 @click.option("--max-skipped", default=0.5, show_default=True, type=float, help="Fail above this unusable fraction.")
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
-              help="Fastest faithful backbone (BN folding, channels_last; fp16 autocast on CUDA). "
-                   "--no-optimize runs the reference fp32 eager model.")
+              help="Fastest faithful backbone (BN folding, channels_last). --no-optimize runs the reference "
+                   "eager NCHW model (fp32 unless --amp says otherwise).")
+@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), default="auto", show_default=True,
+              help="Autocast precision, recorded in the cache: auto = bf16 on CUDA GPUs that run it natively, else "
+                   "fp16; off on the CPU and with --no-optimize. off = fp32 (TF32 disabled).")
 @click.option("--compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="torch.compile the backbone; auto = only for jobs large enough to repay compiling "
                    "(CPU: 10k+ images).")
@@ -142,6 +186,8 @@ def extract(image_dir, output, as_json, **opts) -> None:
         f"{s['cache']}: {s['n_images']} images x {s['feature_dim']} features ({s['backbone']}, {s['weights']})",
         f"extracted {s['extracted']}, reused {s['reused']}, removed {s['removed']}, skipped {s['skipped']} "
         f"in {s['seconds']:.1f}s" + (f" ({s['images_per_second']} img/s)" if s["images_per_second"] else ""),
+        *([f"resumed an interrupted run: {s['resumed_batches']} batch(es) came from its journal"]
+          if s.get("resumed_batches") else []),
         *([f"augmented views: {s['views']['per_image']} per train image, {s['views']['images']} images"]
           if "views" in s else []),
         *([f"dropped /views ({s['views_dropped']} per train image; --prune)"] if s.get("views_dropped") else []),
@@ -176,22 +222,23 @@ def layers(backbone, as_json) -> None:
                       *(f"  {r['name']:<{width}}  {'x'.join(map(str, r['shape'])):<14} {r['features']}" for r in s["layers"])])
 
 
-def _c_path(C: str | None, opts: dict) -> tuple[float, ...]:
-    """--C and --solver as heads.fit.resolve_solver settles them (opts["solver"] is updated)."""
+def _c_path(C: str | None, opts: dict) -> tuple[float, ...] | None:
+    """--C and --solver as heads.fit.resolve_solver settles them (opts["solver"] and the solver
+    note, opts["note"], are updated)."""
     from featcache.pipeline.heads.fit import EPOCH_OPTIONS, resolve_solver
 
     ctx = click.get_current_context()
     given = {o for o in EPOCH_OPTIONS if ctx.get_parameter_source(o) == click.core.ParameterSource.COMMANDLINE}
-    opts["solver"], c = resolve_solver(ctx.params["head"], opts["solver"], None if C is None else float_list(C, "--C"),
-                                       given)
+    opts["solver"], c, opts["note"] = resolve_solver(ctx.params["head"], opts["solver"],
+                                                     None if C is None else float_list(C, "--C"), given)
     return c
 
 
 @main.command("fit-head")
 @click.argument("cache", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Run folder for head.pt, metrics, leaderboard, plots.")
-@click.option("--head", type=click.Choice(["linear", "mlp", "logreg"]), default="linear", show_default=True,
-              help="logreg = scikit-learn LogisticRegression over --C, the baseline linear probe.")
+@click.option("--head", type=click.Choice(kinds.names()), default=HeadConfig.head, show_default=True,
+              help="; ".join(f"{name}: {kinds.get(name).summary}" for name in kinds.names()) + ".")
 @click.option("--hidden", multiple=True, default=["512"], show_default=True,
               help="Hidden sizes of one MLP, e.g. 512,256; repeat to sweep; a list with 0 sweeps widths (0 = linear).")
 @click.option("--dropout", default="0.5", show_default=True, help="Dropout after hidden layers (comma list sweeps).")
@@ -236,23 +283,40 @@ def _c_path(C: str | None, opts: dict) -> tuple[float, ...]:
                    "refitted on all train rows and scored on val/test (0 = off).")
 @click.option("--train-sizes", default=None,
               help="Learning curve: training images per class, e.g. 10,50,all (learning_curve.png).")
+@click.option("--k", "k", default=",".join(map(str, HeadConfig.k)), show_default=True,
+              help="--head knn: neighbours (comma list: every k scored from one similarity computation).")
+@click.option("--knn-temperature", default=",".join(map(str, HeadConfig.knn_temperature)), show_default=True,
+              help="--head knn: vote weight exp(similarity / T) (DINO's); --head centroid: softmax temperature.")
+@click.option("--knn-voting", default=",".join(HeadConfig.knn_voting), show_default=True,
+              help="--head knn: temperature (weighted) or majority (one vote per neighbour); comma list sweeps.")
+@click.option("--class-weight", default=None,
+              help="balanced (n / (classes * n_class)) or CLASS=WEIGHT,... pairs: weights of the training loss "
+                   "(exact linear probe and logreg).")
+@click.option("--select-by", type=click.Choice(SELECT_BY), default=HeadConfig.select_by, show_default=True,
+              help="Rank configurations by this val score (balanced_accuracy, macro_f1 for imbalanced classes).")
+@click.option("--max-memory", default=HeadConfig.max_memory,
+              help="Refuse a run whose memory plan exceeds this size (e.g. 4G) [default: the memory available].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 def fit_head(cache, output, hidden, dropout, weight_decay, l1, optimizer, lr, momentum, C, layers, train_sizes,
-             as_json, **opts) -> None:
+             k, knn_temperature, knn_voting, class_weight, as_json, **opts) -> None:
     """Train heads on cached features (comma lists sweep); keep the best by validation accuracy."""
     from featcache.pipeline.heads.fit import run_fit_head
     from featcache.pipeline.heads.layersets import parse_layer_sets
-    from featcache.pipeline.heads.report import fit_lines, parse_hidden, parse_train_sizes
+    from featcache.pipeline.heads.report import fit_lines, parse_class_weight, parse_hidden, parse_train_sizes
 
+    c = _c_path(C, opts)
+    note = opts.pop("note")
     cfg = HeadConfig(
         cache=cache, output=output, hidden=parse_hidden(hidden), dropout=float_list(dropout, "--dropout"),
         weight_decay=float_list(weight_decay, "--weight-decay"), l1=float_list(l1, "--l1"),
         optimizer=str_list(optimizer, "--optimizer"), lr=float_list(lr, "--lr"),
-        momentum=float_list(momentum, "--momentum"), C=_c_path(C, opts), layers=parse_layer_sets(layers),
-        train_sizes=parse_train_sizes(train_sizes), **opts)
-    s = run_fit_head(cfg, progress=progress_enabled(as_json))
+        momentum=float_list(momentum, "--momentum"), C=c, layers=parse_layer_sets(layers),
+        train_sizes=parse_train_sizes(train_sizes), k=int_list(k, "--k"),
+        knn_temperature=float_list(knn_temperature, "--knn-temperature"),
+        knn_voting=str_list(knn_voting, "--knn-voting"), class_weight=parse_class_weight(class_weight), **opts)
+    s = run_fit_head(cfg, progress=progress_enabled(as_json), note=note)
     emit({k: v for k, v in s.items() if k != "leaderboard" or len(v) > 1}, as_json, fit_lines(s))
 
 
@@ -294,8 +358,11 @@ def evaluate(head, cache, device, as_json) -> None:
     """Score a saved head (RUN_DIR or head.pt) on a cache it was trained for."""
     from featcache.pipeline.heads.evaluate import run_evaluate
 
+    from featcache.pipeline.heads.report import per_class_lines
+
     s = run_evaluate(head, cache, device)
-    emit(s, as_json, [f"{k}: {v}" for k, v in s.items()])
+    tables = [ln for k, v in s.items() if k.endswith("_per_class") for ln in per_class_lines(k[:-10], v)]
+    emit(s, as_json, [f"{k}: {v}" for k, v in s.items() if not k.endswith("_per_class")] + tables)
 
 
 @main.command()
@@ -324,7 +391,8 @@ def export(model, output, as_json) -> None:
 @click.option("--weight-decay", default=1e-4, show_default=True, type=float, help="Not on biases or norm parameters.")
 @click.option("--patience", default=3, show_default=True, type=int)
 @click.option("--val-fraction", default=0.2, show_default=True, type=float)
-@click.option("--workers", default=0, show_default=True, type=int)
+@click.option("--workers", default=None, type=int,
+              help="Decoding processes (default: CUDA: one per spare core, into pinned memory; CPU: 0 = this process).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")

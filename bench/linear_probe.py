@@ -2,6 +2,7 @@
 
     python bench/linear_probe.py [--cache demo-out/digits.h5] [--n 50000] [--dim 2048] [--block 2]
                                  [--reference auto|on|off] [--gap 1e-6] [--dtype float32|float64]
+    python bench/linear_probe.py --cv 5 [--n 1797] [--dim 1280] [--reference on] [--threads 1]
 
 Prints the machine (CPU, cores, torch and numpy BLAS), which GEMM form of the gradient is faster
 here, then for (a) a synthetic N x D, 10-class problem (hard: best val accuracy 70-90 %) and
@@ -16,6 +17,13 @@ the time to beat. It stops on max |grad| <= 1e-4, which on nearly separable rows
 demo cache) is far above the optimum, so its accuracy there is that of an early stop.
 "converged" (tol 1e-8, --reference) is the optimum of the same objective, the accuracy to match.
 --gap and --dtype change featcache's side only (lbfgs.GAP, the dtype of X): what a tighter solve costs.
+
+--cv K (issue 23): the cost of K-fold CV as one stack (exact.fit_exact_folds) on a synthetic
+--n x --dim training set (default 1,797 x 1,280): seconds of the 10-C path on all rows, then of
+K folds x 10 C, with and without each fold's own standardisation (fold_stats), and the ratio
+(target <= 3x), in wall-clock and in CPU seconds of this process (steadier on a shared machine,
+with --threads 1); per C the mean held-out accuracy, and with --reference on sklearn's
+cross_val_score(make_pipeline(StandardScaler(), LogisticRegression(C))) on the same folds.
 """
 from __future__ import annotations
 
@@ -60,16 +68,17 @@ def gemm_forms(n: int = 20000, d: int = 2048, k: int = 20) -> str:
     return f"gradient GEMM, X {n}x{d}, G {n}x{k}: " + ", ".join(out)
 
 
-def synthetic(n: int, d: int, k: int = 10, seed: int = 0):
+def synthetic(n: int, d: int, k: int = 10, seed: int = 0, train: float = 0.8):
     """Classes whose means differ in a 32-d latent subspace, mixed into d correlated features
-    plus isotropic noise and 10 % flipped labels: linear, but far from separable."""
+    plus isotropic noise and 10 % flipped labels: linear, but far from separable. The first
+    ``train`` of the rows are the training rows (their statistics standardise all)."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, k, n)
     latent = rng.normal(size=(k, 32))[y] * 0.55 + rng.normal(size=(n, 32))
     X = latent @ (rng.normal(size=(32, d)) / np.sqrt(32)) + rng.normal(size=(n, d))
     flip = rng.random(n) < 0.1
     y[flip] = rng.integers(0, k, flip.sum())
-    n_tr = int(0.8 * n)
+    n_tr = int(round(train * n))
     mean, sd = X[:n_tr].mean(0), X[:n_tr].std(0)
     X = ((X - mean) / sd).astype(np.float32)
     return X[:n_tr], y[:n_tr], X[n_tr:], y[n_tr:], k
@@ -146,21 +155,69 @@ def compare(name: str, Xt, yt, Xv, yv, k: int, cs: list[float], block: int, refe
         _verdict("sklearn converged (tol 1e-8)", path_s, ours, ref, cs, len(yv))
 
 
+def cross_validation(n: int, d: int, folds: int, block: int, reference: bool) -> None:
+    """Seconds of the 10-C path alone and as ``folds`` folds x 10 C in one stack (module doc)."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from featcache.pipeline.heads.exact import fit_exact_folds
+
+    Xn, yn, _, _, k = synthetic(n, d, train=1.0)
+    X, y, cs = torch.from_numpy(Xn), torch.from_numpy(yn), list(DEFAULT_C_PATH)
+    splits = list(StratifiedKFold(folds, shuffle=True, random_state=0).split(Xn, yn))
+    fw = np.zeros((folds, n))
+    for f, (tr, _) in enumerate(splits):
+        fw[f, tr] = 1
+    print(f"\n== --cv {folds}: synthetic {n} x {d}, {k} classes, 10 C, block {block}, {torch.get_num_threads()} "
+          "torch threads ==")
+    t0, c0 = time.perf_counter(), time.process_time()
+    alone = fit_exact(cs, X, y, k, block=block)
+    base, base_cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(f"path on all rows: {base:.2f} s ({base_cpu:.2f} s CPU), iterations {[r.n_iter for r in alone]}")
+    for fold_stats in (False, True):
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = fit_exact_folds(cs, X, y, k, fw, fold_stats=fold_stats, block=block)
+        sec, cpu = time.perf_counter() - t0, time.process_time() - c0
+        acc = [np.mean([(res[f][c].head(X[ho]).argmax(1).numpy() == yn[ho]).mean() for f, (_, ho) in enumerate(splits)])
+               for c in range(len(cs))]
+        print(f"{folds} folds x 10 C, fold_stats={fold_stats}: {sec:.2f} s = {sec / base:.2f}x the path, "
+              f"{cpu:.2f} s CPU = {cpu / base_cpu:.2f}x (target <= 3x: {'MET' if sec <= 3 * base else 'MISSED'}); "
+              "all converged: "
+              f"{all(r.converged for row in res for r in row)}; max iterations per C "
+              f"{[max(res[f][c].n_iter for f in range(folds)) for c in range(len(cs))]}")
+        print("  CV accuracy per C: " + " ".join(f"{100 * a:.2f}" for a in acc))
+    if reference:
+        t0 = time.perf_counter()
+        ref = [cross_val_score(make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=MAX_ITER)), Xn, yn,
+                               cv=StratifiedKFold(folds, shuffle=True, random_state=0)).mean() for c in cs]
+        print(f"  sklearn cross_val_score per C ({time.perf_counter() - t0:.1f} s): "
+              + " ".join(f"{100 * a:.2f}" for a in ref))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", default="demo-out/digits.h5", help="real cache (examples/digits_demo.py writes this one)")
-    ap.add_argument("--n", type=int, default=50000)
-    ap.add_argument("--dim", type=int, default=2048)
+    ap.add_argument("--n", type=int, default=None, help="synthetic rows [50000; with --cv: 1797]")
+    ap.add_argument("--dim", type=int, default=None, help="synthetic features [2048; with --cv: 1280]")
     ap.add_argument("--block", type=int, default=BLOCK)
     ap.add_argument("--reference", choices=("auto", "on", "off"), default="auto",
                     help="also fit sklearn at tol 1e-8, the optimum; auto = on the real cache only (small)")
     ap.add_argument("--gap", type=float, default=lbfgs.GAP, help="featcache's stopping gap (lbfgs.GAP)")
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="featcache's dtype of X")
+    ap.add_argument("--cv", type=int, default=0, help="K-fold CV cost mode (see the module doc)")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads [torch's default]")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lbfgs.GAP = args.gap
     dtype = getattr(torch, args.dtype)
     print(machine())
     print("(shared machine: other jobs may run at the same time; figures are wall-clock)")
+    if args.cv:
+        cross_validation(args.n or 1797, args.dim or 1280, args.cv, args.block, args.reference == "on")
+        return
+    args.n, args.dim = 50000 if args.n is None else args.n, args.dim or 2048
     print(gemm_forms())
     cs = list(DEFAULT_C_PATH)
     if args.n > 0:  # --n 0: the real cache only

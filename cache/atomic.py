@@ -17,8 +17,17 @@ API:
       file would be written to is missing, is a file, or is read-only: call it before long work.
   ``ensure_free_space(target, needed_bytes)``  refuse early when the filesystem of ``target``
       has less free space than a write is expected to need.
+  ``check_output_name(target, what="output")``  before any work, create and remove a file named as
+      featcache's longest temporary name for ``target``, so a name too long for its filesystem, a
+      read-only or missing folder is one line at once, not a failure after the whole computation.
+  ``check_replaceable(target, what)``  refuse to replace an existing read-only file (mode 0444).
+  ``real_path(target)``  the path writes go through: a symlinked output is written where it points.
+  ``write_buffered(target, save)``  serialise into memory first (``save(fileobj)``, e.g. torch.save,
+      torch.export.save, torch.jit.save), then write the bytes atomically: a full disk is one line,
+      never a C++ ``terminate`` inside a library's file writer (exit 134, a temporary left behind).
   ``is_disk_full(exc)``, ``disk_full_error(target, needed_bytes)``  recognise and describe ENOSPC
-      (HDF5 reports it as a RuntimeError whose text says ``errno = 28``).
+      (HDF5 reports it as a RuntimeError whose text says ``errno = 28``; PyTorch's zip writer as
+      ``[enforce fail at inline_container.cc:N] . unexpected pos A vs B``).
 
 ``expected_bytes`` only feeds the "(needed about N MB)" figure of the disk-full message; when it
 is not given, the size the temporary file had reached when the disk filled is reported instead.
@@ -26,11 +35,13 @@ is not given, the size the temporary file had reached when the disk filled is re
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
+import stat
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, BinaryIO, Callable, Iterator
 
 from featcache.cache.errors import CacheError, FeatcacheError
 
@@ -59,13 +70,22 @@ def free_bytes(path: str | os.PathLike) -> int:
     return st.f_bavail * st.f_frsize
 
 
+# PyTorch's zip writer (caffe2::serialize::PyTorchStreamWriter) checks each write's position and
+# reports a short write (what ENOSPC causes) only as this, without the errno.
+_TORCH_SHORT_WRITE = ("unexpected pos", "file write failed", "failed writing")
+
+
 def is_disk_full(exc: BaseException) -> bool:
-    """True for ENOSPC/EDQUOT, also when HDF5 wraps it in a RuntimeError that only says it in text."""
+    """True for ENOSPC/EDQUOT, also when HDF5 or PyTorch wraps it in a RuntimeError that only
+    says it in text (HDF5: ``errno = 28``; torch.save: ``enforce fail at inline_container.cc``)."""
     if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
         return True
     text = str(exc)
-    return isinstance(exc, (OSError, RuntimeError)) and (
-        "errno = 28" in text or "No space left on device" in text or "Disk quota exceeded" in text)
+    if not isinstance(exc, (OSError, RuntimeError)):
+        return False
+    if "errno = 28" in text or "errno 28" in text or "No space left on device" in text or "Disk quota exceeded" in text:
+        return True
+    return "inline_container.cc" in text and any(w in text for w in _TORCH_SHORT_WRITE)
 
 
 def _mb(n: int) -> str:
@@ -109,6 +129,87 @@ def check_writable_parent(target: str | os.PathLike, what: str = "output") -> No
         raise FeatcacheError(f"{what} folder does not exist: {parent}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise FeatcacheError(f"{what} folder is not writable: {parent}")
+
+
+def real_path(target: str | os.PathLike) -> Path:
+    """Where a write to ``target`` lands: a symlink (or a symlinked folder) is followed, so the
+    file is replaced where it lives and the link stays a link."""
+    return Path(os.path.realpath(target))
+
+
+def _short(name: str, keep: int = 40) -> str:
+    return repr(name if len(name) <= keep else name[:keep] + "...")
+
+
+def check_output_name(target: str | os.PathLike, what: str = "output") -> None:
+    """One line, before any work, when a file cannot be created beside ``target`` under the longest
+    name featcache will use there (the temporary ``.NAME.tmp-PID``, longer than NAME itself).
+
+    A probe file of that name is created and removed at once: the filesystem itself answers, so a
+    name too long (ENAMETOOLONG), a read-only folder or mount (EACCES, EPERM, EROFS), a missing
+    folder or a file where the folder should be are found in milliseconds instead of after hours.
+
+    Args:
+        target: the output file or folder, as it will be written (see ``real_path``).
+        what: how the message names it ("output", "run folder", "--csv").
+    Raises:
+        FeatcacheError: one line saying what is wrong and what to do.
+    """
+    target = Path(target)
+    probe = temp_path(target)
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return  # this very name exists already: it can be created there
+    except OSError as e:
+        raise _name_error(e, target, probe, what) from None
+    os.close(fd)
+    try:
+        os.unlink(probe)
+    except OSError:
+        pass
+
+
+def _name_error(e: OSError, target: Path, probe: Path, what: str) -> FeatcacheError:
+    """The one-line error for a probe file that could not be created (check_output_name)."""
+    parent = probe.parent
+    if e.errno == errno.ENAMETOOLONG:
+        try:
+            limit = os.pathconf(parent, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            limit = 255
+        extra = len(os.fsencode(probe.name)) - len(os.fsencode(target.name))
+        return FeatcacheError(
+            f"{what} name {_short(target.name)} is too long: {len(os.fsencode(target.name))} bytes, and featcache "
+            f"also writes {_short(probe.name)} beside it ({extra} bytes more) where the filesystem allows "
+            f"{limit} per name; use a name of at most {limit - extra} bytes")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return FeatcacheError(f"{what} folder is not writable: {parent} ({e.strerror})")
+    if e.errno == errno.ENOENT:
+        return FeatcacheError(f"{what} folder does not exist: {parent}")
+    if e.errno == errno.ENOTDIR:
+        return FeatcacheError(f"{what} {target}: a part of {parent} is a file, not a folder")
+    if e.errno in _FULL_ERRNOS:
+        return disk_full_error(target, None)
+    return FeatcacheError(f"cannot write {what} {target}: {e.strerror or e}")
+
+
+def check_replaceable(target: str | os.PathLike, what: str = "output") -> None:
+    """Refuse to replace an existing read-only file: a rename needs only the folder's permission,
+    so without this a file the user made read-only (chmod 0444) would be replaced silently.
+
+    Raises:
+        FeatcacheError: ``target`` exists, is a file and has no write permission (for its owner, or
+            for this process).
+    """
+    try:
+        st = os.stat(target)
+    except OSError:
+        return  # nothing there (or unreadable: the write itself will say)
+    if stat.S_ISREG(st.st_mode) and (not st.st_mode & 0o222 or not os.access(target, os.W_OK)):
+        raise FeatcacheError(
+            f"{what} {target} is read-only (mode {stat.S_IMODE(st.st_mode):04o}); featcache does not replace it: "
+            "make it writable (chmod u+w) or choose another path")
 
 
 def fsync_dir(folder: Path) -> None:
@@ -173,6 +274,28 @@ def write_bytes(target: str | os.PathLike, data: bytes) -> None:
 
 def write_text(target: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
     write_bytes(target, text.encode(encoding))
+
+
+def write_buffered(target: str | os.PathLike, save: Callable[[BinaryIO], None]) -> int:
+    """Serialise with ``save(buffer)`` into memory, then write the bytes to ``target`` atomically.
+
+    PyTorch's writers (torch.save, torch.jit.save, torch.export.save) report a full disk only as
+    ``enforce fail at inline_container.cc`` and, in the writer's destructor, by a C++ ``terminate``
+    that aborts the process (exit 134) and leaves the temporary file. In memory they cannot fail
+    that way; the bytes then go to disk through ``write_bytes``, after a free-space check, so a full
+    disk is one ``no space left`` line and nothing is left behind.
+
+    Args:
+        target: the final file; save: writes the whole file to the binary file object it is given.
+    Returns:
+        The number of bytes written.
+    """
+    buf = io.BytesIO()
+    save(buf)
+    data = buf.getbuffer()
+    ensure_free_space(target, len(data))
+    write_bytes(target, data)
+    return len(data)
 
 
 def write_json(target: str | os.PathLike, obj, indent: int | None = 2) -> None:

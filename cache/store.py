@@ -184,16 +184,43 @@ class FeatureCache:
         return int(self.attrs.get("n_views", 0) or 0)
 
 
-def _decode_attrs(raw: h5py.AttributeManager) -> dict:
-    json_keys = set(json.loads(raw.get("json_attrs", "[]")))
+REQUIRED_ATTRS = ("fingerprint", "class_names")  # what every reader of a cache relies on
+
+
+def _corrupt(path: str | Path, what: str) -> CacheError:
+    return CacheError(f"{path} has corrupt metadata ({what}); re-extract it with --overwrite")
+
+
+def _json(path: str | Path, key: str, value):
+    try:
+        return json.loads(value)
+    except (TypeError, ValueError):
+        raise _corrupt(path, f"attribute {key!r} is not valid JSON") from None
+
+
+def _decode_attrs(raw: h5py.AttributeManager, path: str | Path = "cache") -> dict:
+    """The cache's attributes as Python values (JSON ones decoded), checked: a malformed attribute
+    is one CacheError naming it, not a traceback in whichever reader touches it first."""
+    listed = raw.get("json_attrs", "[]")
+    json_keys = _json(path, "json_attrs", listed.decode() if isinstance(listed, bytes) else listed)
+    if not isinstance(json_keys, list) or not all(isinstance(k, str) for k in json_keys):
+        raise _corrupt(path, "attribute 'json_attrs' is not a list of names")
     out = {}
     for key, value in raw.items():
         if isinstance(value, bytes):
             value = value.decode()
         if isinstance(value, np.generic):
             value = value.item()
-        out[key] = json.loads(value) if key in json_keys else value
+        out[key] = _json(path, key, value) if key in json_keys else value
     out.pop("json_attrs", None)
+    missing = [k for k in REQUIRED_ATTRS if k not in out]
+    if missing:
+        raise _corrupt(path, f"attribute {missing[0]!r} is missing")
+    names = out["class_names"]
+    if isinstance(names, np.ndarray):
+        names = out["class_names"] = [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise _corrupt(path, "attribute 'class_names' is not a list of names")
     return out
 
 
@@ -251,26 +278,39 @@ def open_checked(path: str | Path) -> h5py.File:
     if f.attrs.get("format") != FORMAT:
         f.close()
         raise CacheError(f"{path} is an HDF5 file but not a featcache cache")
-    version = int(f.attrs.get("schema_version", -1))
+    raw_version = f.attrs.get("schema_version", -1)
+    try:
+        version = int(raw_version)
+    except (TypeError, ValueError):
+        f.close()
+        raise _corrupt(path, f"schema_version is {raw_version!r}, not a number") from None
     if version != SCHEMA_VERSION:
         f.close()
         raise CacheError(f"{path} has cache schema {version}; this featcache reads schema {SCHEMA_VERSION}")
     if not bool(f.attrs.get("complete", False)):
         f.close()
-        raise CacheError(f"{path} is an incomplete cache (an extract did not finish); re-run extract")
+        raise CacheError(f"{path} is an incomplete cache (an extract did not finish writing it); "
+                         "re-extract it with --overwrite")
     return f
 
 
 def read_cache(path: str | Path, features: bool = True) -> FeatureCache:
     """Load a cache. Args: features=False skips the (large) feature matrix."""
     with open_checked(path) as f, checked_reads(path):
+        attrs = _decode_attrs(f.attrs, path)
+        missing = [k for k in ("features", "skipped", *ROW_COLUMNS) if k not in f]
+        if missing:
+            raise _corrupt(path, f"dataset /{missing[0]} is missing")
         skipped = [(s["path"].decode() if isinstance(s["path"], bytes) else s["path"],
                     s["reason"].decode() if isinstance(s["reason"], bytes) else s["reason"])
                    for s in f["skipped"][...]]
+        labels = f["labels"][...].astype(np.int64)
+        if len(labels) and (labels.max() >= len(attrs["class_names"]) or labels.min() < -1):
+            raise _corrupt(path, f"labels run to {labels.max()} but there are {len(attrs['class_names'])} class names")
         return FeatureCache(
             path=Path(path),
-            attrs=_decode_attrs(f.attrs),
-            labels=f["labels"][...].astype(np.int64),
+            attrs=attrs,
+            labels=labels,
             paths=_strs(f["paths"]),
             split=np.array(_strs(f["split"]), dtype=object),
             features=f["features"][...] if features else None,

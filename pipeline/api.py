@@ -26,7 +26,7 @@ import numpy as np
 from featcache.cache.info import cache_info
 from featcache.cache.store import FeatureCache, read_cache
 from featcache.pipeline.config import ExtractConfig, HeadConfig
-from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.errors import FeatcacheError, python_names
 from featcache.pipeline.heads.result import Leaderboard, SweepResult
 
 __all__ = ["Cache", "ExtractResult", "Model", "SweepResult", "Leaderboard", "extract", "fit_heads", "load",
@@ -270,10 +270,12 @@ def _coerce(values: dict) -> dict:
     for name, v in values.items():
         text = str(hints[name])
         kind = next((k for k in ("bool", "float", "int", "str") if k in text), None)
+        if v is None and "None" in text:  # an optional field left to its default (C: the head's own path)
+            continue
         if name in SWEPT:
             items = list(v) if isinstance(v, (list, tuple, np.ndarray)) else [v]
             out[name] = tuple(_typed(name, x, kind) for x in items)
-        elif kind and name not in ("hidden", "layers", "train_sizes") and not (v is None and "None" in text):
+        elif kind and name not in ("hidden", "layers", "train_sizes"):
             out[name] = _typed(name, v, kind)
     return out
 
@@ -320,6 +322,11 @@ def fit_heads(data, *, output: PathLike | None = None, progress: bool = False, *
         The SweepResult: ``leaderboard`` (``.to_pandas()``), ``best``, ``history``, ``metrics``,
         ``predict(X)``, ``plot_*()`` Figures, ``save(run_dir)``.
     """
+    with python_names():  # errors name the parameters of this call, not the command line's flags
+        return _fit_heads(data, output, progress, options)
+
+
+def _fit_heads(data, output, progress: bool, options: dict) -> SweepResult:
     from featcache.pipeline.heads.fit import fit_sweep, resolve_solver
 
     if isinstance(data, Cache):  # its metadata: fit-head's prepare reads the features once, itself
@@ -331,10 +338,10 @@ def fit_heads(data, *, output: PathLike | None = None, progress: bool = False, *
     else:
         fc, path = _arrays_cache(data), None
     # as fit-head: solver auto (the exact probe for a plain L2 linear head) unless an epoch option is given
-    solver, C = resolve_solver(options.get("head", HeadConfig.head), options.get("solver", "auto"),
-                               options.get("C"), options)  # the keywords given are the options set
+    solver, C, note = resolve_solver(options.get("head", HeadConfig.head), options.get("solver", "auto"),
+                                     options.get("C"), options)  # the keywords given are the options set
     cfg = head_config(cache=path, **{**options, "solver": solver, "C": C})
-    result = fit_sweep(cfg, fc, progress=progress)
+    result = fit_sweep(cfg, fc, progress=progress, note=note)
     if output is not None:
         result.save(output)
     return result

@@ -57,13 +57,17 @@ class ExtractConfig(_Recorded):
     prune: bool = False  # consent to an update removing most rows, all of them, or the cache's /views
     verify_content: bool = False  # decide "changed" by sha256 of the bytes, not size + mtime
     max_skipped: float = 0.5  # fail when more than this fraction of files is unusable
-    optimize: bool = True  # fastest faithful form (BN folding, channels_last, CUDA fp16); False = reference eager fp32
+    optimize: bool = True  # fastest faithful form (BN folding, channels_last); False = reference eager, NCHW
     compile: str = "auto"  # torch.compile: auto (when the job repays compiling) | on | off
+    amp: str = "auto"  # autocast: auto (CUDA: bf16 where native, else fp16; CPU: off) | bf16 | fp16 | off
     draft: bool = True  # JPEGs decoded at reduced scale (shorter side >= 2x resize) when large enough
     augment: int = 0  # augmented views stored per train-split image (seeded by ``seed``)
     augment_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction range
     augment_flip: float = 0.5  # horizontal flip probability
     augment_rotate: float = 0.0  # max rotation in degrees (uniform in +-this), before the crop
+
+
+SELECT_BY = ("accuracy", "balanced_accuracy", "macro_f1")  # HeadConfig.select_by: what ranks configurations
 
 
 @dataclass(frozen=True)
@@ -88,13 +92,13 @@ class HeadConfig(_Recorded):
     standardize: bool = True
     seed: int = 0
     device: str = "auto"
-    C: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # logreg only: inverse L2 strength (sklearn's C)
+    C: tuple[float, ...] | None = None  # inverse L2 strengths (sklearn's C); None = the head's own path (kinds)
     search: str = "grid"  # grid: every combination | random: --trials samples, lists read as ranges
     trials: int | None = None  # random search only; None = 20
     refit: bool = False  # retrain the winner on train+val (its best epoch count) before testing
     plots: bool = True  # PNG curves, weight norms, confusion matrix and sweep plot beside metrics.json
     layers: tuple[tuple[str, ...], ...] = ()  # layer sets of a multi-layer cache to sweep; () = every column
-    solver: str = "epochs"  # linear head: epochs (mini-batch) | exact (L-BFGS over C) | auto (fit._solver; the CLI default)
+    solver: str = "auto"  # linear head: auto (exact unless --l1, views or an epoch option) | exact (L-BFGS over C) | epochs
     use_augmented: bool | None = None  # train on the cache's augmented views; None = when it has some
     drop_nonfinite: bool = False  # drop rows whose features hold NaN/Inf (default: refuse the cache)
     overwrite: bool = False  # replace an existing run folder (default: refuse to)

@@ -1,24 +1,101 @@
 """Device and thread choices shared by extraction and training."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import glob
 import os
+import warnings
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
-from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.errors import FeatcacheError, FeatcacheWarning
+
+
+def nvidia_gpu_present() -> bool:
+    """Whether the NVIDIA kernel driver knows of a GPU here (whether or not torch can use it)."""
+    return bool(glob.glob("/proc/driver/nvidia/gpus/*") or glob.glob("/dev/nvidia[0-9]*"))
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_probe() -> tuple[bool, str]:
+    """(CUDA usable, why not when this machine has an NVIDIA GPU that torch cannot use; else "").
+
+    Cached: torch decides CUDA's availability once per process and warns about a failed
+    initialisation ("CUDA initialization: ...") only on that first call, so the reason is kept here.
+    A machine without any NVIDIA GPU, or whose GPUs CUDA_VISIBLE_DEVICES hides on purpose, has no
+    reason: the CPU is then the expected device, not a fallback.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+    if available:
+        return True, ""
+    init = [str(w.message) for w in caught if "CUDA initialization" in str(w.message)]
+    if init:
+        return False, " ".join(init[0].split())
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1")
+    if hidden or not nvidia_gpu_present():
+        return False, ""
+    if torch.version.cuda is None:
+        return False, f"an NVIDIA GPU is present but this torch {torch.__version__} was built without CUDA"
+    return False, f"an NVIDIA GPU is present but CUDA {torch.version.cuda} failed to initialise (driver, container?)"
 
 
 def resolve_device(name: str) -> torch.device:
-    """Map ``auto|cpu|cuda[:N]`` to a device, failing clearly when CUDA is asked for but absent."""
+    """Map ``auto|cpu|cuda[:N]`` to a device, failing clearly when CUDA is asked for but absent.
+
+    ``auto`` picks CUDA when usable; when a GPU is present but unusable it says so in one
+    FeatcacheWarning (printed by the CLI as one ``featcache: warning:`` line) and picks the CPU.
+
+    Args:
+        name: the ``device`` option (``--device`` on the command line).
+    Returns:
+        The device; raises FeatcacheError for an unknown name, CUDA without a usable GPU, or a
+        ``cuda:N`` beyond this machine's GPU count.
+    """
+    available, reason = cuda_probe()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FeatcacheError(f"--device {name} requested but no CUDA GPU is available (use --device cpu)")
+        if not available and reason:
+            warnings.warn(f"--device auto: {reason}; running on the CPU", FeatcacheWarning, stacklevel=2)
+        return torch.device("cuda" if available else "cpu")
     try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise FeatcacheError(f"unknown device {name!r} (use auto, cpu or cuda)") from e
+        device = torch.device(name)
+    except RuntimeError:
+        raise FeatcacheError(f"unknown device {name!r} (use auto, cpu or cuda[:N])") from None
+    if device.type == "cuda":
+        if not available:
+            why = f" ({reason})" if reason else ""
+            raise FeatcacheError(f"--device {name} requested but no CUDA GPU is available{why} (use --device cpu)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise FeatcacheError(f"--device {name}: this machine has {count} CUDA GPU{'s' if count != 1 else ''} "
+                                 f"(cuda:0 to cuda:{count - 1})")
+    elif device.type != "cpu":
+        raise FeatcacheError(f"unknown device {name!r} (use auto, cpu or cuda[:N])")
+    return device
+
+
+@contextlib.contextmanager
+def cuda_math(*, deterministic: bool, benchmark: bool, tf32: bool) -> Iterator[None]:
+    """cuDNN/cuBLAS settings for the duration, restored afterwards (they are process-wide).
+
+    Args:
+        deterministic: cuDNN uses only deterministic convolution algorithms.
+        benchmark: cuDNN times candidate algorithms per input shape in this process and keeps the
+            fastest; the pick can differ between processes, so results are not bit-reproducible.
+        tf32: convolutions and float32 matmuls may round their inputs to TF32 (10-bit mantissa)
+            on Ampere and later; False keeps float32 really float32.
+    """
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = deterministic, benchmark, tf32, tf32
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = before
 
 
 def usable_cores() -> int:

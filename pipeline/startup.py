@@ -18,6 +18,10 @@ changes nothing):
   alive at the end of a command, so the collection at interpreter exit does not walk it (1.3 ->
   0.4 s here).
   Reference counting, finalizers and atexit handlers run as usual.
+
+It also keeps PyTorch's own log lines (``W1203 12:00:00.000000 123 torch/...] ...``, "No CUDA
+runtime is found, ...") off the command's stderr, where a user expects featcache's one-line
+messages: ``quiet_library_logs`` (the CLI calls it unless ``--verbose``).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import gc
 import importlib
 import importlib.abc
 import importlib.util
+import os
 import sys
 import types
 from contextlib import contextmanager
@@ -119,3 +124,15 @@ def uninstall() -> None:
 def freeze() -> None:
     """Before the command returns: what is alive now lives until exit; spare the exit collection it."""
     gc.freeze()
+
+
+def quiet_library_logs() -> None:
+    """Only errors from PyTorch's loggers reach stderr, through PyTorch's own settings: its Python
+    logs (``TORCH_LOGS=-all``: every ``torch.*`` logger at ERROR) and its C++ log
+    (``TORCH_CPP_LOG_LEVEL=ERROR``). Both are read when torch is imported, which the CLI does only
+    inside a command, after this runs; a setting the user exported is left as it is. Python
+    warnings are not touched: the CLI shows each as one ``featcache: warning:`` line.
+    """
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    if "torch" not in sys.modules:  # imported already (a test runner): its loggers are the host's business
+        os.environ.setdefault("TORCH_LOGS", "-all")

@@ -246,12 +246,35 @@ def test_failed_compile_falls_back_under_auto_and_is_one_line_error_under_on(mon
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_runner_fp16_autocast_matches_reference(small_batch):
-    bb = build_backbone("resnet18", "none")
+def test_cpu_bf16_autocast_is_asked_for_not_implied(small_batch):
+    """--amp bf16 on the CPU: bf16 autocast (AMX/AVX-512 bf16), still within the faithful tolerance of
+    the fp32 reference, and really another computation than the fp32 default."""
+    bb = build_backbone("resnet18", "none", layer="layer3", pool="avg")
+    randomise_bn_stats(bb.model)
     ref = reference(copy.deepcopy(bb.model), bb.preprocess, small_batch)
-    runner = Runner(bb.model, bb.preprocess, torch.device("cuda"), optimize=True)
-    assert runner.accel.autocast == torch.float16
+    fp32 = Runner(copy.deepcopy(bb.model), bb.preprocess, torch.device("cpu"))
+    bf16 = Runner(bb.model, bb.preprocess, torch.device("cpu"), amp="bf16")
+    assert fp32.accel.autocast is None and bf16.accel.autocast == torch.bfloat16
+    assert "autocast bfloat16" in bf16.accel.describe()
+    with torch.inference_mode():
+        a, b = fp32(small_batch), bf16(small_batch)
+    assert_rows_agree(b, ref)
+    assert not np.array_equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("amp", ["auto", "bf16", "fp16", "off"])
+def test_cuda_runner_matches_reference(small_batch, amp):
+    bb = build_backbone("resnet18", "none")
+    randomise_bn_stats(bb.model)
+    ref = reference(copy.deepcopy(bb.model), bb.preprocess, small_batch)
+    runner = Runner(bb.model, bb.preprocess, torch.device("cuda"), optimize=True, amp=amp)
+    native_bf16 = torch.cuda.get_device_capability()[0] >= 8
+    want = {"auto": torch.bfloat16 if native_bf16 else torch.float16, "bf16": torch.bfloat16,
+            "fp16": torch.float16, "off": None}[amp]
+    assert runner.accel.autocast == want and runner.accel.channels_last and runner.accel.folded_bn > 0
     with torch.inference_mode():
         feats = runner(small_batch.pin_memory())
     assert_rows_agree(feats, ref)
+    if amp == "off":  # fp32 with TF32 off: far closer than the autocast tolerance
+        torch.testing.assert_close(torch.from_numpy(feats), ref, rtol=1e-3, atol=1e-4)

@@ -87,7 +87,7 @@ def test_in_memory_fit_writes_nothing_and_predicts(tmp_path, monkeypatch):
     X, y = X[order], y[order]
     labels = np.array(["cat", "dog", "eel"])[y]
     split = {"train": (X[:60], labels[:60]), "val": (X[60:75], labels[60:75]), "test": (X[75:], labels[75:])}
-    res = featcache.fit_heads(split, epochs=30, lr=1e-2)
+    res = featcache.fit_heads(split, epochs=30, lr=1e-2, device="cpu")  # exact comparisons below: one device
     assert os.listdir(tmp_path) == []  # nothing written anywhere
     assert res.class_names == ["cat", "dog", "eel"]
     assert res.metrics["n_train"] == 60 and res.metrics["n_val"] == 15 and res.metrics["n_test"] == 15
@@ -157,11 +157,11 @@ def _strip_timings(obj):
 
 def test_save_writes_exactly_what_fit_head_writes(digits_cache, tmp_path):
     cache = digits_cache.cache
-    opts = dict(head="mlp", hidden=32, dropout=[0.0, 0.3], lr=1e-2, epochs=8, patience=3)
+    opts = dict(head="mlp", hidden=32, dropout=[0.0, 0.3], lr=1e-2, epochs=8, patience=3, device="cpu")
     res = featcache.fit_heads(cache, **opts)
     files = res.save(tmp_path / "api")
     cli = invoke("fit-head", cache, "-o", tmp_path / "cli", "--head", "mlp", "--hidden", "32", "--dropout",
-                 "0,0.3", "--lr", "1e-2", "--epochs", "8", "--patience", "3", "--json")
+                 "0,0.3", "--lr", "1e-2", "--epochs", "8", "--patience", "3", "--device", "cpu", "--json")
     assert cli.exit_code == 0, cli.stderr
     assert sorted(os.listdir(tmp_path / "api")) == sorted(os.listdir(tmp_path / "cli")) == sorted(files)
     a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("api", "cli"))
@@ -180,7 +180,7 @@ def test_save_writes_exactly_what_fit_head_writes(digits_cache, tmp_path):
 
 def test_load_predicts_from_features_and_from_images(digits_cache, tmp_path):
     cache = featcache.open_cache(digits_cache.cache)
-    res = featcache.fit_heads(cache, epochs=20, lr=1e-2, output=tmp_path / "run")
+    res = featcache.fit_heads(cache, epochs=20, lr=1e-2, output=tmp_path / "run", device="cpu")
     model = featcache.load(tmp_path / "run")
     Xv, yv = cache.arrays("val")
     np.testing.assert_array_equal(model.predict_features(Xv), res.predict(Xv))
@@ -188,7 +188,7 @@ def test_load_predicts_from_features_and_from_images(digits_cache, tmp_path):
     assert (model.predict_features(Xv) == yv).mean() == pytest.approx(res.metrics["val_accuracy"])
     assert (res.predict(Xv) == yv).mean() == pytest.approx(res.metrics["val_accuracy"])
     images = [digits_cache.cache.parent / "images" / p for p in cache.paths("val")[:6]]
-    rows = model.predict(images)
+    rows = model.predict(images, device="cpu")
     assert [r["label"] for r in rows] == [cache.class_names[i] for i in model.predict_features(Xv[:6])]
     with pytest.raises(featcache.FeatcacheError, match="shape"):
         model.predict_features(Xv[:, :10])

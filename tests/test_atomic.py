@@ -8,8 +8,8 @@ import subprocess
 import pytest
 
 from featcache.cache.atomic import (
-    atomic_open, atomic_path, check_writable_parent, ensure_free_space, is_disk_full, temp_path, write_json,
-    write_text,
+    atomic_open, atomic_path, check_output_name, check_replaceable, check_writable_parent, ensure_free_space,
+    is_disk_full, temp_path, write_buffered, write_json, write_text,
 )
 from featcache.cache.errors import CacheError, FeatcacheError
 from smallfs import fill, small_fs  # noqa: F401  (fixture)
@@ -86,6 +86,17 @@ def test_is_disk_full_reads_hdf5_style_messages():
     assert not is_disk_full(ValueError("No space left on device"))
 
 
+def test_is_disk_full_reads_pytorch_writer_messages():
+    """torch.save / jit.save / export.save on a full disk: the zip writer's short-write check."""
+    assert is_disk_full(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"))
+    assert is_disk_full(RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed "
+                                     "writing file data/0: file write failed"))
+    assert is_disk_full(RuntimeError("c10::Error: write failed (errno 28)"))
+    # reading a damaged file goes through the same source file, but is not a full disk
+    assert not is_disk_full(RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central "
+                                         "directory (inline_container.cc)"))
+
+
 def test_check_writable_parent(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(FeatcacheError, match="is a file"):
@@ -108,3 +119,43 @@ def test_check_writable_parent_read_only(tmp_path, small_fs):
         ro.mkdir(mode=0o555)
         with pytest.raises(FeatcacheError, match="not writable"):
             check_writable_parent(ro / "p.csv")
+
+
+def test_check_output_name_probes_the_longest_temporary_name(tmp_path):
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    extra = len(temp_path(tmp_path / "x").name) - 1  # ".x.tmp-PID" is this much longer than "x"
+    check_output_name(tmp_path / ("a" * (limit - extra)))  # fits exactly: no error
+    with pytest.raises(FeatcacheError, match=f"at most {limit - extra} bytes") as e:
+        check_output_name(tmp_path / ("a" * (limit - extra + 1)), "run folder")
+    assert str(e.value).startswith("run folder name") and "\n" not in str(e.value)
+    with pytest.raises(FeatcacheError, match="folder does not exist"):
+        check_output_name(tmp_path / "missing" / "c.h5")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FeatcacheError, match="is a file, not a folder"):
+        check_output_name(tmp_path / "afile" / "c.h5")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # every probe removed
+
+
+def test_check_output_name_on_a_read_only_mount(small_fs):
+    mnt = small_fs(64)
+    if subprocess.run(["mount", "-o", "remount,ro", str(mnt)]).returncode != 0:
+        pytest.skip("cannot remount the tmpfs read-only")
+    with pytest.raises(FeatcacheError, match="output folder is not writable: .*Read-only file system"):
+        check_output_name(mnt / "c.h5")
+
+
+def test_check_replaceable_refuses_read_only_files_only(tmp_path):
+    f = tmp_path / "c.h5"
+    check_replaceable(f)  # nothing there
+    f.write_text("x")
+    check_replaceable(f)
+    f.chmod(0o444)
+    with pytest.raises(FeatcacheError, match=r"cache .*c\.h5 is read-only \(mode 0444\)"):
+        check_replaceable(f, "cache")
+    check_replaceable(tmp_path)  # a folder is not this check's business
+
+
+def test_write_buffered_writes_what_the_callable_wrote(tmp_path):
+    n = write_buffered(tmp_path / "b.bin", lambda fh: fh.write(b"abc" * 1000))
+    assert n == 3000 and (tmp_path / "b.bin").read_bytes() == b"abc" * 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.bin"]

@@ -183,7 +183,7 @@ def test_a_diverging_configuration_is_ranked_last_as_failed_never_saved(cache, t
     assert s["leaderboard"][0]["status"] == "ok" and s["params"]["lr"] == 1e-2
     lb = json.loads((tmp_path / "run" / "leaderboard.json").read_text())
     assert lb[-1]["status"] == "failed"
-    r = invoke("fit-head", cache, "-o", tmp_path / "bad", "--lr", "1e30", "--epochs", "3", "--device", "cpu")
+    r = invoke("fit-head", cache, "-o", tmp_path / "bad", "--solver", "epochs", "--lr", "1e30", "--epochs", "3", "--device", "cpu")
     assert_one_line_error(r, "diverged")
     assert not (tmp_path / "bad").exists()
 

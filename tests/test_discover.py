@@ -156,3 +156,35 @@ def test_a_relative_or_slashed_root_names_the_same_files(tree, request, monkeypa
         assert discover(spelling).records == expected, spelling
     monkeypatch.chdir(root)
     assert discover(".").records == expected and discover("./").records == expected
+
+
+def test_two_class_names_for_one_real_folder_is_one_line(tmp_path):
+    """``ln -s digit_1 digit_9`` used to drop both classes without a word (each was walked without
+    entering its sibling, which was itself)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "root"
+    for name in ("digit_0", "digit_1"):
+        save_image(root / name / "x.png", noisy_image((1, 2, 3), rng))
+    os.symlink("digit_1", root / "digit_9")
+    with pytest.raises(FeatcacheError) as e:
+        discover(root)
+    msg = str(e.value)
+    assert "'digit_1' and 'digit_9'" in msg and "one folder" in msg and "\n" not in msg
+
+
+def test_one_real_folder_in_two_splits_is_one_line(tmp_path):
+    rng = np.random.default_rng(0)
+    save_image(tmp_path / "train" / "cat" / "1.png", noisy_image((1, 2, 3), rng))
+    (tmp_path / "val").mkdir()
+    os.symlink(tmp_path / "train" / "cat", tmp_path / "val" / "cat")  # its images would be in train and val
+    with pytest.raises(FeatcacheError, match="'train/cat' and 'val/cat'"):
+        discover(tmp_path)
+
+
+def test_class_folder_linked_to_the_root_is_one_line(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "root"
+    save_image(root / "a" / "x.png", noisy_image((1, 2, 3), rng))
+    os.symlink(".", root / "everything")
+    with pytest.raises(FeatcacheError, match="'everything' .* the image folder itself"):
+        discover(root)

@@ -84,3 +84,76 @@ def test_torchrun_with_augmented_views_equals_single_process(small_tree_ro, tmp_
     with h5py.File(ref, "r") as a, h5py.File(tmp_path / "dist.h5", "r") as b:
         np.testing.assert_array_equal(a["views"][...], b["views"][...])
         assert a.attrs["augment_fingerprint"] == b.attrs["augment_fingerprint"] != ""
+
+
+# ---- CUDA ranks (NCCL), checked without a GPU: the checks run before any CUDA call --------------
+
+def _torchrun_env(monkeypatch, rank: int, world: int, per_node: int) -> None:
+    env = {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": rank % per_node, "LOCAL_WORLD_SIZE": per_node}
+    for k, v in env.items():
+        monkeypatch.setenv(k, str(v))
+
+
+def _no_process_group(monkeypatch, calls: dict) -> None:
+    import torch
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.update(init=kw))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.update(set_device=i))
+
+
+def test_more_cuda_ranks_than_gpus_is_one_line_error_before_joining(monkeypatch):
+    import torch
+
+    from featcache.pipeline.errors import FeatcacheError
+    from featcache.pipeline.extraction import distributed
+
+    calls: dict = {}
+    _torchrun_env(monkeypatch, rank=3, world=4, per_node=4)
+    _no_process_group(monkeypatch, calls)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(FeatcacheError, match="torchrun started 4 processes on this node but it has 2 CUDA GPUs "
+                                             r"\(local rank 3 has none\): use --nproc-per-node 2") as e:
+        distributed.init("cuda")
+    assert "\n" not in str(e.value) and calls == {}  # refused before set_device or joining the group
+
+
+def test_too_many_ranks_reach_the_cli_as_one_line(monkeypatch, small_tree_ro, tmp_path):
+    import torch
+
+    from featcache.pipeline import device as device_mod
+
+    calls: dict = {}
+    _torchrun_env(monkeypatch, rank=1, world=2, per_node=2)
+    _no_process_group(monkeypatch, calls)
+    device_mod.cuda_probe.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _d=None: (9, 0))
+    try:
+        res = invoke("extract", small_tree_ro, "-o", tmp_path / "c.h5", *FAST, "--device", "cuda")
+    finally:
+        device_mod.cuda_probe.cache_clear()
+    from conftest import assert_one_line_error
+
+    assert_one_line_error(res, "torchrun started 2 processes", "1 CUDA GPU ", "--nproc-per-node 1")
+    assert calls == {} and not (tmp_path / "c.h5").exists()
+
+
+def test_nccl_group_is_bound_to_the_rank_gpu_so_barriers_need_not_guess(monkeypatch):
+    import torch
+
+    from featcache.pipeline.extraction import distributed
+
+    calls: dict = {}
+    _torchrun_env(monkeypatch, rank=5, world=8, per_node=4)
+    _no_process_group(monkeypatch, calls)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    ctx = distributed.init("cuda")
+    assert (ctx.rank, ctx.world_size, ctx.local_rank) == (5, 8, 1)
+    assert calls["set_device"] == 1
+    assert calls["init"]["backend"] == "nccl" and calls["init"]["device_id"] == torch.device("cuda", 1)
+    calls.clear()
+    distributed.init("cpu")  # gloo: no GPU to bind
+    assert calls["init"]["backend"] == "gloo" and "device_id" not in calls["init"] and "set_device" not in calls

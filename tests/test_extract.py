@@ -74,9 +74,9 @@ def forward_counter(monkeypatch):
 
 
 def leftovers(out: Path) -> list[str]:
-    """Temporary files or journal folders left beside a cache."""
-    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(out.name) and p.name not in
-                  (out.name, out.name + ".lock"))
+    """Temporary files, journal folders or lock files (``.NAME.lock``) left beside a cache."""
+    return sorted(p.name for p in out.parent.iterdir()
+                  if p.name.startswith((out.name, f".{out.name}")) and p.name != out.name)
 
 
 # ---- fresh and incremental extraction -----------------------------------------------------------

@@ -19,6 +19,9 @@ def test_finetune_trains_saves_and_predicts(fast_run, split_tree_ro, tmp_path):
                 "frozen_head_val_accuracy"):
         assert key in m, key
     assert m["trainable_blocks"] == 1 and 0 <= m["best_epoch"] <= 2 and len(m["history"]) >= 1
+    assert m["decode_workers"] == 0 and m["precision"] == "fp32"  # CPU default: decoding takes turns with compute
+    if m["best_epoch"]:  # scored where and how it trained: the val score is the best epoch's own
+        assert m["val_accuracy"] == pytest.approx(m["history"][m["best_epoch"] - 1]["val_accuracy"])
     # epoch 0 competes, so fine-tuning never ends worse on val loss than the frozen-feature head
     assert m["val_accuracy"] >= m["frozen_head_val_accuracy"] - 1e-9 or m["best_epoch"] > 0
     state = torch.load(ft / "model.pt", weights_only=True)
@@ -96,3 +99,38 @@ def test_save_finetuned_writes_each_file_whole_or_not_at_all(tmp_path, monkeypat
     model_mod.save_finetuned(tmp_path / "ft", nn.Linear(2, 2), {"x": 1})
     assert sorted(p.name for p in (tmp_path / "ft").iterdir()) == sorted([model_mod.FT_WEIGHTS, model_mod.FT_META])
     assert set(torch.load(tmp_path / "ft" / model_mod.FT_WEIGHTS, weights_only=True)) == {"weight", "bias"}
+
+
+def test_decode_workers_default_feeds_a_gpu_from_worker_processes(monkeypatch):
+    from featcache.pipeline import device as device_mod
+    from featcache.pipeline.use.finetune import decode_workers
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for cores, want in ((16, 15), (3, 2), (2, 1), (1, 1)):
+        monkeypatch.setattr(device_mod, "usable_cores", lambda c=cores: c)
+        assert decode_workers(cuda, None) == want, cores  # the main process only feeds the GPU
+        assert decode_workers(cpu, None) == 0  # training threads already hold every core
+    assert decode_workers(cuda, 0) == 0 and decode_workers(cpu, 3) == 3  # --workers is obeyed
+
+
+def test_loaders_pin_memory_and_keep_workers_for_the_gpu(fast_run, split_tree_ro):
+    from featcache.pipeline.extraction.discover import discover
+    from featcache.pipeline.extraction.preprocess import imagenet_default
+    from featcache.pipeline.use.finetune import FinetuneConfig, TransformedFiles, _loader
+
+    disc = discover(split_tree_ro)
+    spec = imagenet_default("test")
+    ds = TransformedFiles(disc.root, [r.path for r in disc.records], spec, spec.transform())
+    labels = torch.tensor([r.label for r in disc.records])
+    cfg = FinetuneConfig("x", "y", "z", batch_size=4)
+    dl = _loader(ds, [0, 1, 2], labels, cfg, False, workers=1, pin=True, persistent=True)
+    assert dl.num_workers == 1 and dl.pin_memory and dl.persistent_workers
+    dl = _loader(ds, [0, 1, 2], labels, cfg, False, workers=0, pin=False, persistent=True)
+    assert dl.num_workers == 0 and not dl.pin_memory and not dl.persistent_workers  # nothing to keep
+    x, y = next(iter(dl))
+    assert x.shape == (3, 3, spec.crop_size, spec.crop_size) and y.tolist() == labels[:3].tolist()
+
+
+def test_finetune_negative_workers_is_one_line_error(fast_run, split_tree_ro, tmp_path):
+    assert_one_line_error(invoke("finetune", split_tree_ro, "--from", fast_run, "-o", tmp_path / "x",
+                                 "--workers", "-1"), "--workers")

@@ -57,11 +57,11 @@ def test_every_kind_saves_loads_and_predicts_what_it_predicted(name, splits, tmp
 
 
 def test_knn_sweeps_every_k_from_one_neighbour_search(splits, monkeypatch):
-    from featcache.pipeline.heads.kinds import knn
+    from featcache.pipeline.heads import similarity as sim
 
     calls = []
-    real = knn.neighbours
-    monkeypatch.setattr(knn, "neighbours", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
+    real = sim.neighbours
+    monkeypatch.setattr(sim, "neighbours", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
     s = featcache.fit_heads(splits, head="knn", k=[1, 5, 20], knn_voting=["temperature", "majority"])
     assert sorted((r["k"], r["knn_voting"]) for r in s.leaderboard) == sorted(
         (k, v) for k in (1, 5, 20) for v in ("temperature", "majority"))
@@ -120,9 +120,9 @@ def test_knn_and_centroid_refuse_cv_and_options_they_cannot_use(splits):
     for head in ("knn", "centroid"):
         with pytest.raises(FeatcacheError, match="trains nothing"):
             featcache.fit_heads(splits, head=head, cv=3)
-    with pytest.raises(FeatcacheError, match="--k 0"):
+    with pytest.raises(FeatcacheError, match="invalid value: k 0"):
         featcache.fit_heads(splits, head="knn", k=[0, 5])
-    with pytest.raises(FeatcacheError, match="--knn-voting 'nope'"):
+    with pytest.raises(FeatcacheError, match="knn_voting 'nope'"):
         featcache.fit_heads(splits, head="knn", knn_voting="nope")
 
 
@@ -193,7 +193,7 @@ def test_select_by_balanced_accuracy_ranks_by_it():
     s = featcache.fit_heads(_imbalanced(), head="linear", C=[1e-4, 1e-3, 1e-2, 1.0], select_by="balanced_accuracy")
     vals = [r["val_balanced_accuracy"] for r in s.leaderboard]
     assert vals == sorted(vals, reverse=True)
-    with pytest.raises(FeatcacheError, match="--select-by 'nope'"):
+    with pytest.raises(FeatcacheError, match="select_by 'nope'"):
         featcache.fit_heads(_imbalanced(), select_by="nope")
 
 
@@ -206,3 +206,35 @@ def test_class_weight_is_refused_where_it_cannot_apply():
         featcache.fit_heads(_imbalanced(), head="linear", class_weight={"zebra": 2.0})
     with pytest.raises(FeatcacheError, match="^class_weight takes"):
         featcache.fit_heads(_imbalanced(), head="linear", class_weight=3)
+
+
+# ------------------------------------------------------------------ model selection for the exact probe
+def test_exact_probe_cv_matches_scikit_learns_pipeline_per_c():
+    """cv=5 on the default linear head: folds x C in one stack, each fold standardised on its own rows."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    data = _imbalanced()
+    X, y = data["train"]
+    cs = [0.01, 0.1, 1.0]
+    s = featcache.fit_heads(data, head="linear", C=cs, cv=5)
+    assert all(r["solver"] == "exact" and r["cv_folds"] == 5 for r in s.leaderboard)
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+    for r in s.leaderboard:
+        ref = cross_val_score(make_pipeline(StandardScaler(), LogisticRegression(C=r["C"], max_iter=1000)), X, y,
+                              cv=folds).mean()
+        assert abs(r["cv_accuracy_mean"] - ref) <= 0.01, (r["C"], r["cv_accuracy_mean"], ref)
+    best = s.leaderboard[0]  # refitted on every train row and scored on the splits
+    assert best["refit_rows"] == 700 and best["val_accuracy"] is not None
+    assert s.metrics["cv"]["cv_folds"] == 5
+
+
+def test_exact_probe_learning_curve_trains_each_size_as_a_row_weight():
+    s = featcache.fit_heads(_imbalanced(), head="linear", C=[0.1, 1.0], train_sizes=[10, 30])
+    sizes = {(r["train_size"], r["C"]) for r in s.leaderboard}
+    assert sizes == {(n, c) for n in (10, 30, "all") for c in (0.1, 1.0)}
+    assert s.leaderboard[0]["train_size"] == "all"  # the saved head is trained on every train row
+    small = [r for r in s.leaderboard if r["train_size"] == 10]
+    assert all(r["n_train_rows"] == 30 for r in small)  # 10 per class, 3 classes

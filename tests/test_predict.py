@@ -74,7 +74,9 @@ def test_predict_bad_inputs_are_one_line_errors(run_dir, tmp_path):
 
 def test_predict_float16_cache_rounds_like_the_cache(split_tree_ro, tmp_path):
     cache = tmp_path / "f16.h5"
-    assert invoke("extract", split_tree_ro, "-o", cache, *FAST, "--dtype", "float16", "--workers", "0").exit_code == 0
+    # extracted on the CPU like the prediction below: equality holds within one device and precision
+    assert invoke("extract", split_tree_ro, "-o", cache, *FAST, "--dtype", "float16", "--workers", "0",
+                  "--device", "cpu").exit_code == 0
     metrics = _fit(cache, tmp_path / "run16")
     res = invoke("predict", tmp_path / "run16", split_tree_ro / "val", "--json", "--device", "cpu")
     preds = res.json()["predictions"]
@@ -94,7 +96,7 @@ def test_evaluate_matches_and_refuses_mismatches(run_dir, split_cache, flat_cach
 def test_evaluate_refuses_other_fingerprint_or_classes(run_dir, split_tree_ro, split_cache, tmp_path):
     other = tmp_path / "seed1.h5"  # same architecture and dim, different random init -> other fingerprint
     assert invoke("extract", split_tree_ro, "-o", other, "--backbone", "resnet18", "--weights", "none",
-                  "--seed", "1", "--workers", "0").exit_code == 0
+                  "--seed", "1", "--workers", "0", "--device", "cpu").exit_code == 0
     assert_one_line_error(invoke("evaluate", run_dir, other), "fingerprint")
     import shutil
 
@@ -104,5 +106,5 @@ def test_evaluate_refuses_other_fingerprint_or_classes(run_dir, split_tree_ro, s
             shutil.copytree(split_tree_ro / split / cls, two / split / cls)
     cache2 = tmp_path / "two.h5"
     assert invoke("extract", two, "-o", cache2, "--backbone", "resnet18", "--weights", "none",
-                  "--workers", "0").exit_code == 0
+                  "--workers", "0", "--device", "cpu").exit_code == 0
     assert_one_line_error(invoke("evaluate", run_dir, cache2), "classes")

@@ -52,3 +52,19 @@ def test_the_cli_process_runs_a_command_and_exits_cleanly(tmp_path):
     """cli.main installs the finder and freezes the collector at the end; --help must still be clean."""
     out = subprocess.run([sys.executable, "-m", "featcache.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "extract" in out.stdout and out.stderr == ""
+
+
+def test_quiet_library_logs_sets_pytorchs_own_switches_and_keeps_the_users(monkeypatch):
+    """The effect on a real command's stderr is tested in test_never_destroy_extract.py."""
+    import os
+
+    from featcache.pipeline import startup
+
+    monkeypatch.delenv("TORCH_LOGS", raising=False)
+    monkeypatch.setenv("TORCH_CPP_LOG_LEVEL", "INFO")  # the user's choice wins
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # as in the CLI, before a command imports torch
+    startup.quiet_library_logs()
+    assert os.environ["TORCH_LOGS"] == "-all" and os.environ["TORCH_CPP_LOG_LEVEL"] == "INFO"
+    monkeypatch.setenv("TORCH_LOGS", "+dynamo")
+    startup.quiet_library_logs()
+    assert os.environ["TORCH_LOGS"] == "+dynamo"

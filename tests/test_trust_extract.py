@@ -174,7 +174,7 @@ def test_corrupt_feature_chunk_fails_to_read_with_one_line(small_tree, tmp_path)
     _corrupt_first_chunk(out, "features")
     with pytest.raises(CacheError, match="corrupt.*checksum"):
         read_cache(out)
-    line = assert_one_line_error(invoke("fit-head", out, "-o", tmp_path / "run", "--epochs", "1", "--device", "cpu"),
+    line = assert_one_line_error(invoke("fit-head", out, "-o", tmp_path / "run", "--solver", "epochs", "--epochs", "1", "--device", "cpu"),
                                  "corrupt", "checksum")
     assert str(out) in line
     # an incremental update that would copy the corrupt rows says so too, and keeps the file

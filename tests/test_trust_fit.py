@@ -43,7 +43,7 @@ def test_non_finite_features_are_refused_with_the_first_paths(cache, tmp_path, s
 
 def test_drop_nonfinite_leaves_the_rows_out_and_says_so(cache, tmp_path):
     _poison(cache, 1, np.inf)
-    code, out, err = run_cli("fit-head", cache, "-o", tmp_path / "run", "--drop-nonfinite", "--epochs", "5", "--json")
+    code, out, err = run_cli("fit-head", cache, "-o", tmp_path / "run", "--drop-nonfinite", "--solver", "epochs", "--epochs", "5", "--json")
     assert code == 0, err
     s = json.loads(out)
     assert s["n_train"] == 59 and s["config"]["drop_nonfinite"] is True
@@ -97,7 +97,7 @@ def test_existing_run_folder_is_replaced_only_with_overwrite_and_then_whole(cach
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # untouched
     s = fit(cache, run, "--epochs", "3", "--no-plots", "--overwrite")
     assert sorted(p.name for p in run.iterdir()) == sorted(s["files"])  # no stale sweep.png or curves
-    assert not any(p.name.startswith(".run.") and p.name != ".run.lock" for p in tmp_path.iterdir())
+    assert not any(p.name.startswith(".run.") for p in tmp_path.iterdir())  # no temporary, no lock file
 
 
 def test_second_fit_head_into_one_run_folder_is_refused_while_the_first_holds_the_lock(cache, tmp_path):
@@ -114,6 +114,7 @@ def test_second_fit_head_into_one_run_folder_is_refused_while_the_first_holds_th
         holder.kill()
         holder.wait()
     fit(cache, run, "--epochs", "2")  # released by the dead holder
+    assert not (tmp_path / ".run.lock").exists()  # the lock file it left is taken over and removed
 
 
 def test_fit_head_killed_between_writes_leaves_the_old_run_intact(cache, tmp_path):

@@ -6,17 +6,30 @@ tests/test_accel.py checks cosine similarity >= 0.999 per feature row against th
 CPU  : batch norm folded into the preceding convolution (one conv instead of conv + a full pass
        over the activations), weights and activations in channels_last (oneDNN's native NHWC
        layout, no reorders), optionally torch.compile (inductor, weights frozen) when the job is
-       large enough to repay compiling. fp32 throughout.
-CUDA : the same plus fp16 autocast, uint8 batches copied from pinned memory without blocking and
-       normalised on the GPU (a quarter of the bytes of a float batch cross the bus).
+       large enough to repay compiling. fp32 unless ``--amp bf16`` asks for bf16 autocast.
+CUDA : the same plus autocast (``--amp``: bf16 where the GPU runs it natively, else fp16; ``off``
+       is true fp32, TF32 disabled), uint8 batches copied from pinned memory without blocking and
+       normalised on the GPU (a quarter of the bytes of a float batch cross the bus), features
+       copied back into pinned memory without blocking while the next batch is queued
+       (``Runner.stream``).
+
+Reproducibility. The device type and autocast precision are part of the cache fingerprint
+(``precision_record``): rows computed on the CPU and on a GPU, or in fp32 and bf16, never mix in
+one cache. Within one precision a resumed or torchrun extraction is bit-equal to an uninterrupted
+one on the CPU (fixed thread count, device.compute_threads) and on CUDA, where cuDNN runs only
+deterministic algorithms chosen without per-process autotuning (``cudnn.benchmark`` stays off),
+provided the GPU model and the library versions are the same. ``--compile`` keeps its form across
+a resume (decided from the whole job), but inductor's kernels are not promised bit-equal to eager.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import sys
 import time
 from dataclasses import dataclass, replace
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -24,6 +37,8 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from featcache.cache.fingerprint import fingerprint
+from featcache.pipeline.device import cuda_math
 from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.extraction.preprocess import PreprocessSpec
 
@@ -42,14 +57,95 @@ COMPILE_MODES = ("auto", "on", "off")
 # there decoding usually bounds throughput, so compiling is left to large jobs or --compile on.
 COMPILE_MIN_IMAGES = {"cpu": 10_000, "cuda": 50_000}
 
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The precision of a cache that records none: every cache written before featcache recorded the
+# precision counts as CPU fp32, so those caches (and a CPU re-run) keep their fingerprint.
+CPU_FP32 = {"device_type": "cpu", "amp": "off"}
+FP16_MAX = 65504.0  # largest finite float16
+
+
+def resolve_amp(amp: str, device: torch.device, optimize: bool = True) -> str:
+    """``--amp`` on ``device`` -> the autocast precision used: "bf16", "fp16" or "off".
+
+    auto: off on the CPU (features stay fp32) and with --no-optimize (the reference); on CUDA bf16
+    where the GPU runs it natively (compute capability 8.0+: Ampere, Hopper, ...), whose fp32 range
+    cannot overflow, else fp16.
+
+    Args:
+        amp: the ``amp`` option (auto, bf16, fp16 or off); device: where the backbone runs;
+        optimize: the ``optimize`` option.
+    Returns:
+        The resolved mode; FeatcacheError for an unknown mode, or fp16 on the CPU.
+    """
+    if amp not in AMP_MODES:
+        raise FeatcacheError(f"unknown --amp {amp!r}: choose auto, bf16, fp16 or off")
+    if amp == "auto":
+        if device.type != "cuda" or not optimize:
+            return "off"
+        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    if amp == "fp16" and device.type != "cuda":
+        raise FeatcacheError("--amp fp16 needs a CUDA device; on the CPU use --amp bf16 or --amp off")
+    return amp
+
+
+def precision_record(device: torch.device, amp: str) -> dict:
+    """How the features are computed: ``{"device_type": "cpu"|"cuda", "amp": "off"|"bf16"|"fp16"}``
+    (``amp`` as resolve_amp resolved it)."""
+    return {"device_type": device.type, "amp": amp}
+
+
+def precision_identity(record: dict) -> dict:
+    """What the precision adds to the cache identity (what the fingerprint covers): nothing for
+    CPU fp32, so caches made before the record existed keep their fingerprint; else ``{"precision": record}``."""
+    return {} if record == CPU_FP32 else {"precision": dict(record)}
+
+
+def recorded_precision(description: Mapping | None) -> dict:
+    """The precision record in a cache's ``description`` attribute (none recorded: CPU fp32)."""
+    rec = (description or {}).get("precision")
+    return dict(rec) if isinstance(rec, Mapping) else dict(CPU_FP32)
+
+
+def _precision_words(rec: Mapping) -> tuple[str, str]:
+    """(how it reads in a sentence, the flags that reproduce it)."""
+    if rec["device_type"] == "cpu":
+        return ("on the CPU in fp32", "--device cpu") if rec["amp"] == "off" else \
+            (f"on the CPU with {rec['amp']} autocast", f"--device cpu --amp {rec['amp']}")
+    how = "in fp32" if rec["amp"] == "off" else f"with {rec['amp']} autocast"
+    return f"on {rec['device_type'].upper()} {how}", f"--device {rec['device_type']} --amp {rec['amp']}"
+
+
+def precision_conflict(old_attrs: Mapping, base_identity: dict, record: dict) -> str | None:
+    """Why rows computed as ``record`` may not join the cache whose attributes are ``old_attrs``.
+
+    Answers only for a cache this run would extend but for the precision (its fingerprint is
+    that of ``base_identity`` under its own recorded precision); None when the precisions agree
+    or something else differs too (the caller's message names that).
+
+    Args:
+        old_attrs: the existing cache's attributes; base_identity: this run's identity without the
+        precision (extract.cache_identity); record: this run's precision_record.
+    """
+    old = recorded_precision(old_attrs.get("description"))
+    if old == record or fingerprint({**base_identity, **precision_identity(old)}) != old_attrs.get("fingerprint"):
+        return None
+    was, flags = _precision_words(old)
+    if "precision" not in (old_attrs.get("description") or {}):
+        was += " (it records no precision: a CPU cache, or a GPU one made before featcache recorded it)"
+    return (f"was extracted {was} and this run would add rows computed {_precision_words(record)[0]}; rows of "
+            f"two precisions never mix in one cache: re-run with {flags} to update it, or pass --overwrite "
+            "to re-extract every image")
+
 
 @dataclass(frozen=True)
 class Accel:
-    """How the backbone runs; reported in the extract summary (never part of the fingerprint)."""
+    """How the backbone runs; reported in the extract summary. Of it only the precision is part of
+    the fingerprint (precision_record); layout, folding and compiling are not."""
 
     channels_last: bool  # NHWC activations and weights
     folded_bn: int = 0  # batch norms folded into convolutions
-    autocast: torch.dtype | None = None  # CUDA mixed precision; None = fp32
+    autocast: torch.dtype | None = None  # autocast dtype (--amp); None = fp32 (TF32 off)
     compiled: bool = False  # torch.compile (inductor)
     pad_to: int | None = None  # compiled: every call is padded to this many rows (one static shape)
     compile_seconds: float = 0.0  # compiling + the first batch
@@ -184,6 +280,22 @@ class Normalizer:
         return x if self.channels_last else x.contiguous()
 
 
+class _Pending:
+    """One batch's features, on their way to the host (CUDA) or already there (CPU)."""
+
+    def __init__(self, runner: "Runner", u8: torch.Tensor | None, host, done=None):
+        self.runner, self.u8, self.host, self.done = runner, u8, host, done
+
+    def result(self) -> np.ndarray:
+        """Features (N, D) float32 on the host; waits for the GPU only here."""
+        if self.done is not None:
+            self.done.synchronize()  # the copy into pinned memory has landed
+        out = self.host.numpy() if isinstance(self.host, torch.Tensor) else self.host
+        if self.runner.amp == "fp16" and not np.isfinite(out).all():
+            self.runner.check_fp16_overflow(self.u8)
+        return out
+
+
 class Runner:
     """The backbone in its fast form: ``runner(u8 batch) -> features (N, D) float32 numpy``.
 
@@ -191,25 +303,27 @@ class Runner:
     on ``model`` itself keep firing and ``model`` is what runs.
 
     Args:
-        optimize: BN folding + channels_last (+ fp16 autocast and cuDNN autotuning on CUDA);
-            False runs the reference: eager fp32, NCHW.
+        optimize: BN folding + channels_last; False runs the reference: eager, NCHW.
         compile_model: torch.compile the trunk now (its cost is timed and reported).
         compile_fallback: if compiling fails, run uncompiled (--compile auto) instead of raising.
         batch_size: compiled calls are padded to this many images.
+        amp: autocast precision (``--amp``: auto, bf16, fp16 or off; see resolve_amp). Whatever it
+            is, TF32 stays off and cuDNN runs deterministic algorithms without autotuning, so the
+            same batch gives the same bits in every process (a resume, a torchrun rank).
     """
 
     def __init__(self, model: nn.Module, spec: PreprocessSpec, device: torch.device, optimize: bool = True,
-                 compile_model: bool = False, batch_size: int = 64, compile_fallback: bool = False):
+                 compile_model: bool = False, batch_size: int = 64, compile_fallback: bool = False,
+                 amp: str = "auto"):
         self.model = model.eval().to(device)
+        self.device = device
         folded = 0
         if optimize:
             model.trunk, folded = fold_batchnorm(model.trunk)
             model.to(device=device, memory_format=torch.channels_last)
         self.normalize = Normalizer(spec, device, channels_last=optimize)
-        autocast = torch.float16 if optimize and device.type == "cuda" else None
-        if autocast is not None:
-            torch.backends.cudnn.benchmark = True  # fixed shapes: time the conv algorithms once
-        self.accel = Accel(optimize, folded, autocast)
+        self.amp = resolve_amp(amp, device, optimize)
+        self.accel = Accel(optimize, folded, AMP_DTYPES.get(self.amp))
         if compile_model:
             self._compile(spec, batch_size, compile_fallback)
 
@@ -230,14 +344,99 @@ class Runner:
             return
         self.accel = replace(self.accel, compile_seconds=time.perf_counter() - t0)
 
-    def __call__(self, u8: torch.Tensor) -> np.ndarray:
-        """uint8 (N, H, W, 3) -> features (N, D) float32 on the CPU. Call under inference_mode."""
+    def _forward(self, u8: torch.Tensor, autocast: torch.dtype | None) -> torch.Tensor:
+        """uint8 (N, H, W, 3) -> features (N, D) float32 on the device (queued, not waited for)."""
         n, pad_to = u8.shape[0], self.accel.pad_to
         if pad_to is not None and n < pad_to:  # compiled: one static shape, no recompiles for short batches
             u8 = torch.cat([u8, u8.new_zeros((pad_to - n, *u8.shape[1:]))])
         x = self.normalize(u8)
-        amp = (torch.autocast(x.device.type, dtype=self.accel.autocast) if self.accel.autocast is not None
-               else contextlib.nullcontext())
-        with amp:
+        amp = torch.autocast(x.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+        # Algorithms are picked when an op is queued, so the settings need only cover the queuing.
+        with cuda_math(deterministic=True, benchmark=False, tf32=False), amp:
             feats = self.model(x)
-        return feats[:n].float().cpu().numpy()
+        return feats[:n].float()
+
+    def submit(self, u8: torch.Tensor) -> _Pending:
+        """Queue one batch; ``.result()`` of the answer gives its features. Call under inference_mode.
+
+        CUDA: the features are copied into pinned host memory without blocking, so the host can
+        queue the next batch before this one finishes. CPU: computed now."""
+        feats = self._forward(u8, self.accel.autocast)
+        if feats.device.type != "cuda":
+            return _Pending(self, u8, feats.numpy())
+        host = torch.empty(feats.shape, dtype=torch.float32, pin_memory=True)
+        stream = torch.cuda.current_stream(feats.device)  # the device's own, also when it is not the current device
+        host.copy_(feats, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)  # after the copy
+        return _Pending(self, u8, host, done)
+
+    def __call__(self, u8: torch.Tensor) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> features (N, D) float32 on the CPU. Call under inference_mode."""
+        return self.submit(u8).result()
+
+    def stream(self, batches: Iterable[tuple[Any, torch.Tensor | None]],
+               phases: dict | None = None) -> Iterator[tuple[Any, np.ndarray | None]]:
+        """``(tag, u8 batch or None)`` -> ``(tag, features or None)``, in order. Call under inference_mode.
+
+        CUDA: batch b+1 is queued on the GPU before batch b's features are waited for, so the GPU
+        does not idle while the host checks and stores a batch (one blocking copy per batch did
+        that). CPU: each batch is computed (``self(u8)``) when it arrives.
+
+        Args:
+            batches: tagged uint8 batches (None: nothing usable in it).
+            phases: if given, "decode_s" += seconds spent waiting for ``batches`` and "compute_s"
+                += seconds spent queuing the backbone and waiting for its features.
+        """
+        lag = 1 if self.device.type == "cuda" else 0
+        held: collections.deque = collections.deque()
+        clock = _PhaseClock(phases)
+        it = iter(batches)
+        while True:
+            with clock("decode_s"):
+                item = next(it, None)
+            if item is None:
+                break
+            tag, u8 = item
+            with clock("compute_s"):
+                held.append((tag, None if u8 is None else self.submit(u8) if lag else _Pending(self, None, self(u8))))
+            while len(held) > lag:
+                yield self._collect(held.popleft(), clock)
+        while held:
+            yield self._collect(held.popleft(), clock)
+
+    @staticmethod
+    def _collect(entry: tuple, clock: "_PhaseClock") -> tuple[Any, np.ndarray | None]:
+        tag, pending = entry
+        with clock("compute_s"):
+            return tag, None if pending is None else pending.result()
+
+    def check_fp16_overflow(self, u8: torch.Tensor | None) -> None:
+        """Raise the ``--amp`` advice if fp32 computes finite features where fp16 autocast did not
+        (activations beyond fp16's range); otherwise return and let the caller report the
+        non-finite features as the backbone's own (its --weights, its --layer)."""
+        if u8 is None:
+            return
+        with torch.inference_mode():
+            ref = self._forward(u8, None).cpu().numpy()
+        if np.isfinite(ref).all():
+            raise FeatcacheError(
+                f"fp16 autocast overflowed: the backbone's activations exceed fp16's range (+-{FP16_MAX:g}) and the "
+                "features came out non-finite, while fp32 computes them finite; re-run with --amp bf16 (or --amp off "
+                "for fp32); the cache is unchanged")
+
+
+class _PhaseClock:
+    """Adds the seconds spent inside ``with clock(name):`` to ``phases[name]`` (no-op without phases)."""
+
+    def __init__(self, phases: dict | None):
+        self.phases = phases
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.phases is not None:
+                self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0

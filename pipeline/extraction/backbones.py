@@ -96,6 +96,43 @@ def load_state_dict_file(path: str) -> dict:
     return obj
 
 
+def _mismatch(own: dict, state: dict) -> list[str]:
+    """What keeps ``state`` from loading into a model whose state_dict is ``own``, tensor by tensor."""
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    out = []
+    if wrong:
+        k = wrong[0]
+        out.append(f"{len(wrong)} tensor(s) of another shape (first {k}: file {tuple(state[k].shape)}, "
+                   f"model {tuple(own[k].shape)})")
+    if missing:
+        out.append(f"{len(missing)} missing from the file (first {missing[0]})")
+    if extra:
+        out.append(f"{len(extra)} the model does not have (first {extra[0]})")
+    return out
+
+
+def load_into(model: nn.Module, state: dict, path: str, name: str) -> None:
+    """``model.load_state_dict(state, strict=True)``; a mismatch is one line naming the tensors
+    (PyTorch's own message starts with "Error(s) in loading state_dict for ResNet:" and names them
+    only on the lines after it).
+
+    Args:
+        path: the weights file (for the message); name: the backbone as the user gave it.
+    Raises:
+        FeatcacheError: a tensor is missing, extra or of another shape.
+    """
+    problems = _mismatch(model.state_dict(), state)
+    if problems:
+        raise FeatcacheError(f"{path} does not fit {name}: {'; '.join(problems)}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # anything the key and shape comparison did not foresee
+        why = " ".join(" ".join(str(e).split("\n")[:3]).split())[:300]
+        raise FeatcacheError(f"{path} does not fit {name}: {why}") from None
+
+
 def _torchvision(name: str, weights: str, seed: int) -> tuple[nn.Module, PreprocessSpec, str]:
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise FeatcacheError(
@@ -109,10 +146,7 @@ def _torchvision(name: str, weights: str, seed: int) -> tuple[nn.Module, Preproc
         from featcache.pipeline.extraction.timm_zoo import load_weights_file
 
         model = torchvision.models.get_model(name, weights=None)
-        try:
-            model.load_state_dict(load_weights_file(weights), strict=True)
-        except RuntimeError as e:
-            raise FeatcacheError(f"{weights} does not fit {name}: {str(e).splitlines()[0]}") from None
+        load_into(model, load_weights_file(weights), weights, name)
         return model, imagenet_default("imagenet default (weights file)"), f"sha256:{file_sha256(weights)}"
     enum = torchvision.models.get_model_weights(name)
     try:

@@ -106,11 +106,39 @@ def _scandir(path: Path) -> list[os.DirEntry]:
     try:
         return sorted(os.scandir(path), key=lambda e: e.name)
     except OSError as e:
-        raise FeatcacheError(f"image folder {display_name(path)} cannot be read ({e.strerror or e})") from None
+        raise FeatcacheError(f"image folder {quoted(path)} cannot be read ({e.strerror or e})") from None
 
 
 def _subdirs(path: Path) -> list[str]:
     return [e.name for e in _scandir(path) if e.is_dir() and not e.name.startswith(".")]
+
+
+def quoted(path: str | os.PathLike) -> str:
+    """A path for a message, quoted so leading/trailing spaces and control characters show."""
+    return repr(display_name(path))
+
+
+def _check_one_folder_per_class(root: Path, base: Path, class_dirs: dict[str, str], above: set[str],
+                                owner: dict[str, str]) -> None:
+    """One line of error when a class folder is the image folder itself, or is the same real folder
+    as another class folder (``ln -s digit_1 digit_9``): its images would need two labels, or two
+    splits, and walking each class without entering its siblings would silently drop both.
+
+    Args:
+        class_dirs: class name -> real path, for the class folders of ``base``.
+        above: real paths of the root and of ``base``.
+        owner: real path -> relative spelling of the class folders seen so far (updated).
+    """
+    for name, real in class_dirs.items():
+        rel = Path(os.path.relpath(base / name, root)).as_posix()
+        if real in above:
+            raise FeatcacheError(f"class folder {quoted(rel)} under {quoted(root)} is a link to "
+                                 f"{quoted(real)}, the image folder itself; remove the link")
+        if real in owner:
+            raise FeatcacheError(
+                f"class folders {quoted(owner[real])} and {quoted(rel)} under {quoted(root)} are one folder "
+                f"({quoted(real)}), so its images would have two labels; remove the link or copy the folder")
+        owner[real] = rel
 
 
 def discover(root: str | os.PathLike) -> Discovery:
@@ -125,19 +153,21 @@ def discover(root: str | os.PathLike) -> Discovery:
     """
     root = Path(root)
     if not root.exists():
-        raise FeatcacheError(f"image folder not found: {root}")
+        raise FeatcacheError(f"image folder not found: {quoted(root)}")
     if not root.is_dir():
-        raise FeatcacheError(f"not a folder: {root}")
+        raise FeatcacheError(f"image folder {quoted(root)} is not a folder")
     top_dirs = _subdirs(root)
     split_dirs = [s for s in SPLITS if s in top_dirs]
     groups = [(s, root / s) for s in split_dirs] if split_dirs else [("train", root)]
 
     raw: list[tuple[str, str | None, str]] = []  # (relpath, class name or None, split)
     unreadable: list[tuple[str, str]] = []  # (folder, reason)
+    owner: dict[str, str] = {}  # real path of each class folder -> its first spelling, relative to root
     for split, base in groups:
         entries = [e for e in _scandir(base) if not e.name.startswith(".")]
         class_dirs = {e.name: os.path.realpath(e.path) for e in entries if e.is_dir()}
         above = {os.path.realpath(root), os.path.realpath(base)}
+        _check_one_folder_per_class(root, base, class_dirs, above, owner)
         for entry in entries:
             if entry.is_dir():
                 # Each class is walked on its own and never enters the root or a sibling class, so a
@@ -156,7 +186,7 @@ def discover(root: str | os.PathLike) -> Discovery:
     if not raw:
         why = f"; skipped {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise FeatcacheError(
-            f"no images found under {display_name(root)} (expected {display_name(root)}/<class>/<image>, "
+            f"no images found under {quoted(root)} (expected {display_name(root)}/<class>/<image>, "
             f"extensions {', '.join(IMAGE_EXTENSIONS)}){why}"
         )
     class_names = tuple(sorted({c for _, c, _ in raw if c is not None}))

@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from featcache.pipeline.errors import FeatcacheError
+
 # Ranks wait at the barrier while the slowest rank finishes its shard: allow a long extraction.
 BARRIER_TIMEOUT = timedelta(hours=int(os.environ.get("FEATCACHE_DIST_TIMEOUT_H", "12")))
 
@@ -40,15 +42,33 @@ def launched_by_torchrun() -> bool:
 
 
 def init(device_kind: str) -> DistContext:
-    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPU); single process otherwise."""
+    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPU); single process otherwise.
+
+    Args:
+        device_kind: the resolved device's type, "cuda" or "cpu".
+    Returns:
+        This process's place in the job; FeatcacheError (one line) when this node runs more CUDA
+        ranks than it has GPUs.
+    """
     if not launched_by_torchrun():
         return DistContext()
     ctx = DistContext(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
         backend = "nccl" if device_kind == "cuda" else "gloo"
+        options: dict = {}
         if backend == "nccl":
+            gpus = torch.cuda.device_count()
+            if ctx.local_rank >= gpus:
+                per_node = os.environ.get("LOCAL_WORLD_SIZE", str(ctx.local_rank + 1))
+                raise FeatcacheError(
+                    f"torchrun started {per_node} processes on this node but it has {gpus} CUDA GPU"
+                    f"{'s' if gpus != 1 else ''} (local rank {ctx.local_rank} has none): use --nproc-per-node "
+                    f"{gpus} or fewer, or --device cpu")
             torch.cuda.set_device(ctx.local_rank)
-        dist.init_process_group(backend=backend, timeout=BARRIER_TIMEOUT)
+            # Binding the rank's GPU to the group lets NCCL collectives (barrier) know their device
+            # instead of guessing it, and warning that they guess.
+            options["device_id"] = torch.device("cuda", ctx.local_rank)
+        dist.init_process_group(backend=backend, timeout=BARRIER_TIMEOUT, **options)
     return ctx
 
 

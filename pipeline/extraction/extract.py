@@ -21,7 +21,8 @@ from featcache.cache.journal import Journal, Part
 from featcache.cache.lock import cache_lock
 from featcache.cache.store import SCHEMA_VERSION, CacheWriter, read_cache
 from featcache.pipeline.extraction.augment import recipe_of
-from featcache.pipeline.extraction.accel import COMPILE_MODES, Runner, compile_wanted, heap_reuse
+from featcache.pipeline.extraction.accel import (COMPILE_MODES, Runner, compile_wanted, heap_reuse, precision_conflict,
+                                                  precision_identity, precision_record, recorded_precision, resolve_amp)
 from featcache.pipeline.extraction.backbones import Backbone, build_backbone
 from featcache.pipeline.config import ExtractConfig
 from featcache.pipeline.device import compute_threads, decode_layout, resolve_device
@@ -34,7 +35,8 @@ from featcache.pipeline.extraction.images import IMAGE_POLICY
 from featcache.pipeline.extraction.loader import ImageFiles, decode_batches, draft_min_side
 from featcache.pipeline.extraction.plan import Plan, batches_of, check_consent, make_plan, space_needed
 from featcache.pipeline.extraction.quickcheck import quick_attrs
-from featcache.cache.atomic import ensure_free_space
+from featcache.cache.atomic import check_replaceable, ensure_free_space, real_path
+from featcache.pipeline.extraction.output import cache_target
 from featcache.cache.saver import PartSaver
 from featcache.pipeline.extraction.views import Views, split_rows, write_views
 
@@ -53,6 +55,7 @@ class Job:
     views: Views
     identity: dict
     fp: str
+    target: Path  # the cache's real path: a symlinked cache is written through, and stays a symlink
 
 
 def _check(cfg: ExtractConfig) -> None:
@@ -67,11 +70,8 @@ def _check(cfg: ExtractConfig) -> None:
     if not 0.0 <= cfg.max_skipped <= 1.0:
         raise FeatcacheError("--max-skipped must be a fraction between 0 and 1")
     recipe_of(cfg)  # its one-line errors, before any work
-    if Path(cfg.output).is_dir():
-        raise FeatcacheError(f"output {cfg.output} is a folder; give a cache file path such as {cfg.output}/cache.h5")
-    parent = Path(cfg.output).resolve().parent
-    if not parent.is_dir():
-        raise FeatcacheError(f"output folder does not exist: {parent}")
+    # a folder, a missing or read-only folder, a name too long: now, not after the whole extraction
+    check_replaceable(cache_target(cfg.output), "cache")  # a read-only cache is refused, never replaced
 
 
 def cache_identity(bb: Backbone, dtype: str, draft: bool = True) -> dict:
@@ -79,14 +79,15 @@ def cache_identity(bb: Backbone, dtype: str, draft: bool = True) -> dict:
 
     ``jpeg_draft_min_side``: JPEGs whose shorter side is at least twice this were decoded at a
     reduced scale (null: always fully decoded); it changes the pixels the backbone sees.
-    Speed-only choices (--optimize, --compile, --workers, --batch-size) are not part of it.
+    Speed-only choices (--optimize, --compile, --workers, --batch-size) are not part of it; the
+    device type and autocast precision are (accel.precision_identity, added by the caller).
     """
     return {**bb.description, "preprocess": bb.preprocess.to_dict(), "image_policy": IMAGE_POLICY,
             "jpeg_draft_min_side": draft_min_side(bb.preprocess, draft), "dtype": dtype,
             "schema_version": SCHEMA_VERSION}
 
 
-def _previous_cache(cfg: ExtractConfig, fp: str):
+def _previous_cache(cfg: ExtractConfig, fp: str, base_identity: dict, precision: dict):
     """The existing cache at the output path if its rows can be reused, else None."""
     out = Path(cfg.output)
     if not out.exists():
@@ -96,16 +97,27 @@ def _previous_cache(cfg: ExtractConfig, fp: str):
     except FeatcacheError as e:
         if cfg.overwrite:
             return None
-        raise FeatcacheError(f"{e}; pass --overwrite to replace it") from None
+        advice = "" if "--overwrite" in str(e) else "; pass --overwrite to replace it"  # said once, and it works
+        raise FeatcacheError(f"{e}{advice}") from None
     if old.fingerprint != fp:
         if cfg.overwrite:
             return None
+        conflict = precision_conflict(old.attrs, base_identity, precision)
+        if conflict:  # the same features but for the device/precision: never mix rows of two precisions
+            raise FeatcacheError(f"{out} {conflict}")
         was = {k: old.attrs.get(k) for k in ("backbone", "weights", "layer", "pool", "dtype")}
         raise FeatcacheError(
             f"{out} was built with a different configuration ({', '.join(f'{k}={v}' for k, v in was.items())}); "
             "pass --overwrite to replace it"
         )
     return old
+
+
+def _any_usable(dataset: ImageFiles, batches: list[list[int]]) -> bool:
+    """Whether any image of ``batches`` decodes, tried in order and stopping at the first that does
+    (normally the first image): compiling costs tens of seconds, for nothing when every file is
+    unreadable."""
+    return any(dataset[i][1] is not None for batch in batches for i in batch)
 
 
 def _run_backbone(job: Job, *, device: torch.device, journal: Journal, ctx: DistContext,
@@ -128,16 +140,17 @@ def _run_backbone(job: Job, *, device: torch.device, journal: Journal, ctx: Dist
     # Decided from the whole planned job, not from what is left of it, so a resumed run computes
     # with the same form as an uninterrupted one (identical features).
     # Counted in backbone rows: with --augment each train image costs 1 + V of them.
-    compile_model = bool(pending) and compile_wanted(cfg.compile, device, sum(views.rows(i) for i in plan.compute))
+    dataset = ImageFiles(disc.root, [r.path for r in disc.records], bb.preprocess, cfg.draft, views.recipe,
+                         frozenset(i for i in plan.compute if views.wants(i)))
+    compile_model = (bool(pending) and compile_wanted(cfg.compile, device, sum(views.rows(i) for i in plan.compute))
+                     and _any_usable(dataset, [batches[b] for b in pending]))
     t_setup = time.perf_counter()
     # Not overlapped with decoding: BN folding traces with torch.fx, which patches nn.Module.__call__
     # process-wide, so decoding threads running torchvision transforms meanwhile would be traced too.
     runner = Runner(bb.model, bb.preprocess, device, cfg.optimize, compile_model, cfg.batch_size,
-                    compile_fallback=cfg.compile == "auto")
+                    compile_fallback=cfg.compile == "auto", amp=recorded_precision(job.identity)["amp"])
     phases = {"setup_s": time.perf_counter() - t_setup, "decode_s": 0.0, "compute_s": 0.0}
     layout = decode_layout(device, cfg.workers)
-    dataset = ImageFiles(disc.root, [r.path for r in disc.records], bb.preprocess, cfg.draft, views.recipe,
-                         frozenset(i for i in plan.compute if views.wants(i)))
     loader = decode_batches(dataset, [batches[b] for b in pending], layout.processes, layout.threads,
                             pin_memory=device.type == "cuda", prefetch=layout.prefetch)
     bar = tqdm(total=sum(len(batches[b]) for b in pending), unit="img",
@@ -148,20 +161,21 @@ def _run_backbone(job: Job, *, device: torch.device, journal: Journal, ctx: Dist
     finished = False
     try:
         with torch.inference_mode(), heap_reuse(cfg.optimize and device.type == "cpu"):
-            t = time.perf_counter()
-            for n, (b, (_, x, reasons)) in enumerate(zip(pending, loader)):
+            # On CUDA the runner queues batch b+1 before waiting for batch b's features; it adds the
+            # seconds spent waiting for batches (decode_s) and for the backbone (compute_s) to phases.
+            work = (((b, reasons), x) for b, (_, x, reasons) in zip(pending, loader))
+            for n, ((b, reasons), feats) in enumerate(runner.stream(work, phases)):
                 t1 = time.perf_counter()
-                phases["decode_s"] += t1 - t  # waiting for the batch (all of its decoding when alternating)
-                feats = runner(x) if x is not None else np.zeros((0, bb.feature_dim), np.float32)
+                feats = feats if feats is not None else np.zeros((0, bb.feature_dim), np.float32)
                 firsts, view_feats = split_rows(feats, batches[b], reasons, views)
                 parts[b] = Part(keys[b], firsts, reasons, view_feats)
                 saver.save(b, parts[b])
                 bar.update(len(reasons))
-                t = time.perf_counter()
-                phases["compute_s"] += t - t1
+                phases["compute_s"] += time.perf_counter() - t1
                 if n + 1 == crash_after and os.environ.get("FEATCACHE_TEST_CRASH_RANK", str(ctx.rank)) == str(ctx.rank):
                     saver.close()  # exactly n + 1 parts committed, as when they were saved inline
-                    os.kill(os.getpid(), 9)
+                    # SIGKILL by default; FEATCACHE_TEST_CRASH_SIGNAL=15 tests SIGTERM, decode workers running
+                    os.kill(os.getpid(), int(os.environ.get("FEATCACHE_TEST_CRASH_SIGNAL", "9")))
         finished = True
     finally:
         getattr(loader, "close", lambda: None)()  # stop decoding threads now, not at garbage collection
@@ -201,7 +215,7 @@ def _assemble(job: Job, old, computed: dict) -> dict:
             f"{len(skipped)} of {n_files} files are unusable (more than --max-skipped {cfg.max_skipped}); "
             f"first: {skipped[0][0]}: {skipped[0][1]}"
         )
-    writer = CacheWriter(cfg.output, len(row_of), bb.feature_dim, cfg.dtype, views.n,
+    writer = CacheWriter(job.target, len(row_of), bb.feature_dim, cfg.dtype, views.n,
                          view_rows=sum(1 for i in row_of if views.wants(i)))
     try:
         # A part's features hold only its usable images: position j maps to feature row pos[j].
@@ -210,7 +224,7 @@ def _assemble(job: Job, old, computed: dict) -> dict:
         new_rows = {row_of[i]: (part.features, int(usable_pos[id(part)][j]))
                     for i, (part, j) in computed.items() if i in row_of}
         write_feature_rows(writer, len(row_of), bb.feature_dim, cfg.dtype, new_rows,
-                           {row_of[i]: r for i, r in plan.reuse.items()}, cfg.output if plan.reuse else None)
+                           {row_of[i]: r for i, r in plan.reuse.items()}, job.target if plan.reuse else None)
         if views.n:
             write_views(writer, cfg, bb, plan, computed, row_of, views)
         order = sorted(row_of, key=row_of.get)
@@ -254,6 +268,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict | None:
     _check(cfg)
     disc = discover(cfg.image_dir)
     device = resolve_device(cfg.device)
+    resolve_amp(cfg.amp, device, cfg.optimize)  # its one-line errors, before any work
     ctx = dist_init(device.type)
     try:
         return _extract(cfg, disc, device=device, ctx=ctx, progress=progress and ctx.is_main, t0=t0)
@@ -269,27 +284,30 @@ def _extract(cfg: ExtractConfig, disc: Discovery, *, device: torch.device, ctx: 
     if threads is not None:  # ranks on one node share its cores (device.cores_per_process)
         torch.set_num_threads(threads)
     bb = build_backbone(cfg.backbone, cfg.weights, cfg.layer, cfg.pool, cfg.seed)
-    identity = cache_identity(bb, cfg.dtype, cfg.draft)
+    base_identity = cache_identity(bb, cfg.dtype, cfg.draft)
+    precision = precision_record(device, resolve_amp(cfg.amp, device, cfg.optimize))
+    identity = {**base_identity, **precision_identity(precision)}  # CPU fp32 adds nothing: old caches match
     fp = fingerprint(identity)
     out = Path(cfg.output)
+    target = real_path(out)  # locked and written through; ``out`` stays as spelled (a symlink stays one)
     # Only rank 0 locks and assembles; the other ranks are held together by barriers.
     with cache_lock(out) if ctx.is_main else nullcontext():
         if ctx.is_main:
-            for stale in out.parent.glob(f"{glob.escape(out.name)}.tmp-*"):  # left by a killed run; we hold the lock
+            for stale in target.parent.glob(f"{glob.escape(target.name)}.tmp-*"):  # left by a killed run; we hold the lock
                 stale.unlink(missing_ok=True)
-        old = _previous_cache(cfg, fp)
+        old = _previous_cache(cfg, fp, base_identity, precision)
         views = Views(recipe_of(cfg), disc, fp)
         plan = make_plan(disc, old, cfg.verify_content, views.wants if views.n else None,
                          old is not None and old.attrs.get("augment_fingerprint", "") == views.fingerprint)
         views_dropped = check_consent(plan, old, out, old_views=old.n_views if old else 0, new_views=views.n,
                                       prune=cfg.prune or cfg.overwrite)  # destructive updates need consent
-        ensure_free_space(out, space_needed(plan, len(plan.reuse) + len(plan.compute), bb.feature_dim, cfg.dtype,
+        ensure_free_space(target, space_needed(plan, len(plan.reuse) + len(plan.compute), bb.feature_dim, cfg.dtype,
                                             views.rows if views.n else None))  # a full disk: one line, before work
-        journal = Journal(out, views.fingerprint or fp)  # parts hold views too when there are any
+        journal = Journal(target, views.fingerprint or fp)  # parts hold views too when there are any
         if ctx.is_main:
             journal.open()
         barrier(ctx)  # the journal exists before any rank writes to it
-        job = Job(cfg, bb, disc, plan, views, identity, fp)
+        job = Job(cfg, bb, disc, plan, views, identity, fp, target)
         t1 = time.perf_counter()
         computed, resumed, speed = _run_backbone(job, device=device, journal=journal, ctx=ctx, progress=progress)
         compute_s = time.perf_counter() - t1

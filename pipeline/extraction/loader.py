@@ -13,6 +13,8 @@ Every source yields exactly the planned batches, in order (fixed composition mak
 """
 from __future__ import annotations
 
+import functools
+import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +29,7 @@ from torchvision.transforms import InterpolationMode
 from featcache.pipeline.extraction.augment import AugmentRecipe, make_view
 from featcache.pipeline.extraction.images import UnreadableImage, load_rgb
 from featcache.pipeline.extraction.preprocess import PreprocessSpec
+from featcache.pipeline.signals import die_with_parent
 
 DRAFT_FACTOR = 2  # JPEG draft decodes to a shorter side >= 2x the resize target, then resizes as usual
 
@@ -94,6 +97,13 @@ def collate(items) -> Batch:
     return indices, batch, reasons
 
 
+def _worker_init(parent_pid: int, worker_id: int) -> None:
+    """In each decode worker: die with the extract that forked it (an interrupted or killed run
+    leaves no orphan decoding for seconds). The cache lock is not inherited: cache/lock.py closes
+    its descriptor in every forked child."""
+    die_with_parent(parent_pid)
+
+
 def make_loader(dataset: ImageFiles, batches: list[list[int]], workers: int, pin_memory: bool) -> DataLoader:
     """Decode in ``workers`` processes; each yielded batch is exactly one of ``batches``
     (fixed composition makes resume exact)."""
@@ -105,7 +115,20 @@ def make_loader(dataset: ImageFiles, batches: list[list[int]], workers: int, pin
         pin_memory=pin_memory,
         prefetch_factor=2 if workers > 0 else None,  # 2 batches per worker: enough to hide jitter
         persistent_workers=False,
+        worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers > 0 else None,
     )
+
+
+def process_batches(loader: DataLoader) -> Iterator[Batch]:
+    """``loader``'s batches; closing the generator (an error, an interrupt) stops its worker
+    processes now, not whenever the iterator is garbage-collected."""
+    it = iter(loader)
+    try:
+        yield from it
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)  # torch's own shutdown of the worker pool
+        if shutdown is not None:
+            shutdown()
 
 
 def threaded_batches(dataset: ImageFiles, batches: list[list[int]], threads: int, prefetch: int = 2,
@@ -148,5 +171,5 @@ def decode_batches(dataset: ImageFiles, batches: list[list[int]], workers: int, 
                    pin_memory: bool, prefetch: int = 2) -> Iterator[Batch]:
     """Batches in order: from ``workers`` processes if > 0, else from ``threads`` threads here."""
     if workers > 0:
-        return iter(make_loader(dataset, batches, workers, pin_memory))
+        return process_batches(make_loader(dataset, batches, workers, pin_memory))
     return threaded_batches(dataset, batches, threads, prefetch, pin_memory=pin_memory)

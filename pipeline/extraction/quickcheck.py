@@ -26,6 +26,7 @@ from pathlib import Path
 from featcache.pipeline.config import ExtractConfig
 from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.extraction.discover import IMG_EXTENSIONS, discover
+from featcache.pipeline.extraction.output import cache_target
 from featcache.pipeline.extraction.plan import make_plan
 
 # Distributions whose code shapes the features or the file (torch kernels, torchvision models and
@@ -113,7 +114,13 @@ def up_to_date(cfg: ExtractConfig) -> dict | None:
     out = Path(cfg.output)
     if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1":  # torchrun: ranks decide together
         return None
-    if not out.is_file() or _leftovers(out):
+    if not out.is_file():
+        return None
+    try:
+        target = cache_target(cfg.output)  # a symlinked cache: its journal and temporaries lie where it points
+    except FeatcacheError:
+        return None  # the full run says why, before any work
+    if _leftovers(target):
         return None
     from featcache.cache.lock import cache_lock
     from featcache.cache.store import read_cache

@@ -193,11 +193,10 @@ def build_timm(backbone: str, weights: str, seed: int) -> tuple[nn.Module, Prepr
         model = _create(spec, pretrained=False)
         identity = f"random(seed={seed})"
     else:
+        from featcache.pipeline.extraction.backbones import load_into
+
         model = _create(spec, pretrained=False)
-        try:
-            model.load_state_dict(load_weights_file(weights), strict=True)
-        except RuntimeError as e:
-            raise FeatcacheError(f"{weights} does not fit {spec.name}: {str(e).splitlines()[0]}") from None
+        load_into(model, load_weights_file(weights), weights, spec.name)
         identity = f"sha256:{file_sha256(weights)}"
     # timm's config reads the pretrained tag's input size; a model built @SIZE must use that size.
     cfg = resolve_model_data_config(model, args={"img_size": spec.img_size} if spec.img_size else None)

@@ -1,8 +1,13 @@
 """``HeadClassifier``: a fit-head head as a scikit-learn estimator (Pipeline, GridSearchCV, cross_val_score).
 
-It trains exactly what one fit-head configuration trains (``train.train_many`` on standardised
-features, the same stacked head, optimizer and early stopping), with fit-head's hyperparameter
-names, and passes scikit-learn's own estimator checks (tests/test_estimator.py).
+It trains exactly what one fit-head configuration trains, with fit-head's hyperparameter names,
+and passes scikit-learn's own estimator checks with its defaults (tests/test_estimator.py). As in
+fit-head, a linear head (``hidden=()``) is the exact probe (scikit-learn's LogisticRegression(C)
+objective, heads/exact.py) unless an epoch option is given (``lr``, ``weight_decay``, ``l1``,
+``optimizer``, ``momentum``, ``max_iter``, ``batch_size``, ``early_stopping``) or
+``solver="epochs"``: those default to None, meaning "not given", and take fit-head's defaults
+when epochs train (``train.train_many`` on standardised features, the same stacked head,
+optimizer and early stopping).
 
 Why no sweep estimator here: a scikit-learn search (GridSearchCV) fits one configuration per call,
 which is what this class is for; featcache's batched sweep, which trains many configurations per
@@ -46,15 +51,22 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
         standardize: z-score features with training statistics (fit-head's default).
         random_state: seeds initialisation, data order, dropout and the hold-out.
         device: cpu | cuda | auto.
+        C: inverse L2 strength of the exact probe (scikit-learn's C; a linear head without epoch options).
+        solver: auto (exact for a linear head without epoch options) | exact | epochs.
+        Epoch options left None take fit-head's defaults: weight_decay 1e-4, l1 0, optimizer adam,
+        lr 1e-3, momentum 0.9, max_iter (epochs) 100, batch_size 256, early_stopping False.
 
     Attributes (after fit):
         classes_, n_features_in_, head_ (torch nn.Sequential on standardised features),
         mean_, scale_ (standardisation, or None), n_iter_ (the kept epoch), history_ (per epoch).
     """
 
-    def __init__(self, hidden=(), dropout=0.0, weight_decay=1e-4, l1=0.0, batchnorm=False, optimizer="adam",
-                 lr=1e-3, momentum=0.9, max_iter=100, batch_size=256, early_stopping=False,
-                 validation_fraction=0.1, n_iter_no_change=10, standardize=True, random_state=None, device="cpu"):
+    def __init__(self, hidden=(), dropout=0.0, weight_decay=None, l1=None, batchnorm=False, optimizer=None,
+                 lr=None, momentum=None, max_iter=None, batch_size=None, early_stopping=None,
+                 validation_fraction=0.1, n_iter_no_change=10, standardize=True, random_state=None, device="cpu",
+                 C=1.0, solver="auto"):
+        self.C = C
+        self.solver = solver
         self.hidden = hidden
         self.dropout = dropout
         self.weight_decay = weight_decay
@@ -72,15 +84,35 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.device = device
 
+    EPOCH_DEFAULTS = {"weight_decay": 1e-4, "l1": 0.0, "optimizer": "adam", "lr": 1e-3, "momentum": 0.9,
+                      "max_iter": 100, "batch_size": 256, "early_stopping": False}
+
+    def _epoch(self, name: str):
+        """An epoch option: as given, or fit-head's default when left None."""
+        value = getattr(self, name)
+        return self.EPOCH_DEFAULTS[name] if value is None else value
+
+    def _solver(self, hidden: tuple[int, ...]) -> str:
+        given = [n for n in self.EPOCH_DEFAULTS if getattr(self, n) is not None]
+        if self.solver not in ("auto", "exact", "epochs"):
+            raise ValueError(f"invalid solver={self.solver!r}: choose auto, exact or epochs")
+        if self.solver == "exact" and (hidden or given):
+            raise ValueError(f"solver='exact' solves a linear L2 probe: it takes hidden=() and no "
+                             f"{', '.join(given) or 'hidden layers'}")
+        if self.solver == "epochs" or hidden or given:
+            return "epochs"
+        return "exact"
+
     def _check_params(self) -> tuple[int, ...]:
         hidden = (self.hidden,) if isinstance(self.hidden, (int, np.integer)) else tuple(self.hidden)
         hidden = tuple(int(h) for h in hidden if h != 0)
+        wd, l1, lr, mom = (self._epoch(n) for n in ("weight_decay", "l1", "lr", "momentum"))
         checks = {
             "hidden": all(h > 0 for h in hidden), "dropout": 0 <= self.dropout < 1,
-            "weight_decay": np.isfinite(self.weight_decay) and self.weight_decay >= 0,
-            "l1": np.isfinite(self.l1) and self.l1 >= 0, "optimizer": self.optimizer in OPTIMIZERS,
-            "lr": np.isfinite(self.lr) and self.lr > 0, "momentum": 0 <= self.momentum < 1,
-            "max_iter": int(self.max_iter) >= 1, "batch_size": int(self.batch_size) >= 1,
+            "weight_decay": np.isfinite(wd) and wd >= 0, "l1": np.isfinite(l1) and l1 >= 0,
+            "optimizer": self._epoch("optimizer") in OPTIMIZERS, "lr": np.isfinite(lr) and lr > 0,
+            "momentum": 0 <= mom < 1, "max_iter": int(self._epoch("max_iter")) >= 1,
+            "batch_size": int(self._epoch("batch_size")) >= 1, "C": np.isfinite(self.C) and self.C > 0,
             "validation_fraction": 0 < self.validation_fraction < 1, "n_iter_no_change": int(self.n_iter_no_change) >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
@@ -103,18 +135,24 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
         if self.standardize:
             self.mean_, self.scale_ = zscore_stats(X)  # fit-head's own statistics
             X = (X - self.mean_) / self.scale_
-        rows = np.arange(len(X))
-        val = None
-        if self.early_stopping:
-            rows, val, _ = hold_out(rows, y_idx, self.validation_fraction, seed)
         dev = resolve_device(self.device)
         Xt, yt = torch.from_numpy(X).to(dev), torch.from_numpy(y_idx.astype(np.int64)).to(dev)
+        if self._solver(hidden) == "exact":
+            from featcache.pipeline.heads.exact import fit_exact
+
+            res = fit_exact([float(self.C)], Xt, yt, len(self.classes_))[0]
+            self.head_, self.n_iter_, self.history_ = res.head, res.n_iter, []
+            return self
+        rows = np.arange(len(X))
+        val = None
+        if self._epoch("early_stopping"):
+            rows, val, _ = hold_out(rows, y_idx, self.validation_fraction, seed)
         params = HeadParams(hidden=hidden, dropout=float(self.dropout) if hidden else 0.0,
-                            batchnorm=bool(self.batchnorm) and bool(hidden), weight_decay=float(self.weight_decay),
-                            l1=float(self.l1), optimizer=self.optimizer, lr=float(self.lr),
-                            momentum=float(self.momentum), seed=seed)
-        settings = TrainSettings(int(self.max_iter), int(self.batch_size),
-                                 int(self.n_iter_no_change) if self.early_stopping else 0)
+                            batchnorm=bool(self.batchnorm) and bool(hidden), weight_decay=float(self._epoch("weight_decay")),
+                            l1=float(self._epoch("l1")), optimizer=self._epoch("optimizer"), lr=float(self._epoch("lr")),
+                            momentum=float(self._epoch("momentum")), seed=seed)
+        settings = TrainSettings(int(self._epoch("max_iter")), int(self._epoch("batch_size")),
+                                 int(self.n_iter_no_change) if self._epoch("early_stopping") else 0)
         tr = torch.as_tensor(rows, device=dev)
         vl = torch.as_tensor(val, device=dev) if val is not None else None
         data = TrainData(Xt[tr], yt[tr], len(self.classes_), Xt[vl] if vl is not None else None,

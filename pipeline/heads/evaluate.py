@@ -13,7 +13,7 @@ from featcache.pipeline.heads.data import labeled_split_rows
 from featcache.pipeline.device import resolve_device
 from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.heads.headio import StandardizedHead, input_dim, load_head
-from featcache.pipeline.heads.metrics import score
+from featcache.pipeline.heads.metrics import per_class, predict_proba, score
 
 
 def check_head_cache(meta: dict, cache: FeatureCache, head_path: str) -> None:
@@ -42,9 +42,15 @@ def run_evaluate(head_path: str, cache_path: str, device: str = "auto") -> dict:
     X = torch.from_numpy(cache.features.astype(np.float32)).to(dev)
     y = torch.from_numpy(cache.labels).to(dev)
     out: dict = {"head": str(head_path), "cache": str(cache_path)}
+    # a folder without train/val/test sub-folders puts every row in "train": say "all", not "train"
+    no_splits = not any(p.startswith(("train/", "val/", "test/")) for p in cache.paths)
     for split, idx in labeled_split_rows(cache.split, cache.labels).items():
+        split = "all" if no_splits and split == "train" else split
         rows = torch.as_tensor(idx, device=dev)
         s = score(model, X[rows], y[rows])
         if s:
-            out[f"{split}_accuracy"], out[f"{split}_loss"], out[f"n_{split}"] = s["accuracy"], s["loss"], len(rows)
+            out.update({f"{split}_{m}": s[m] for m in ("accuracy", "loss", "balanced_accuracy", "macro_f1")})
+            out[f"n_{split}"] = len(rows)
+            pred = predict_proba(model, X[rows]).argmax(1).cpu().numpy()
+            out[f"{split}_per_class"] = per_class(y[rows].cpu().numpy(), pred, list(meta["class_names"]))
     return out

@@ -19,19 +19,31 @@ both). C values are solved in ascending order, two per pass (a second head costs
 solution and its curvature pairs. A C stops at sklearn's own test, max |df/dtheta| <= 1e-4, and
 only once L-BFGS also expects less than 1e-6 * f of further decrease (lbfgs.GAP): the gradient
 alone let warm starts and nearly separable rows stop well above the minimum.
+
+Robustness (issue 24): columns constant under the row weights (dead ReLU channels) have weight 0
+at the optimum, whatever C (their gradient is their value times the intercept's, 0 there), so they
+are left out of the solve and get weight 0 in the head; Sigma's eigh falls back to float64, then
+jitter, then a scalar H0 (lbfgs.safe_eigh). What was done is the result's ``note``.
+Precision (issue 26): the stopping tests need full float32 matmuls, so every solve pins them
+(``full_fp32``) whatever torch.set_float32_matmul_precision says process-wide, and restores it.
+Folds (``fit_exact_folds``): a fold is a row weight; every fold x C is a head of one stack.
+Streaming: X may be a heads.source.RowSource (row chunks); every pass over X loops over chunks.
 """
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
 from featcache.pipeline.errors import FeatcacheError
-from featcache.pipeline.heads.lbfgs import MAX_PRECOND_DIM, History, Preconditioner, lbfgs
+from featcache.pipeline.heads.lbfgs import MAX_PRECOND_DIM, History, Preconditioner, lbfgs, sigma_step
 from featcache.pipeline.heads.logreg import ABSENT_CLASS_BIAS, LogregResult
+from featcache.pipeline.heads.source import ColumnSubset, RowSource, TensorSource
 
 # 10 values, 1e-4 .. 10 (three per decade and a half). On standardised features 1e-4 is a
 # near-prior head (||W|| ~ C * ||X^T (Y - P)||, argmax close to class means) and 10 is already
@@ -47,43 +59,95 @@ BLOCK = 2  # C values solved together per pass over X (see bench/linear_probe.py
 # 2 (N, D) x (D, H*K), when N < D (1,078 x 1,280 on the demo cache) and still cost half as much
 # at N = 2 D, over the tens to hundreds of iterations of a path
 ROTATE_ROWS = 2
+# A column is constant when its weighted std is at most this fraction of its root mean square:
+# ~16 float32 ulps, i.e. what varies is rounding (exactly 0 for a dead ReLU channel)
+CONSTANT_STD = 1e-6
+STAT_ROWS = 4096  # rows per float64 block of the column-statistics pass (bounds its extra memory)
 
 
 @dataclass
 class ExactResult(LogregResult):
     objective: float = float("nan")  # f above at the returned head (sklearn's scaling)
+    note: str | None = None  # what the solve did beyond the plain one (dropped columns, eigh fallbacks)
+
+
+@contextmanager
+def full_fp32() -> Iterator[None]:
+    """Full float32 matmuls (no TF32 on CUDA, no bf16 on oneDNN CPUs) inside, whatever the process
+    set with torch.set_float32_matmul_precision / allow_tf32; the settings are restored on exit,
+    exceptions included. torch >= 2.9 has a per-backend ``fp32_precision`` (the legacy getters
+    raise once both APIs were used), older torch only the legacy calls."""
+    b = torch.backends
+    knobs = [m for m in (b.cuda.matmul, getattr(b.cudnn, "conv", None), getattr(b.cudnn, "rnn", None),
+                         getattr(b.mkldnn, "matmul", None), getattr(b.mkldnn, "conv", None),
+                         getattr(b.mkldnn, "rnn", None)) if m is not None]
+    try:
+        saved = [m.fp32_precision for m in knobs]
+    except AttributeError:  # torch < 2.9: the legacy settings
+        knobs = []
+        saved = [torch.get_float32_matmul_precision(), b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32]
+    try:
+        if knobs:
+            for m in knobs:
+                m.fp32_precision = "ieee"
+        else:
+            torch.set_float32_matmul_precision("highest")
+            b.cuda.matmul.allow_tf32 = b.cudnn.allow_tf32 = False
+        yield
+    finally:
+        if knobs:
+            for m, v in zip(knobs, saved):
+                m.fp32_precision = v
+        else:
+            torch.set_float32_matmul_precision(saved[0])
+            b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = saved[1], saved[2]
 
 
 class _Loss:
     """f and its gradient for H heads at once; theta (H, K*(D+1)): K weight rows then K biases,
-    K = free logits (n present classes, or 1 for a binary problem), D = the columns of the X it
-    is given (r once rotated)."""
+    K = free logits (n present classes, or 1 for a binary problem), D = the columns of the source
+    it is given (r once rotated). Head h trains on fold ``fold_of[h]``: row weights w[:, fold],
+    each fold's summing to 1, and, with ``affine``, that fold's own standardisation
+    x' = (x - mu_f) * inv_s_f applied inside the loss (one GEMM over the source's X for all folds)."""
 
-    def __init__(self, X: torch.Tensor, y: torch.Tensor, sample_weight: torch.Tensor, n_free: int):
-        self.X, self.n, self.d, self.k = X, X.shape[0], X.shape[1], n_free
+    def __init__(self, src: RowSource, y: torch.Tensor, w: torch.Tensor, n_free: int,
+                 affine: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Args: src (N, D) rows; y (N,) labels in [0, n_free or 2); w (N, F) row weights per fold,
+        columns summing to 1; affine: (mu, inv_s), each (F, D) in src's dtype, or None."""
+        self.src, self.n, self.d, self.k = src, src.n_rows, src.n_cols, n_free
         self.binary = n_free == 1
-        self.w = sample_weight / sample_weight.sum()  # (N,) so the data term is sklearn's weighted mean
-        self.w64 = self.w.double()
-        self.y = y.view(-1, 1, 1)
+        self.w, self.w64, self.y = w, w.double(), y
+        self.mu, self.inv_s = affine if affine is not None else (None, None)
+        self.fold_of = torch.zeros(1, dtype=torch.long, device=w.device)  # (H,) set per block
 
-    def __call__(self, theta: torch.Tensor, lam: torch.Tensor, curvature: bool = False):
-        """Args: theta (H, P); lam (H,) = 1 / (C * sum(w)). Returns f (H,) float64, grad (H, P), and
-        with ``curvature`` also A (H, K, K) = sum_i w_i (diag(p_i) - p_i p_i^T) over the free logits:
-        the class factor of the Hessian's Kronecker approximation (see lbfgs.Preconditioner)."""
-        h, k, d = theta.shape[0], self.k, self.d
-        W, b = theta[:, : k * d].reshape(h * k, d), theta[:, k * d:].reshape(h * k)
-        z = torch.addmm(b, self.X, W.t()).view(self.n, h, k)  # (N, H, K) logits
+    def _effective(self, W: torch.Tensor, b: torch.Tensor, folds: torch.Tensor):
+        """The weights and biases (H*K, D), (H*K,) that act on the source's X: W * inv_s and
+        b - (W * inv_s) . mu per head's fold with ``affine``, else W and b themselves; then the
+        rows' inv_s and mu (H*K, D) for the gradient's way back (None, None without affine)."""
+        if self.mu is None:
+            return W, b, None, None
+        s, mu = self.inv_s[folds].repeat_interleave(self.k, 0), self.mu[folds].repeat_interleave(self.k, 0)
+        We = W * s
+        return We, b - (We.double() * mu.double()).sum(1).to(b.dtype), s, mu
+
+    def _chunk(self, Xc: torch.Tensor, rows: slice, We: torch.Tensor, be: torch.Tensor, folds: torch.Tensor,
+               curvature: bool):
+        """One chunk's data term (H,) float64, gradient factor G (n, H*K) and curvature (H, K, K)."""
+        n, h, k = Xc.shape[0], len(folds), self.k
+        single = self.w.shape[1] == 1  # one fold: its weights broadcast over the heads
+        w, w64 = (self.w[rows], self.w64[rows]) if single else (self.w[rows][:, folds], self.w64[rows][:, folds])
+        z = torch.addmm(be, Xc, We.t()).view(n, h, k)  # (n, H, K) logits
         if self.binary:  # softmax over [0, z] is the sigmoid of sklearn's binomial loss
             z = torch.cat([torch.zeros_like(z), z], 2)
         # softmax and log-sum-exp from one exp of the max-shifted logits, in place: torch.logsumexp
         # (which also guards infinite logits; these are assumed finite, and a step that overflows
         # gives a NaN f, which the line search rejects) took a third of this call on 1,078 rows
         z.sub_(z.amax(2, keepdim=True))
-        idx = self.y.expand(-1, h, 1)
-        zy = z.gather(2, idx)  # (N, H, 1) shifted logit of the true class
+        idx = self.y[rows].view(-1, 1, 1).expand(-1, h, 1)
+        zy = z.gather(2, idx)  # (n, H, 1) shifted logit of the true class
         g = torch.exp_(z)
         total = g.sum(2, keepdim=True)
-        data = ((total.log() - zy).squeeze(2).double() * self.w64[:, None]).sum(0)
+        data = ((total.log() - zy).squeeze(2).double() * w64).sum(0)
         g.div_(total)  # softmax probabilities, in place of the logits
         A = None
         if curvature:
@@ -91,17 +155,39 @@ class _Loss:
             # logits' shift direction (exactly flat) a curvature of that size and H0 a huge step along it
             p = g.double()
             p = p / p.sum(2, keepdim=True)
-            p = p[:, :, 1:] if self.binary else p  # (N, H, K) free-logit probabilities
-            pw = p * self.w64.view(-1, 1, 1)
+            p = p[:, :, 1:] if self.binary else p  # (n, H, K) free-logit probabilities
+            pw = p * w64[:, :, None]
             A = torch.diag_embed(pw.sum(0)) - torch.einsum("nhk,nhl->hkl", pw, p)
         g.scatter_add_(2, idx, torch.full_like(idx, -1, dtype=g.dtype))  # P - onehot(y)
-        g.mul_(self.w.view(-1, 1, 1))
+        g.mul_(w[:, :, None])
         if self.binary:
             g = g[:, :, 1:]
-        g = g.reshape(self.n, h * k)
-        lam_rows = lam.to(W.dtype).repeat_interleave(k)[:, None]
-        gW = torch.addmm(W * lam_rows, g.t(), self.X)  # (H*K, D): the fast form of X^T G
-        grad = torch.cat([gW.view(h, k * d), g.sum(0).view(h, k)], 1)
+        return data, g.reshape(n, h * k), A
+
+    def __call__(self, theta: torch.Tensor, lam: torch.Tensor, heads: torch.Tensor | None = None,
+                 curvature: bool = False):
+        """Args: theta (H, P); lam (H,) = 1 / (C * sum(w)); heads: their indices among the block's
+        heads (None = all). Returns f (H,) float64, grad (H, P), and with ``curvature`` also A
+        (H, K, K) = sum_i w_i (diag(p_i) - p_i p_i^T) over the free logits: the class factor of the
+        Hessian's Kronecker approximation (see lbfgs.Preconditioner)."""
+        h, k, d = theta.shape[0], self.k, self.d
+        folds = self.fold_of if heads is None else self.fold_of[heads]
+        W, b = theta[:, : k * d].reshape(h * k, d), theta[:, k * d:].reshape(h * k)
+        We, be, s, mu = self._effective(W, b, folds)
+        data = torch.zeros(h, dtype=torch.float64, device=theta.device)
+        gW, gb = torch.zeros_like(W), torch.zeros_like(b)
+        A = torch.zeros(h, k, k, dtype=torch.float64, device=theta.device) if curvature else None
+        for rows, Xc in self.src.chunks():  # one chunk for an in-memory X
+            dc, G, Ac = self._chunk(Xc, rows, We, be, folds, curvature)
+            data += dc
+            gW.addmm_(G.t(), Xc)  # (H*K, D): the fast form of X^T G
+            gb += G.sum(0)
+            if curvature:
+                A += Ac
+        if s is not None:  # back through the fold's standardisation: d/dW = (X^T G - mu sum G) * inv_s
+            gW = (gW - gb[:, None] * mu) * s
+        gW.add_(W * lam.to(W.dtype).repeat_interleave(k)[:, None])
+        grad = torch.cat([gW.view(h, k * d), gb.view(h, k)], 1)
         f = data + 0.5 * lam.double() * (W.double().view(h, -1) ** 2).sum(1)
         return (f, grad, A) if curvature else (f, grad)
 
@@ -115,14 +201,12 @@ def _unrotate(theta: torch.Tensor, V: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([(theta[:, : k * r].reshape(h * k, r) @ V.t()).view(h, -1), theta[:, k * r:]], 1)
 
 
-def _to_head(theta: torch.Tensor, present: np.ndarray, n_classes: int, d: int) -> nn.Sequential:
-    """One head's theta as Linear(D, n_classes); absent classes get zero weights and
+def _to_head(W: torch.Tensor, b: torch.Tensor, present: np.ndarray, n_classes: int) -> nn.Sequential:
+    """One head's W (K, D) and b (K,) as Linear(D, n_classes); absent classes get zero weights and
     ABSENT_CLASS_BIAS (never predicted), as logreg.to_linear does."""
-    k = len(present) if len(present) > 2 else 1
-    W, b = theta[: k * d].view(k, d), theta[k * d:]
-    if k == 1:
+    if W.shape[0] == 1:
         W, b = torch.cat([torch.zeros_like(W), W]), torch.cat([torch.zeros_like(b), b])
-    lin = nn.Linear(d, n_classes)
+    lin = nn.Linear(W.shape[1], n_classes)
     with torch.no_grad():
         lin.weight.zero_()
         lin.bias.fill_(ABSENT_CLASS_BIAS)
@@ -132,62 +216,307 @@ def _to_head(theta: torch.Tensor, present: np.ndarray, n_classes: int, d: int) -
     return nn.Sequential(lin).eval()
 
 
-def fit_exact(c_values: list[float] | tuple[float, ...], X: torch.Tensor, y: torch.Tensor, n_classes: int, *,
-              sample_weight: np.ndarray | torch.Tensor | None = None, tol: float = TOL, max_iter: int = MAX_ITER,
-              block: int = BLOCK) -> list[ExactResult]:
+def column_moments(src: RowSource, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted column statistics, one pass over the source, in float64.
+
+    Args:
+        src: (N, D) rows; weights: (N, G) one weighting of the rows per column.
+    Returns:
+        (total (G,), mean (G, D), variance (G, D)), float64; rows of weight 0 do not count (but a
+        non-finite value anywhere makes its column's mean non-finite: the caller's check).
+    """
+    wd = weights.double()
+    g, d = wd.shape[1], src.n_cols
+    m1 = torch.zeros(g, d, dtype=torch.float64, device=src.device)
+    m2 = torch.zeros_like(m1)
+    for rows, Xc in src.chunks():
+        for j in range(0, Xc.shape[0], STAT_ROWS):  # float64 copies of STAT_ROWS rows at a time
+            Xd, wj = Xc[j: j + STAT_ROWS].double(), wd[rows][j: j + STAT_ROWS]
+            m1.addmm_(wj.t(), Xd)
+            m2.addmm_(wj.t(), Xd * Xd)  # not in place: for a float64 X, Xd is a view of it
+    total = wd.sum(0)
+    mean = m1 / total[:, None]
+    return total, mean, (m2 / total[:, None] - mean ** 2).clamp_min(0)
+
+
+def _constant(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """Columns (bool, same shape) whose variation is rounding: std <= CONSTANT_STD * rms."""
+    return var <= CONSTANT_STD ** 2 * (var + mean ** 2)
+
+
+def sigma_of(src: RowSource, w: torch.Tensor, step: int) -> torch.Tensor:
+    """Sigma (D, D), in src's dtype: the weighted second moment of every ``step``-th row (rows
+    0, step, 2 step, ...), weights renormalised over those rows; chunks summed in float64."""
+    acc = torch.zeros(src.n_cols, src.n_cols, dtype=torch.float64, device=src.device)
+    total = torch.zeros((), dtype=torch.float64, device=src.device)
+    for rows, Xc in src.chunks():
+        off = (-rows.start) % step  # the chunk's first row whose global index is a multiple of step
+        Xs, ws = Xc[off::step], w[rows][off::step]
+        acc += ((Xs * ws[:, None]).t() @ Xs).double()
+        total += ws.double().sum()
+    return (acc / total).to(src.dtype)
+
+
+@dataclass
+class _Setup:
+    """What every fold group's solve shares: the source it iterates (constant columns left out,
+    rotated or not), which columns of X those are, the preconditioner, the folds' standardisation."""
+
+    src: RowSource
+    keep: torch.Tensor  # (d,) columns of X that are solved; the others get weight 0
+    d_full: int
+    precond: Preconditioner | None
+    V: torch.Tensor | None  # (d, r) rotation into Sigma's eigenbasis, or None
+    affine: tuple[torch.Tensor, torch.Tensor] | None  # (mu, inv_s), each (F, d), or None
+    notes: list[str]  # for every result
+    fold_notes: list[list[str]]  # per fold
+
+
+def _fold_affine(mean: torch.Tensor, var: torch.Tensor, dtype: torch.dtype):
+    """Each fold's own standardisation from its rows' statistics (F, d): (mu, inv_s) in ``dtype``,
+    inv_s 0 on a column constant on the fold's rows (so its weight there stays 0), and per fold
+    a note naming how many such columns it has."""
+    const = _constant(mean, var)
+    inv_s = torch.where(const, 0.0, 1.0 / var.sqrt().clamp_min(1e-300))
+    notes = [[f"{c} columns constant on this fold's rows (weight 0)"] if c else [] for c in const.sum(1).tolist()]
+    return (mean.to(dtype), inv_s.to(dtype)), notes
+
+
+def _preconditioner(src: RowSource, union: torch.Tensor, notes: list[str],
+                    standardise: tuple[torch.Tensor, torch.Tensor] | None = None) -> Preconditioner | None:
+    """The Kronecker preconditioner from Sigma of the rows any fold trains on (union (N,) weights;
+    one Sigma for all folds: it shapes the steps, never the optimum), or None (scalar H0) above
+    MAX_PRECOND_DIM columns or when even eigh's fallbacks fail (noted). ``standardise`` = the
+    union's (mean, var) (d,): Sigma becomes their correlation, the covariance in the coordinates
+    each fold standardises its rows into (fold_stats), whatever X's own offsets and scales."""
+    if not 0 < src.n_cols <= MAX_PRECOND_DIM:
+        return None
+    step = sigma_step(src.n_rows)
+    sigma = sigma_of(src, union / union.sum(), step)
+    if standardise is not None:
+        mean, sd = standardise[0], standardise[1].sqrt()
+        sigma = ((sigma.double() - mean[:, None] * mean) / (sd[:, None] * sd)).to(sigma.dtype)
+    try:
+        return Preconditioner(sigma, 1, int((union[::step] > 0).sum()), step)
+    except torch.linalg.LinAlgError:  # slower with a scalar H0, same optimum
+        notes.append("preconditioner off: eigh failed")
+        return None
+
+
+def _prepare(X: torch.Tensor | RowSource, weights: torch.Tensor, stat_weights: torch.Tensor | None) -> _Setup:
+    """Column statistics, constant columns, Sigma and its eigh, and the rotation, once for all folds.
+
+    Args: X (N, D) tensor or source; weights (F, N) each fold's row weights; stat_weights (F, N)
+    the weights of each fold's own standardisation (fold_stats), or None."""
+    mem = X if isinstance(X, torch.Tensor) else None
+    src = TensorSource(X) if mem is not None else X
+    union = weights.sum(0)  # (N,) rows that some fold trains on; Sigma and the constant test use it
+    stat_w = union[:, None] if stat_weights is None else torch.cat([union[:, None], stat_weights.t()], 1)
+    _, mean, var = column_moments(src, stat_w)
+    if not bool(torch.isfinite(mean).all()):
+        bad = torch.nonzero(~torch.isfinite(mean).all(0)).flatten()[:5].tolist()
+        raise FeatcacheError(f"X has non-finite values (NaN or inf), in columns {bad} and maybe more")
+    keep = torch.nonzero(~_constant(mean[0], var[0])).flatten()
+    notes, d_full = [], src.n_cols
+    if len(keep) < d_full:  # an in-memory X: a copy of the kept columns; a stream: selected per chunk
+        notes.append(f"dropped {d_full - len(keep)} constant columns (weight 0)")
+        mem = mem.index_select(1, keep) if mem is not None else None
+        src = TensorSource(mem) if mem is not None else ColumnSubset(src, keep)
+    affine, fold_notes = None, [[] for _ in range(len(weights))]
+    if stat_weights is not None:
+        affine, fold_notes = _fold_affine(mean[1:, keep], var[1:, keep], src.dtype)
+    union_stats = None if affine is None else (mean[0, keep], var[0, keep])
+    precond, V = _preconditioner(src, union, notes, union_stats), None
+    if (precond is not None and mem is not None and affine is None and precond.step == 1
+            and src.n_rows <= ROTATE_ROWS * src.n_cols):
+        Xs, V = precond.rotate(mem)  # (N, r), (d, r): the solver's weights are W V, (K, r)
+        src = TensorSource(Xs)
+    return _Setup(src, keep, d_full, precond, V, affine, notes, fold_notes)
+
+
+def _weights_in_x(setup: _Setup, theta: torch.Tensor, k: int, folds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Heads' theta (H, P) as W (H, K, D) over all of X's columns and b (H, K): unrotated, out of
+    their fold's standardisation (W * inv_s, b - W . mu), zero on the columns left out."""
+    heads = theta if setup.V is None else _unrotate(theta, setup.V, k)
+    h, d = heads.shape[0], len(setup.keep)
+    W, b = heads[:, : k * d].reshape(h, k, d), heads[:, k * d:]
+    if setup.affine is not None:
+        mu, inv_s = setup.affine[0][folds], setup.affine[1][folds]  # (H, d)
+        W = W * inv_s[:, None]
+        b = b - (W.double() * mu[:, None].double()).sum(2).to(b.dtype)
+    full = W.new_zeros(h, k, setup.d_full)
+    full[:, :, setup.keep] = W
+    return full, b
+
+
+def _path(setup: _Setup, cs: list[float], y: torch.Tensor, w: torch.Tensor, present: np.ndarray, n_classes: int,
+          fold_ids: list[int], *, tol: float, max_iter: int, block: int) -> dict[tuple[int, int], ExactResult]:
+    """The C path of the folds ``fold_ids`` (all with the classes ``present``) as one stack: C values
+    ascending, ``block`` of them per pass, every fold x C of a block a head; each fold warm starts
+    from its own largest C of the previous block, with that head's curvature pairs.
+
+    Args: y (N,) labels remapped to [0, len(present)); w (N, F') the folds' row weights.
+    Returns: {(position in fold_ids, position in cs): result}.
+    """
+    k = len(present) if len(present) > 2 else 1
+    sums = w.double().sum(0).tolist()  # (F',) sklearn's sum(w) per fold
+    affine = None if setup.affine is None else (setup.affine[0][fold_ids], setup.affine[1][fold_ids])
+    loss = _Loss(setup.src, y, w / w.sum(0), k, affine)
+    if setup.precond is not None:
+        setup.precond.k = k
+    V = setup.V
+    grad_max = None if V is None else (lambda g: _unrotate(g, V, k).abs().amax(1))  # (H,) in X's features
+    nf, p, dev = len(fold_ids), k * (loss.d + 1), w.device
+    like = torch.empty(0, dtype=setup.src.dtype, device=dev)
+    start, hist, prev, out = like.new_zeros(nf, p), None, 0, {}
+    order = np.argsort(cs, kind="stable")
+    for j in range(0, len(order), max(1, block)):
+        idx = order[j: j + max(1, block)]
+        nb = len(idx)
+        t0 = time.perf_counter()
+        loss.fold_of = torch.arange(nf, device=dev).repeat_interleave(nb)  # head f * nb + i: fold f, C cs[idx[i]]
+        lam = torch.tensor([1.0 / (cs[i] * sums[f]) for f in range(nf) for i in idx], dtype=torch.float64, device=dev)
+        hist = History.empty(nf * nb, p, like) if hist is None else \
+            hist.carried(loss.fold_of * prev + prev - 1, lam, k * loss.d)
+        theta, f, n_iter, conv, hist = lbfgs(loss, start[loss.fold_of], lam, hist, setup.precond, tol=tol,
+                                             max_iter=max_iter, grad_max=grad_max)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        share = (time.perf_counter() - t0) / (nf * nb)
+        W, b = _weights_in_x(setup, theta, k, torch.as_tensor(fold_ids, device=dev)[loss.fold_of])
+        for hd in range(nf * nb):
+            fi, ci = divmod(hd, nb)
+            out[fi, int(idx[ci])] = ExactResult(cs[idx[ci]], _to_head(W[hd], b[hd], present, n_classes),
+                                                int(n_iter[hd]), bool(conv[hd]), share, float(f[hd]))
+        start = theta.view(nf, nb, p)[:, -1].clone()  # each fold's warm start of its next, larger C values
+        prev = nb
+    return out
+
+
+def _as_weights(value, n: int, like: torch.Tensor, name: str, ndim: int) -> torch.Tensor:
+    """``value`` as finite non-negative weights in X's dtype, (n,) or (F, n), each row with a positive sum."""
+    try:
+        t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise FeatcacheError(f"{name} must be numbers, one per row of X: {err}") from None
+    shape_ok = t.dim() == ndim and t.shape[-1] == n and (ndim == 1 or t.shape[0] >= 1)
+    if not shape_ok or not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+        want = f"({n},)" if ndim == 1 else f"(folds, {n})"
+        raise FeatcacheError(f"{name} must be finite non-negative weights of shape {want}, got shape {tuple(t.shape)}")
+    empty = torch.nonzero(t.reshape(-1, n).sum(1) <= 0).flatten().tolist()
+    if empty:
+        where = "" if ndim == 1 else f" (folds {empty[:5]})"
+        raise FeatcacheError(f"{name} must not be all zero{where}")
+    return t
+
+
+def _fit(cs, X: torch.Tensor | RowSource, y: torch.Tensor, n_classes: int, weights: torch.Tensor,
+         stat_weights: torch.Tensor | None, *, tol: float, max_iter: int, block: int) -> list[list[ExactResult]]:
+    """Every fold (rows of weights (F, N)) x C; results[f][c] in input order."""
+    cs = [float(c) for c in cs]
+    if not cs or min(cs) <= 0:
+        raise FeatcacheError(f"--C values must be positive, got {cs}")
+    dev = weights.device
+    yc = y.to(dev).long()
+    if yc.shape != weights.shape[1:] or bool(((yc < 0) | (yc >= n_classes)).any()):
+        raise FeatcacheError(f"y must be one label in [0, {n_classes}) per row of X ({weights.shape[1]} rows)")
+    presents = [torch.unique(yc[wf > 0]).cpu().numpy() for wf in weights]  # classes a fold trains on
+    for f, pr in enumerate(presents):
+        if len(pr) < 2:
+            fold = "" if len(presents) == 1 else f"fold {f}: "
+            raise FeatcacheError(f"{fold}a linear probe needs training rows of at least two classes, got {len(pr)}")
+    setup = _prepare(X, weights, stat_weights)
+    groups: dict[tuple, list[int]] = {}  # folds with the same classes share a stack (one K)
+    for f, pr in enumerate(presents):
+        groups.setdefault(tuple(pr.tolist()), []).append(f)
+    results = [[None] * len(cs) for _ in presents]
+    for pr, fold_ids in groups.items():
+        present = np.asarray(pr)
+        remap = torch.zeros(n_classes, dtype=torch.long, device=dev)  # rows of other classes: weight 0 here
+        remap[torch.as_tensor(present, device=dev)] = torch.arange(len(present), device=dev)
+        out = _path(setup, cs, remap[yc], weights[fold_ids].t(), present, n_classes, fold_ids,
+                    tol=tol, max_iter=max_iter, block=block)
+        for (fi, ci), res in out.items():
+            results[fold_ids[fi]][ci] = res
+    shared = setup.notes + ([] if setup.precond is None else setup.precond.notes)
+    for f, row in enumerate(results):
+        note = "; ".join(shared + setup.fold_notes[f]) or None
+        for res in row:
+            res.note = note
+    return results
+
+
+def _rows_of(X: torch.Tensor | RowSource) -> tuple[int, torch.Tensor]:
+    """N and an empty tensor of X's dtype and device."""
+    if isinstance(X, torch.Tensor):
+        if X.dim() != 2:
+            raise FeatcacheError(f"X must be (rows, features), got shape {tuple(X.shape)}")
+        return X.shape[0], X.new_empty(0)
+    if not isinstance(X, RowSource):
+        raise FeatcacheError(f"X must be a torch.Tensor or a heads.source.RowSource, got {type(X).__name__}")
+    return X.n_rows, torch.empty(0, dtype=X.dtype, device=X.device)
+
+
+def fit_exact(c_values: list[float] | tuple[float, ...], X: torch.Tensor | RowSource, y: torch.Tensor,
+              n_classes: int, *, sample_weight: np.ndarray | torch.Tensor | None = None, tol: float = TOL,
+              max_iter: int = MAX_ITER, block: int = BLOCK) -> list[ExactResult]:
     """Exact ``LogisticRegression(C=c)`` for every c, on X's device and dtype; results in input order.
 
     Args:
         c_values: inverse L2 strengths (sklearn's C), each > 0.
-        X: (N, D) standardised training rows; y: (N,) labels in [0, n_classes).
-        sample_weight: (N,) non-negative row weights (sklearn's ``sample_weight``), None = all 1.
+        X: (N, D) standardised training rows: a tensor, or a heads.source.RowSource of row chunks
+            (never rotated, see ROTATE_ROWS); y: (N,) labels in [0, n_classes).
+        sample_weight: (N,) non-negative row weights (sklearn's ``sample_weight``), None = all 1;
+            classes whose rows all have weight 0 are absent (never predicted).
         tol: max |gradient of f| at which a C stops (converged=True); max_iter: iteration cap.
         block: how many consecutive C values share each pass over X.
     Returns:
         One ExactResult per C: its head over all n_classes (CPU), iterations, converged, seconds
-        (its block's wall time shared equally among the block's C values) and objective f.
+        (its block's wall time shared equally among the block's C values), objective f and note
+        (constant columns dropped, eigh fallbacks; None when there was nothing to say).
     """
-    cs = [float(c) for c in c_values]
-    if not cs or min(cs) <= 0:
-        raise FeatcacheError(f"--C values must be positive, got {cs}")
-    yc = y.to(X.device).long()
-    present = torch.unique(yc).cpu().numpy()
-    if len(present) < 2:
-        raise FeatcacheError(f"a linear probe needs training rows of at least two classes, got {len(present)}")
-    remap = torch.full((n_classes,), -1, dtype=torch.long, device=X.device)
-    remap[torch.as_tensor(present, device=X.device)] = torch.arange(len(present), device=X.device)
-    sw = torch.ones(len(yc), dtype=X.dtype, device=X.device) if sample_weight is None else \
-        torch.as_tensor(sample_weight, dtype=X.dtype, device=X.device)
-    if sw.shape != yc.shape or bool((sw < 0).any()) or float(sw.sum()) <= 0:
-        raise FeatcacheError("sample weights must be one non-negative value per row, not all zero")
-    k = len(present) if len(present) > 2 else 1
-    precond = Preconditioner(X, sw / sw.sum(), k) if X.shape[1] <= MAX_PRECOND_DIM else None
-    V, grad_max = None, None
-    if precond is not None and precond.step == 1 and X.shape[0] <= ROTATE_ROWS * X.shape[1]:
-        Xs, V = precond.rotate(X)  # (N, r), (D, r): the solver's weights are W V, (K, r)
-        grad_max = lambda g: _unrotate(g, V, k).abs().amax(1)  # noqa: E731  (H,) in the original features
-    loss = _Loss(X if V is None else Xs, remap[yc], sw, k)
-    sw_sum = float(sw.double().sum())
-    order = np.argsort(cs, kind="stable")
-    start = X.new_zeros(k * (loss.d + 1))
-    hist = None
-    out: dict[int, ExactResult] = {}
-    for j in range(0, len(order), max(1, block)):
-        idx = order[j: j + max(1, block)]
-        t0 = time.perf_counter()
-        lam = torch.tensor([1.0 / (cs[i] * sw_sum) for i in idx], dtype=torch.float64, device=X.device)
-        hist = History.empty(len(idx), start.numel(), X) if hist is None else hist.carried(-1, lam, k * loss.d)
-        theta, f, n_iter, conv, hist = lbfgs(loss, start.repeat(len(idx), 1), lam, hist, precond, tol=tol,
-                                             max_iter=max_iter, grad_max=grad_max)
-        if X.is_cuda:
-            torch.cuda.synchronize()
-        share = (time.perf_counter() - t0) / len(idx)
-        heads = theta if V is None else _unrotate(theta, V, k)
-        for r, i in enumerate(idx):
-            out[int(i)] = ExactResult(cs[i], _to_head(heads[r], present, n_classes, X.shape[1]), int(n_iter[r]),
-                                      bool(conv[r]), share, float(f[r]))
-        start = theta[-1].clone()  # warm start of the next, larger C values, with its curvature pairs
-    return [out[i] for i in range(len(cs))]
+    n, like = _rows_of(X)
+    sw = torch.ones(n, dtype=like.dtype, device=like.device) if sample_weight is None else \
+        _as_weights(sample_weight, n, like, "sample_weight", 1)
+    with full_fp32():
+        return _fit(c_values, X, y, n_classes, sw[None], None, tol=tol, max_iter=max_iter, block=block)[0]
+
+
+def fit_exact_folds(c_values: list[float] | tuple[float, ...], X: torch.Tensor | RowSource, y: torch.Tensor,
+                    n_classes: int, fold_weights: np.ndarray | torch.Tensor, *,
+                    sample_weight: np.ndarray | torch.Tensor | None = None, fold_stats: bool = False,
+                    tol: float = TOL, max_iter: int = MAX_ITER, block: int = BLOCK) -> list[list[ExactResult]]:
+    """``fit_exact`` for every fold at once: a fold is a row weight, every fold x C one head of one
+    L-BFGS stack (one pass over X per iteration for all), warm started along the C path per fold.
+
+    Args:
+        c_values, X, y, n_classes, sample_weight, tol, max_iter, block: as fit_exact (block = C
+            values per pass; each pass then solves folds x block heads).
+        fold_weights: (F, N) non-negative row weights per fold, 1 on its training rows and 0 on
+            its held-out rows for K-fold CV; rows of weight 0 do not influence the fold's heads.
+            Fold f's rows weigh fold_weights[f] * sample_weight.
+        fold_stats: standardise each fold with its own training rows' weighted mean and std
+            (weights fold_weights[f], population std; std <= CONSTANT_STD * rms: weight 0), as
+            sklearn's make_pipeline(StandardScaler(), LogisticRegression(C)) fitted on those rows
+            does, inside the loss (X is never copied). The heads returned take X as given (pass
+            it standardised with whole-train statistics: the fold's shift is then small, which
+            keeps float32 logits exact); objective and tol are those of the fold's standardised
+            problem, as the pipeline's LogisticRegression sees it. Without it, X as given is the
+            fold's X. Sigma (the preconditioner) comes from all rows of any fold, shared: it only
+            shapes the steps, never the optimum. With fold_stats X is never rotated (ROTATE_ROWS).
+    Returns:
+        results[f][c]: an ExactResult per fold and C (input order); seconds = its block's wall time
+        shared equally among the block's heads.
+    """
+    n, like = _rows_of(X)
+    fw = _as_weights(fold_weights, n, like, "fold_weights", 2)
+    sw = None if sample_weight is None else _as_weights(sample_weight, n, like, "sample_weight", 1)
+    weights = fw if sw is None else fw * sw
+    if bool((weights.sum(1) <= 0).any()):
+        raise FeatcacheError("fold_weights * sample_weight must not be all zero in any fold")
+    with full_fp32():
+        return _fit(c_values, X, y, n_classes, weights, fw if fold_stats else None,
+                    tol=tol, max_iter=max_iter, block=block)
 
 
 def objective(head: nn.Sequential, X: torch.Tensor, y: torch.Tensor, C: float,

@@ -15,19 +15,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from featcache.cache.atomic import check_output_name, real_path
 from featcache.cache.lock import cache_lock
 from featcache.cache.store import FeatureCache, read_cache
-from featcache.pipeline.config import HeadConfig
+from featcache.pipeline.config import SELECT_BY, HeadConfig
 from featcache.pipeline.device import resolve_device
-from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.errors import FeatcacheError, FeatcacheWarning, opt
 from featcache.pipeline.heads import kinds
-from featcache.pipeline.heads.cv import refit_cv_winner
 from featcache.pipeline.heads.data import Prepared, make_splits, prepare
 from featcache.pipeline.heads.layersets import layer_columns, layer_set_label
 from featcache.pipeline.heads.leaderboard import rank, rank_key
 from featcache.pipeline.heads.memory import MemoryPlan, parse_size, peak_rss_bytes
 from featcache.pipeline.heads.memory import plan as memory_plan
-from featcache.pipeline.heads.metrics import SELECT_BY, score
+from featcache.pipeline.heads.metrics import score
 from featcache.pipeline.heads.optim import OPTIMIZERS
 from featcache.pipeline.heads.sweep import check_search
 from featcache.pipeline.heads.kinds.sequential import EPOCH_OPTIONS  # given one: an epoch sweep (resolve_solver)
@@ -40,60 +40,62 @@ def check_config(cfg: HeadConfig) -> None:
     """One-line errors for option values no configuration could train with."""
     kind = kinds.get(cfg.head)
     check_search(cfg)
-    for opt in cfg.optimizer:
-        if opt not in OPTIMIZERS:
-            raise FeatcacheError(f"unknown optimizer {opt!r}: choose from {', '.join(OPTIMIZERS)}")
+    for o in cfg.optimizer:
+        if o not in OPTIMIZERS:
+            raise FeatcacheError(f"unknown optimizer {o!r}: choose from {', '.join(OPTIMIZERS)}")
     # Every comparison is written so that NaN fails it (NaN compares False): a NaN learning rate
     # would otherwise "train" an untouched epoch-0 head that looks like a result.
-    ranges = {"--dropout": (cfg.dropout, lambda v: 0 <= v < 1), "--lr": (cfg.lr, lambda v: 0 < v < math.inf),
-              "--weight-decay": (cfg.weight_decay, lambda v: 0 <= v < math.inf),
-              "--l1": (cfg.l1, lambda v: 0 <= v < math.inf), "--momentum": (cfg.momentum, lambda v: 0 <= v < 1),
-              "--C": (cfg.C, lambda v: 0 < v < math.inf)}
-    bad = [f"{flag} {v} (must be finite{', in [0, 1)' if flag in ('--dropout', '--momentum') else ''})"
-           for flag, (values, ok) in ranges.items() for v in values if not ok(v)]
-    bad += [f"--hidden {h}" for hs in cfg.hidden for h in hs if h < 1]
+    ranges = {"dropout": (cfg.dropout, lambda v: 0 <= v < 1), "lr": (cfg.lr, lambda v: 0 < v < math.inf),
+              "weight_decay": (cfg.weight_decay, lambda v: 0 <= v < math.inf),
+              "l1": (cfg.l1, lambda v: 0 <= v < math.inf), "momentum": (cfg.momentum, lambda v: 0 <= v < 1),
+              "C": (cfg.C or (), lambda v: 0 < v < math.inf)}
+    bad = [f"{opt(name)} {v} (must be finite{', in [0, 1)' if name in ('dropout', 'momentum') else ''})"
+           for name, (values, ok) in ranges.items() for v in values if not ok(v)]
+    bad += [f"{opt('hidden')} {h}" for hs in cfg.hidden for h in hs if h < 1]
     if cfg.epochs < 1 or cfg.batch_size < 1:
-        bad.append("--epochs and --batch-size must be at least 1")
+        bad.append(f"{opt('epochs')} and {opt('batch_size')} must be at least 1")
     if cfg.patience < 0:
-        bad.append(f"--patience {cfg.patience} (0 disables early stopping; negative has no meaning)")
+        bad.append(f"{opt('patience')} {cfg.patience} (0 disables early stopping; negative has no meaning)")
     if not 0.0 <= cfg.val_fraction < 1.0:
-        bad.append(f"--val-fraction {cfg.val_fraction} (must be in [0, 1))")
+        bad.append(f"{opt('val_fraction')} {cfg.val_fraction} (must be in [0, 1))")
     if cfg.cv == 1 or cfg.cv < 0:
-        bad.append(f"--cv {cfg.cv} (needs at least 2 folds; 0 = off)")
-    bad += [f"--train-sizes {v} (images per class; 0 or all = every train row)" for v in cfg.train_sizes if v < 0]
+        bad.append(f"{opt('cv')} {cfg.cv} (needs at least 2 folds; 0 = off)")
+    bad += [f"{opt('train_sizes')} {v} (images per class; 0 or all = every train row)" for v in cfg.train_sizes if v < 0]
     if not 0 <= cfg.views_keep_original <= 1:
-        bad.append(f"--views-keep-original {cfg.views_keep_original} (a probability in [0, 1])")
+        bad.append(f"{opt('views_keep_original')} {cfg.views_keep_original} (a probability in [0, 1])")
     if cfg.select_by not in SELECT_BY:
-        bad.append(f"--select-by {cfg.select_by!r} (choose from {', '.join(SELECT_BY)})")
+        bad.append(f"{opt('select_by')} {cfg.select_by!r} (choose from {', '.join(SELECT_BY)})")
     elif cfg.select_by != "accuracy" and cfg.cv:
-        bad.append(f"--select-by {cfg.select_by} with --cv (folds are ranked by their mean accuracy)")
+        bad.append(f"{opt('select_by')} {cfg.select_by} with {opt('cv')} (folds are ranked by their mean accuracy)")
     if cfg.class_weight is not None and not kind.trains:
-        bad.append(f"--class-weight with --head {cfg.head} (it trains nothing to weight)")
+        bad.append(f"{opt('class_weight')} with {opt('head')} {cfg.head} (it trains nothing to weight)")
     bad += kind.check(cfg)
     if bad:
         raise FeatcacheError(f"invalid value: {bad[0]}")
-    lists = (cfg.dropout, cfg.weight_decay, cfg.l1, cfg.optimizer, cfg.lr, cfg.momentum, cfg.hidden, cfg.C, cfg.k,
-             cfg.knn_temperature, cfg.knn_voting)
+    lists = (cfg.dropout, cfg.weight_decay, cfg.l1, cfg.optimizer, cfg.lr, cfg.momentum, cfg.hidden,
+             (1,) if cfg.C is None else cfg.C, cfg.k, cfg.knn_temperature, cfg.knn_voting)
     if not all(len(v) for v in lists):
         raise FeatcacheError("every swept option needs at least one value")
 
 
-def resolve_solver(head: str, solver: str, C: tuple[float, ...] | None, given) -> tuple[str, tuple[float, ...]]:
+def resolve_solver(head: str, solver: str, C: tuple[float, ...] | None,
+                   given) -> tuple[str, tuple[float, ...] | None, str | None]:
     """What ``fit-head`` and ``fit_heads`` do with --solver and --C before building a HeadConfig.
 
     Args:
         head, solver: as given; C: as given, None = the default; given: names of the options
             the user set (command line, or keyword arguments).
     Returns:
-        (solver, C): for the linear head, auto becomes epochs when an epoch option (EPOCH_OPTIONS)
-        was given (an explicit --lr list asks for an epoch sweep) and C defaults to the exact
-        probe's 10-value path unless the solver is epochs; other heads keep HeadConfig's C.
+        (solver, C, note): for the linear head as kinds.linear.resolve settles them (auto becomes
+        epochs when an epoch option was given, and ``note`` says so for fit_sweep to warn with;
+        options the solver would not read are refused); other heads keep both as given (C None =
+        the head's own path) and no note.
     """
     from featcache.pipeline.heads.kinds.linear import resolve
 
     if head == kinds.get("linear").name:
         return resolve(solver, C, given)
-    return solver, HeadConfig.C if C is None else C
+    return solver, C, None
 
 
 def _refit(cfg: HeadConfig, data: Prepared, best: Candidate) -> tuple[nn.Module, dict]:
@@ -129,12 +131,14 @@ def _memory_record(memory: MemoryPlan) -> dict:
     return {"plan": memory.record(), "peak_rss_bytes": peak_rss_bytes()}
 
 
-def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False) -> SweepResult:
+def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False, note: str | None = None) -> SweepResult:
     """Train every configuration of ``cfg`` on ``cache`` in memory and rank them; writes nothing.
 
     Args:
         cfg: the sweep (``cfg.output`` is not used here; ``SweepResult.save`` writes the run).
-        cache: a loaded cache (features included), from a file or built from arrays.
+        cache: a cache's metadata (read_cache(features=False): prepare reads the features) or one
+            built from arrays.
+        note: said once as a FeatcacheWarning when the options are valid (resolve_solver's note).
     Returns:
         The ranked SweepResult with the head fit-head would save (the winner, or its refit).
     """
@@ -143,9 +147,10 @@ def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False) -
     kind = kinds.get(cfg.head)
     device = resolve_device(cfg.device)
     if cfg.use_augmented and not cache.n_views:
-        raise FeatcacheError(f"--use-augmented: {cache.path} has no augmented views (extract with --augment N)")
+        raise FeatcacheError(f"{opt('use_augmented')}: {cache.path} has no augmented views (extract with --augment N)")
     if cfg.use_augmented and not kind.trains:
-        raise FeatcacheError(f"--use-augmented with --head {cfg.head}: it trains nothing, so it has no use for views")
+        raise FeatcacheError(f"{opt('use_augmented')} with {opt('head')} {cfg.head}: it trains nothing, so it has no "
+                             "use for views")
     use_views = cache.n_views > 0 and cfg.use_augmented is not False and kind.trains
     # --layers: every layer set is one more swept option, prepared (and standardised) on its own
     columns_of = {layer_set_label(names, cache.attrs): cols for names in cfg.layers  # validated first
@@ -160,7 +165,11 @@ def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False) -
         data = prepare(cache, cfg.val_fraction, cfg.seed, cfg.standardize, device, use_views, val_views=cfg.refit,
                        drop_nonfinite=cfg.drop_nonfinite, columns=columns)
         if cfg.refit and not len(data.rows["val"]):
-            raise FeatcacheError("--refit retrains on train+val, but this run has no validation split (--val-fraction 0)")
+            raise FeatcacheError(f"{opt('refit')} retrains on train+val, but this run has no validation split "
+                                 f"({opt('val_fraction')} 0)")
+        if note:  # options valid and data read: now say what was chosen for the user, once
+            warnings.warn(note, FeatcacheWarning, stacklevel=2)
+            note = None
         for c in kind.fit(cfg, data):
             c.row = {"index": len(candidates), **({"layers": label} if label else {}),
                      **{k: v for k, v in c.row.items() if k != "index"}}
@@ -173,12 +182,12 @@ def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False) -
     ranked = Leaderboard(rank([c.row for c in candidates], cfg.select_by))
     if ranked[0].get("status") == "failed":
         raise FeatcacheError(f"every configuration diverged (non-finite training loss) in all {len(ranked)}; "
-                             "try a smaller --lr")
+                             f"try a smaller {opt('lr')}")
     best = next(c for c in candidates if c.row["index"] == ranked[0]["index"])
     label, columns = set_of[best.row["index"]]
     data = kept[label]
     if cfg.cv >= 2:  # the winner of the folds, refitted on all train rows (train+val with --refit)
-        candidates = [refit_cv_winner(cfg, data, best) if c is best else c for c in candidates]
+        candidates = [kinds.get(best.row["head"]).cv_refit(cfg, data, best) if c is best else c for c in candidates]
         best = next(c for c in candidates if c.row["index"] == ranked[0]["index"])
         ranked[0] = {"rank": 1, **best.row}
         return SweepResult(config=cfg, cache=cache, data=data, candidates=candidates, leaderboard=ranked,
@@ -190,16 +199,17 @@ def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False) -
                        layers=label, memory=_memory_record(memory))
 
 
-def run_fit_head(cfg: HeadConfig, progress: bool = True) -> dict:
+def run_fit_head(cfg: HeadConfig, progress: bool = True, note: str | None = None) -> dict:
     """``featcache fit-head``: train every configuration, save the run folder, return the summary."""
     check_config(cfg)
     out = Path(cfg.output)
     check_run_dir(out, cfg.overwrite, cfg.cache)
     out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_name(real_path(out), "run folder")  # name too long / read-only folder: before training
     # Held from before training to the rename: a second fit-head into RUN_DIR is refused at once.
     with cache_lock(out, writer="featcache fit-head"):
         # features=False: prepare reads the matrix itself, once, straight into its training array
-        result = fit_sweep(cfg, read_cache(cfg.cache, features=False), progress=progress)
+        result = fit_sweep(cfg, read_cache(cfg.cache, features=False), progress=progress, note=note)
         files = result.save(out, lock=False)
     return summary(result, files)
 

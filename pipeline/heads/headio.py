@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from featcache.cache.atomic import write_buffered
 from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.heads import kinds
 
@@ -23,7 +24,10 @@ def save_head(path: str | Path, head: nn.Module, metadata: dict) -> None:
     """metadata must hold kind, in_dim, n_classes, class_names, standardize and what the kind's
     ``build`` reads (``HeadKind.architecture``)."""
     state = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
-    torch.save({"format": HEAD_FORMAT, "version": HEAD_VERSION, "state_dict": state, "metadata": metadata}, path)
+    obj = {"format": HEAD_FORMAT, "version": HEAD_VERSION, "state_dict": state, "metadata": metadata}
+    # in memory first, then written whole: a full disk is the "no space left" line, not torch's
+    # "enforce fail at inline_container.cc" from the middle of its zip writer
+    write_buffered(path, lambda fh: torch.save(obj, fh))
 
 
 def build_head(meta: dict) -> nn.Module:
@@ -41,6 +45,10 @@ def load_head(path: str | Path) -> tuple[nn.Module, dict]:
         path = path / "head.pt"
     if not path.exists():
         raise FeatcacheError(f"head file not found: {path}")
+    with open(path, "rb") as fh:
+        if fh.read(8) == b"\x89HDF\r\n\x1a\n":  # an HDF5 file: most likely the feature cache itself
+            raise FeatcacheError(f"{path} is a feature cache, not a model: give a fit-head run folder "
+                                 "(made by featcache fit-head CACHE -o RUN), its head.pt, or a finetune folder")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -39,10 +39,11 @@ def layer_columns(attrs: dict, names: tuple[str, ...], path) -> np.ndarray:
     Returns:
         (K,) int64 column indices.
     """
-    layers = attrs.get("layers") or []
+    layers = _layers(attrs)
     if not layers:
         raise FeatcacheError(f"--layers: {path} records no layers (extract it with --layer a,b,c)")
     known = [r["name"] for r in layers]
+    names = _aliased(names, known)
     for n in names:
         if n not in known:
             raise FeatcacheError(f"--layers: {path} has no layer {n!r}; it holds {', '.join(known)}")
@@ -53,5 +54,20 @@ def layer_set_label(names: tuple[str, ...] | None, attrs: dict) -> str | None:
     """The set as the leaderboard shows it: names in the cache's order, comma-joined."""
     if names is None:
         return None
-    order = [r["name"] for r in attrs.get("layers") or []]
-    return ",".join(sorted(names, key=order.index))
+    order = [r["name"] for r in _layers(attrs)]
+    return ",".join(sorted(_aliased(names, order), key=order.index))
+
+
+def _layers(attrs: dict) -> list[dict]:
+    """The cache's layer records; a default-layer cache (no ``layers``) is its one layer."""
+    layers = attrs.get("layers") or []
+    if not layers and str(attrs.get("layer", "")).startswith("input of"):
+        layers = [{"name": attrs["layer"], "start": 0, "stop": int(attrs["feature_dim"])}]
+    return layers
+
+
+def _aliased(names: tuple[str, ...], known: list[str]) -> tuple[str, ...]:
+    """The default layer is recorded as "input of <classifier>", which `featcache layers` (and the
+    docs) call pre_logits: that name reads it too."""
+    alias = {"pre_logits": n for n in known if n.startswith("input of")}
+    return tuple(alias.get(n, n) for n in names)

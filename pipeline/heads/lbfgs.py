@@ -13,7 +13,9 @@ plain L-BFGS took 50-100 per C on 40,000 x 2,048 standardised features (bench/li
   rotated into Sigma's eigenbasis once instead (``rotate``) and H0 is elementwise. Correlated
   features (CNN activations are) are what makes the unpreconditioned problem ill-conditioned.
   The intercept block is ``A`` alone (pseudo-inverse: the multinomial logits are invariant to a
-  common shift, which no gradient ever has).
+  common shift, which no gradient ever has). ``safe_eigh`` retries a failed eigh in float64 and
+  with jitter (exact.py then turns the preconditioner off): it only ever changes the steps. With
+  folds (exact.fit_exact_folds) one Sigma, of every fold's rows, serves all heads; ``A`` is per head.
 * **Curvature carried along the path.** Moving from C to a larger C changes the Hessian by exactly
   ``(lam_new - lam_old) I`` on the weights, so a solved head's pairs ``(s, y)`` stay valid for the
   next C after ``y += (lam_new - lam_old) s_W``; a pair that loses ``s.y > 0`` is dropped.
@@ -37,18 +39,62 @@ SIGMA_ROWS = 8192  # rows (evenly strided) that estimate Sigma: it only shapes t
 MAX_PRECOND_DIM = 4096  # above this many features eigh(Sigma) costs more than it saves: scalar H0
 
 
+def sigma_step(n_rows: int) -> int:
+    """Every how many rows Sigma is estimated from (all rows up to 2 * SIGMA_ROWS - 1)."""
+    return max(1, n_rows // SIGMA_ROWS)
+
+
+def safe_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str | None] | None:
+    """eigh of symmetric positive semi-definite M (D, D), or a batch (..., D, D), that does not give
+    up at the first failure.
+
+    LAPACK's divide and conquer (syevd) fails to converge on some float32 covariances of few rows
+    and many dead (all-zero) features (issue 24). Tries M as given, then in float64, then in
+    float64 plus a jitter of 1e-10 and 1e-6 of each matrix's mean |diagonal| (eigenvectors
+    unchanged; the jitter is taken back off the values).
+
+    Returns:
+        (values ascending (..., D), vectors (..., D, D), both in M's dtype; a note saying which
+        fallback was needed, or None), or None when every try failed or gave non-finite values.
+    """
+    M64 = M.double()
+    scale = M64.diagonal(dim1=-2, dim2=-1).abs().mean(-1)  # (...,)
+    eye = torch.eye(M.shape[-1], dtype=torch.float64, device=M.device)
+    tries = [(M, None, 0.0)] if M.dtype == torch.float64 else [(M, None, 0.0), (M64, "eigh in float64", 0.0)]
+    tries += [(M64 + (eps * scale)[..., None, None] * eye, f"eigh in float64 with a {eps:g} jitter", eps)
+              for eps in (1e-10, 1e-6)]
+    for mat, note, eps in tries:
+        try:
+            vals, vecs = torch.linalg.eigh(mat)
+        except torch.OutOfMemoryError:  # not a numerical failure: the caller must hear of it
+            raise
+        except (torch.linalg.LinAlgError, RuntimeError):  # some cusolver failures are RuntimeErrors
+            continue
+        if bool(torch.isfinite(vals).all()) and bool(torch.isfinite(vecs).all()):
+            return (vals.double() - (eps * scale)[..., None]).to(M.dtype), vecs.to(M.dtype), note
+    return None
+
+
 class Preconditioner:
     """``(A (x) Sigma + lam I)^-1`` for the weights and ``A^+`` for the intercepts, per head."""
 
-    def __init__(self, X: torch.Tensor, w: torch.Tensor, k: int):
-        """X (N, D) standardised rows, w (N,) row weights summing to 1, k free logits per head."""
-        self.step = max(1, X.shape[0] // SIGMA_ROWS)
-        Xs, ws = X[:: self.step], w[:: self.step]
-        sigma = (Xs * (ws / ws.sum())[:, None]).t() @ Xs  # (D, D)
-        lam_d, V = torch.linalg.eigh(sigma)  # ascending
+    def __init__(self, sigma: torch.Tensor, k: int, rank: int, step: int = 1):
+        """Args:
+            sigma: (D, D) weighted covariance of the rows (exact.sigma_of: weights summing to 1).
+            k: free logits per head.
+            rank: rows of non-zero weight that sigma saw (they bound its rank; see ``rotate``).
+            step: sigma came from every ``step``-th row (1 = every row, which ``rotate`` needs).
+        Raises:
+            torch.linalg.LinAlgError: no eigendecomposition of sigma, even in float64 with jitter
+            (the caller then solves with a scalar H0: slower, same optimum).
+        """
+        eig = safe_eigh(sigma)
+        if eig is None:
+            raise torch.linalg.LinAlgError("eigh of Sigma failed, in float64 and with jitter too")
+        lam_d, V, note = eig  # ascending
+        self.notes = [f"preconditioner: {note}"] if note else []  # fallbacks used, for ExactResult.note
         self.lam_d, self.V = lam_d.clamp_min(0), V  # V None once X is rotated: H0 is then elementwise
-        self.k, self.d = k, X.shape[1]
-        self.rank = int((w[:: self.step] > 0).sum())  # rows that count bound Sigma's rank
+        self.k, self.d, self.rank, self.step = k, sigma.shape[0], rank, step
 
     def rotate(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """X (N, D) in Sigma's eigenbasis, without its null space: returns (X V, V) with V (D, r),
@@ -70,8 +116,13 @@ class Preconditioner:
 
     def set_heads(self, A: torch.Tensor, lam: torch.Tensor) -> None:
         """A (H, K, K) class curvature and lam (H,) penalty of the heads about to be solved."""
-        a, self.E = torch.linalg.eigh(A.double())
-        a = a.clamp_min(0)
+        eig = safe_eigh(A.double())
+        if eig is None:  # A's diagonal alone: still a positive H0, only a slower one
+            eye = torch.eye(A.shape[1], dtype=torch.float64, device=A.device)
+            eig = A.double().diagonal(dim1=1, dim2=2), eye.expand_as(A).clone(), "diagonal class curvature: eigh failed"
+        if eig[2] and f"preconditioner: {eig[2]}" not in self.notes:
+            self.notes.append(f"preconditioner: {eig[2]}")
+        a, self.E = eig[0].clamp_min(0), eig[1]
         dtype = self.lam_d.dtype
         self.a, self.E, self.lam = a.to(dtype), self.E.to(dtype), lam.to(dtype)
         # 1e-10 of the largest: the shift direction of the multinomial logits, 0 up to float64 rounding
@@ -114,15 +165,16 @@ class History:
         return cls(like.new_zeros(HISTORY, h, p), like.new_zeros(HISTORY, h, p), like.new_zeros(HISTORY, h),
                    torch.zeros(h, dtype=torch.float64, device=like.device))
 
-    def carried(self, source: int, lam: torch.Tensor, n_weights: int) -> "History":
-        """Head ``source``'s pairs for len(lam) heads at penalties lam: y gains (lam - lam_old) s on
-        the weights, the exact change of the Hessian."""
-        h, source = len(lam), source % self.S.shape[1]
-        S = self.S[:, source: source + 1].expand(-1, h, -1).clone()
-        Y = self.Y[:, source: source + 1].expand(-1, h, -1).clone()
-        shift = (lam - self.lam[source]).to(S.dtype)  # (H,)
+    def carried(self, source: int | torch.Tensor, lam: torch.Tensor, n_weights: int) -> "History":
+        """The pairs of head ``source`` (one index for all, or (H,) indices, one per new head: its
+        own fold's head, exact.fit_exact_folds) for len(lam) heads at penalties lam: y gains
+        (lam - lam_old) s on the weights, the exact change of the Hessian."""
+        h = len(lam)
+        src = torch.as_tensor(source, device=self.S.device).long().expand(h) % self.S.shape[1]  # (H,)
+        S, Y = self.S[:, src], self.Y[:, src]  # (M, H, P) copies
+        shift = (lam - self.lam[src]).to(S.dtype)  # (H,)
         Y[:, :, :n_weights] += shift[None, :, None] * S[:, :, :n_weights]
-        live = (self.rho[:, source: source + 1] != 0) & _curvature_ok(S, Y)
+        live = (self.rho[:, src] != 0) & _curvature_ok(S, Y)
         rho = torch.where(live, 1.0 / (S * Y).sum(2).clamp_min(1e-30), 0.0)
         return History(S, Y, rho, lam.clone(), self.ptr, self.filled)
 
@@ -160,8 +212,9 @@ def _direction(g: torch.Tensor, hist: History, rows: torch.Tensor | slice, h0: C
 
 
 def _line_search(loss: Callable, lam: torch.Tensor, th: torch.Tensor, f0: torch.Tensor, g0: torch.Tensor,
-                 d: torch.Tensor, slope: torch.Tensor):
-    """Backtracking (Armijo) with a safeguarded quadratic step, per head, from t = 1 along d (H', P).
+                 d: torch.Tensor, slope: torch.Tensor, heads: torch.Tensor):
+    """Backtracking (Armijo) with a safeguarded quadratic step, per head, from t = 1 along d (H', P);
+    ``heads`` (H',) are their indices among the block's heads (the loss's per-head row weights).
 
     Returns (theta, f, grad, pending): the accepted point of each head, or its start where no
     step in MAX_LS was accepted (pending True). Most L-BFGS steps take t = 1 for every head,
@@ -175,7 +228,7 @@ def _line_search(loss: Callable, lam: torch.Tensor, th: torch.Tensor, f0: torch.
         return armijo | ((ft <= fs + APPROX_WOLFE * fs.abs()) & (torch.linalg.vecdot(gt, dd) <= -(1 - 2e-4) * sl))
 
     trial = th + d
-    ft, gt = loss(trial, lam)
+    ft, gt = loss(trial, lam, heads)
     ok = accepted(ft, gt, d, 1.0, slope, f0)
     if bool(ok.all()):
         return trial, ft, gt, torch.zeros_like(ok)
@@ -196,7 +249,7 @@ def _line_search(loss: Callable, lam: torch.Tensor, th: torch.Tensor, f0: torch.
         t[rej] = torch.minimum(torch.maximum(quad, 0.1 * tr), 0.5 * tr)
         pi = torch.nonzero(pending).squeeze(1)
         trial = th[pi] + t[pi, None] * d[pi]
-        ft, gt = loss(trial, lam[pi])
+        ft, gt = loss(trial, lam[pi], heads[pi])
         ok = accepted(ft, gt, d[pi], t[pi], slope[pi], f0[pi])
     return new_th, new_f, new_g, pending
 
@@ -211,6 +264,10 @@ def lbfgs(loss: Callable, theta: torch.Tensor, lam: torch.Tensor, hist: History,
     two-loop it costs nothing: d is the next step anyway. ``grad_max(g)`` gives max |grad| (H',) in
     the caller's coordinates when theta's are rotated (exact.py); it is asked only of heads that
     pass the other test, so its cost does not recur every iteration.
+
+    ``loss(theta, lam, heads=None, curvature=False)`` returns f (H',) float64 and grad (H', P) of
+    the heads ``heads`` (indices into theta's rows; None = all), and with ``curvature`` also the
+    class curvature A (H', K, K) that ``precond.set_heads`` takes.
 
     Returns (theta, f float64 (H,), n_iter (H,), converged (H,) bool, hist), numpy for the middle three.
     """
@@ -254,7 +311,7 @@ def lbfgs(loss: Callable, theta: torch.Tensor, lam: torch.Tensor, hist: History,
             keep = torch.as_tensor(np.flatnonzero(~stop), device=theta.device)
             act, a, ga, fa, th, d, slope = act[~stop], a[keep], ga[keep], fa[keep], th[keep], d[keep], slope[keep]
             rows = a
-        new_th, new_f, new_g, pending = _line_search(loss, lam[rows], th, fa, ga, d, slope)
+        new_th, new_f, new_g, pending = _line_search(loss, lam[rows], th, fa, ga, d, slope, a)
         # a failed line search means the curvature pairs went bad (a tiny step's y is float noise):
         # forget them and retry along H0 g; it stalls for good only with no pairs left
         empty = (hist.rho[:, rows] == 0).all(0)

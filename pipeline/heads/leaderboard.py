@@ -50,7 +50,7 @@ def logreg_row(i: int, res: LogregResult, data: Prepared, seed: int) -> dict:
 def exact_row(i: int, res: ExactResult, data: Prepared, seed: int) -> dict:
     """Leaderboard row of one C of the exact linear probe (heads/exact.py): L-BFGS iterations, no epochs."""
     return {"index": i, "head": "linear", "solver": "exact", "hidden": "0", "C": res.C, "seed": seed,
-            "n_iter": res.n_iter, "converged": res.converged, "objective": res.objective,
+            "n_iter": res.n_iter, "converged": res.converged, "objective": res.objective, "note": res.note,
             **split_scores(res.head, data), "seconds": round(res.seconds, 4)}
 
 

@@ -23,7 +23,7 @@ import re
 import resource
 from dataclasses import asdict, dataclass
 
-from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.errors import FeatcacheError, opt
 
 RUNTIME_BYTES = 1 << 30  # python, torch, numpy, h5py, sklearn: 1.07 GB peak RSS on a 20 MB cache (bench/scale.py)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -42,8 +42,10 @@ def parse_size(value: str | int | None, name: str = "max_memory") -> int | None:
 def _cgroup_room() -> int | None:
     """Bytes the cgroup (v2) still lets this process use, or None without a limit."""
     try:
-        limit = open("/sys/fs/cgroup/memory.max").read().strip()
-        used = int(open("/sys/fs/cgroup/memory.current").read())
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            limit = fh.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as fh:
+            used = int(fh.read())
     except (OSError, ValueError):
         return None
     return None if limit == "max" else max(int(limit) - used, 0)
@@ -53,9 +55,10 @@ def available_bytes() -> int:
     """Memory a new allocation can get: MemAvailable, or less under a cgroup limit."""
     avail = None
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
     except OSError:
         pass
     if avail is None:  # not Linux: physical memory as the bound
@@ -97,7 +100,7 @@ class MemoryPlan:
             return
         parts = ", ".join(f"{k} {_gb(v)}" for k, v in asdict(self).items()
                           if k not in ("available", "budget") and v >= 50 << 20)
-        which = f"--max-memory {_gb(self.budget)}" if self.budget and self.budget < self.available else \
+        which = f"{opt('max_memory')} {_gb(self.budget)}" if self.budget and self.budget < self.available else \
             f"{_gb(self.available)} available"
         raise FeatcacheError(f"fit-head needs about {_gb(self.total)} ({parts}), {which}; train fewer "
                              "configurations or columns (--layers), or on a machine with more memory "

@@ -19,9 +19,6 @@ def predict_proba(head: nn.Module, X: torch.Tensor, chunk: int = 8192) -> torch.
     return torch.cat([F.softmax(head(X[s: s + chunk]), dim=1) for s in range(0, len(X), chunk)]) if len(X) else torch.zeros(0)
 
 
-SELECT_BY = ("accuracy", "balanced_accuracy", "macro_f1")  # what a sweep may rank its configurations by
-
-
 def label_scores(y: np.ndarray, pred: np.ndarray) -> dict:
     """Accuracy, balanced accuracy (mean per-class recall over the classes present in ``y``) and
     macro-F1 (over the classes present in ``y`` or ``pred``) of integer predictions."""

@@ -1,6 +1,7 @@
 """Turn fit-head options and results into what people read (option parsing, printed tables)."""
 from __future__ import annotations
 
+from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.options import int_list
 
 
@@ -19,6 +20,22 @@ def parse_hidden(values: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
         else:
             archs.append(sizes)
     return tuple(dict.fromkeys(archs))
+
+
+def parse_class_weight(value: str | None):
+    """``--class-weight balanced`` or ``cat=2,dog=0.5`` -> HeadConfig's class_weight."""
+    if value is None or value.strip() == "balanced":
+        return None if value is None else "balanced"
+    pairs = []
+    for item in value.split(","):
+        name, sep, weight = item.partition("=")
+        try:
+            pairs.append((name.strip(), float(weight)))
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise FeatcacheError(f"invalid value for --class-weight: expected balanced or CLASS=WEIGHT,..., got {value!r}")
+    return tuple(sorted(pairs))
 
 
 def parse_train_sizes(value: str | None) -> tuple[int, ...]:
@@ -69,6 +86,15 @@ def _describe(s: dict) -> str:
     from featcache.pipeline.heads import kinds
 
     return kinds.get(s["winner_kind"]).describe(s["params"])
+
+
+def per_class_lines(split: str, report: dict) -> list[str]:
+    """A per-class table (precision, recall, F1, support) from classification_report's dict."""
+    names = [k for k, v in report.items() if isinstance(v, dict) and k not in ("macro avg", "weighted avg")]
+    rows = [[n, *(fmt(float(report[n][m]), "accuracy") for m in ("precision", "recall", "f1-score")),
+             str(int(report[n]["support"]))] for n in [*names, "macro avg"]]
+    return [f"{split} per class:", *("  " + ln for ln in table(["class", "precision", "recall", "f1", "support"], rows,
+                                                             left=("class",)))]
 
 
 def fit_lines(s: dict) -> list[str]:

@@ -8,7 +8,6 @@ RUN_DIR, which is then renamed into place, so a reader never sees a new head bes
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
 import time
@@ -20,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from featcache.cache.atomic import fsync_dir
+from featcache.cache.atomic import (check_output_name, disk_full_error, fsync_dir, is_disk_full, real_path,
+                                    write_json)
 from featcache.cache.lock import cache_lock
 from featcache.cache.store import FeatureCache
 from featcache.pipeline.config import HeadConfig
@@ -348,6 +348,7 @@ class SweepResult:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise FeatcacheError(f"cannot create the folder of run {out}: {e.strerror or e}") from None
+        check_output_name(real_path(out), "run folder")  # name too long / read-only folder: one line, now
         if lock:
             with cache_lock(out, writer="featcache fit-head"):
                 return self.save(out, overwrite=overwrite, plots=plots, lock=False)
@@ -361,6 +362,8 @@ class SweepResult:
             _replace_dir(tmp, out)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, Exception) and is_disk_full(e):
+                raise disk_full_error(out, None) from None
             if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
                 raise FeatcacheError(f"cannot write run folder {out}: {e.strerror or e}") from None
             raise
@@ -382,7 +385,7 @@ class SweepResult:
                     files.append(plots.save_figure(fig, folder / name))
         metrics = {**self.metrics, "files": files}
         metrics["seconds"] = round(self.seconds + time.perf_counter() - t0, 3)
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_json(folder / "metrics.json", metrics)
         for name in files:  # on disk before the rename makes the run visible
             with open(folder / name, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -95,7 +95,8 @@ def runs_lines(data: dict) -> list[str]:
     else:
         cols = ["run", "backbone", "dim", "cache", "head", "configs", "best", "cv_acc", "train_acc", "val_acc",
                 "test_acc", "seconds"]
-        body = [[r["run"], str(r["backbone"] or "-"), fmt(r["feature_dim"]), Path(str(r["cache"])).name,
+        body = [[r["run"], str(r["backbone"] or "-"), fmt(r["feature_dim"]),
+                 Path(r["cache"]).name if r["cache"] else "(arrays)",
                  r["head"] + (" +refit" if r["refit"] else ""), str(r["n_configs"]), r["best"], _cv(r),
                  fmt(r["train_accuracy"], "accuracy"), fmt(r["val_accuracy"], "accuracy"),
                  fmt(r["test_accuracy"], "accuracy"), fmt(r["seconds"], "seconds")] for r in runs]

@@ -99,12 +99,14 @@ def configurations(cfg: HeadConfig) -> list[HeadParams]:
     return sample(cfg) if cfg.search == "random" else expand(cfg)
 
 
-def c_values(cfg: HeadConfig) -> list[float]:
-    """Inverse regularisation strengths tried by ``--head logreg`` (grid or log-uniform samples)."""
+def c_values(cfg: HeadConfig, default: tuple[float, ...] = ()) -> list[float]:
+    """Inverse regularisation strengths tried (grid, or log-uniform samples): ``cfg.C``, or the
+    head's own ``default`` path when C was not given."""
+    cs = cfg.C if cfg.C is not None else default
     if cfg.search == "grid":
-        return list(dict.fromkeys(cfg.C))
+        return list(dict.fromkeys(cs))
     rng = np.random.default_rng(cfg.seed)
-    return list(dict.fromkeys(_log_uniform(rng, cfg.C) for _ in range(cfg.trials or DEFAULT_TRIALS)))
+    return list(dict.fromkeys(_log_uniform(rng, cs) for _ in range(cfg.trials or DEFAULT_TRIALS)))
 
 
 def swept(rows: list[dict]) -> list[str]:

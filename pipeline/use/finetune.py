@@ -3,6 +3,7 @@ the whole network (or its last N blocks) on the images with augmentation.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from featcache.cache.atomic import write_json
 from featcache.pipeline.heads.data import hold_out, labeled_split_rows
-from featcache.pipeline.device import resolve_device
+from featcache.pipeline.device import cuda_math, decode_layout, resolve_device
 from featcache.pipeline.extraction.discover import discover
 from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.outputs import check_output_folder, output_folder_kind
@@ -44,7 +45,7 @@ class FinetuneConfig:
     weight_decay: float = 1e-4  # AdamW, not on biases or norm parameters
     patience: int = 3
     val_fraction: float = 0.2
-    workers: int = 0
+    workers: int | None = None  # decoding processes; None = decode_workers() chooses for the device
     device: str = "auto"
     seed: int = 0
 
@@ -135,9 +136,28 @@ def _collate(items):
     return (torch.stack([t for t, _ in ok]), torch.tensor([i for _, i in ok])) if ok else (None, None)
 
 
-def _loader(ds: ImageFiles, rows: list[int], labels: torch.Tensor, cfg, shuffle: bool, gen=None):
+def decode_workers(device: torch.device, workers: int | None) -> int:
+    """DataLoader worker processes decoding and augmenting images.
+
+    Args:
+        device: where training runs; workers: ``--workers`` (None: chosen here).
+    Returns:
+        ``workers`` as given; else on CUDA one process per core but the main process's, at least
+        one (the main process only feeds the GPU, so decoding there would stall it); on the CPU
+        none, since the training threads already occupy every core (device.decode_layout).
+    """
+    if workers is not None:
+        return workers
+    return max(1, decode_layout(device, None).processes) if device.type == "cuda" else 0
+
+
+def _loader(ds: ImageFiles, rows: list[int], labels: torch.Tensor, cfg: FinetuneConfig, shuffle: bool, gen=None,
+            *, workers: int = 0, pin: bool = False, persistent: bool = False) -> DataLoader:
+    """Batches of ``rows``; ``pin``: page-locked host memory, so the copy to the GPU does not block;
+    ``persistent``: worker processes outlive an epoch (loaders read once per epoch)."""
     sub = torch.utils.data.Subset(ds, rows)
-    return DataLoader(sub, batch_size=cfg.batch_size, shuffle=shuffle, generator=gen, num_workers=cfg.workers,
+    return DataLoader(sub, batch_size=cfg.batch_size, shuffle=shuffle, generator=gen, num_workers=workers,
+                      pin_memory=pin, persistent_workers=persistent and workers > 0,
                       collate_fn=functools.partial(_collate_labeled, labels=labels))
 
 
@@ -147,19 +167,76 @@ def _collate_labeled(items, labels: torch.Tensor):
     return (x, labels[idx]) if x is not None else (None, None)
 
 
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch on the device (non-blocking from pinned memory), images channels_last on CUDA."""
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return (x.to(memory_format=torch.channels_last) if device.type == "cuda" else x), y
+
+
+def _sums(device: torch.device) -> torch.Tensor:
+    """Running [loss sum, correct] kept on the device (float64): read once per pass, not per batch."""
+    return torch.zeros(2, dtype=torch.float64, device=device)
+
+
+def _add_batch(sums: torch.Tensor, loss_sum: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+    sums[0] += loss_sum.detach()
+    sums[1] += (logits.detach().argmax(1) == y).sum()
+
+
+def _means(sums: torch.Tensor, n: int) -> tuple[float, float]:
+    """(mean loss, accuracy) over ``n`` rows: the pass's one host sync."""
+    loss, correct = sums.tolist()
+    return loss / max(n, 1), correct / max(n, 1)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device, amp) -> dict:
+    """Mean loss and accuracy of ``model`` on ``loader``'s batches, on ``device`` under ``amp``."""
     model.eval()
-    loss, correct, n = 0.0, 0, 0
+    sums, n = _sums(device), 0
     for x, y in loader:
         if x is None:
             continue
+        x, y = _to_device(x, y, device)
         with amp:
-            logits = model(x.to(device)).float()
-        loss += F.cross_entropy(logits, y.to(device), reduction="sum").item()
-        correct += (logits.argmax(1).cpu() == y).sum().item()
+            logits = model(x).float()
+        _add_batch(sums, F.cross_entropy(logits, y, reduction="sum"), logits, y)
         n += len(y)
-    return {"loss": loss / n, "accuracy": correct / n} if n else {}
+    if not n:
+        return {}
+    loss, accuracy = _means(sums, n)
+    return {"loss": loss, "accuracy": accuracy}
+
+
+def train_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, device: torch.device, amp,
+                progress_desc: str | None = None) -> dict:
+    """One pass of AdamW steps over ``loader``; returns {"train_loss", "train_accuracy"}.
+
+    Loss and accuracy are summed on the device and read once at the end: a read per step (an
+    ``.item()``) would make the host wait for every step's GPU work before queuing the next.
+    """
+    model.train()
+    for m in model.backbone.modules():
+        # Batch norm keeps its pretrained running statistics (its affine parameters still train):
+        # re-estimating them from small fine-tuning batches shifts every feature the head relies on.
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    sums, n = _sums(device), 0
+    bar = tqdm(loader, desc=progress_desc, unit="batch", disable=progress_desc is None, file=sys.stderr)
+    for x, y in bar:
+        if x is None:
+            continue
+        x, y = _to_device(x, y, device)
+        with amp:
+            logits = model(x).float()
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _add_batch(sums, loss * len(y), logits, y)
+        n += len(y)
+    loss, accuracy = _means(sums, n)
+    return {"train_loss": loss, "train_accuracy": accuracy}
 
 
 def _unfreeze_count(unfreeze: str) -> int | None:
@@ -195,15 +272,31 @@ def _check_output(output: str, run_dir: str, image_dir: str) -> None:
 
 
 def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
+    """Fine-tune, keep the best epoch (by val loss; epoch 0 = the frozen-feature solution), save it.
+
+    On CUDA: bf16 autocast, channels_last, cuDNN autotuning, decoding in worker processes into
+    pinned memory; the returned scores are computed on the device in that precision.
+    """
     t0 = time.perf_counter()
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.backbone_lr_mult < 0:
         raise FeatcacheError("--epochs/--batch-size must be >= 1, --lr > 0, --backbone-lr-mult >= 0")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise FeatcacheError("--workers must be 0 or more")
     _unfreeze_count(cfg.unfreeze)
     _check_output(cfg.output, cfg.run_dir, cfg.image_dir)
     pred = load_run(cfg.run_dir)
     disc = discover(cfg.image_dir)
     rows = _splits(disc, pred.class_names, cfg.val_fraction, cfg.seed)
     device = resolve_device(cfg.device)
+    # Fixed crop size: cuDNN may time its algorithms once per shape and keep the fastest (fine-tuning
+    # promises no bit-equal rerun, unlike extraction).
+    cuda = device.type == "cuda"
+    with cuda_math(deterministic=False, benchmark=True, tf32=True) if cuda else contextlib.nullcontext():
+        return _finetune(cfg, pred, disc, rows, device, progress, t0)
+
+
+def _finetune(cfg: FinetuneConfig, pred, disc, rows: dict[str, list[int]], device: torch.device, progress: bool,
+              t0: float) -> dict:
     torch.manual_seed(cfg.seed)
     model = pred.model.to(device)
     cuda = device.type == "cuda"
@@ -216,38 +309,17 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     train_ds = TransformedFiles(disc.root, paths, pred.preprocess, train_transform(pred.preprocess))
     eval_ds = TransformedFiles(disc.root, paths, pred.preprocess, pred.preprocess.transform())
     gen = torch.Generator().manual_seed(cfg.seed)
-    train_dl = _loader(train_ds, rows["train"], labels, cfg, True, gen)
-    val_dl = _loader(eval_ds, rows["val"], labels, cfg, False) if rows["val"] else None
+    io = {"workers": decode_workers(device, cfg.workers), "pin": cuda}
+    train_dl = _loader(train_ds, rows["train"], labels, cfg, True, gen, persistent=True, **io)
+    val_dl = _loader(eval_ds, rows["val"], labels, cfg, False, persistent=True, **io) if rows["val"] else None
     baseline = evaluate(model, val_dl, device, amp) if val_dl else {}
     opt = torch.optim.AdamW(param_groups(model, cfg))
     # Epoch 0 (the frozen-feature solution) competes too: fine-tuning never returns a worse model.
     best = baseline.get("loss", float("inf"))
     best_state, best_epoch, wait, history = copy.deepcopy(model.state_dict()), 0, 0, []
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        for m in model.backbone.modules():
-            # Batch norm keeps its pretrained running statistics (its affine parameters still train):
-            # re-estimating them from small fine-tuning batches shifts every feature the head relies on.
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-        tot, correct, n = 0.0, 0, 0
-        bar = tqdm(train_dl, desc=f"finetune {epoch}/{cfg.epochs}", unit="batch", disable=not progress, file=sys.stderr)
-        for x, y in bar:
-            if x is None:
-                continue
-            x, y = x.to(device, non_blocking=True), y.to(device)
-            if cuda:
-                x = x.to(memory_format=torch.channels_last)
-            with amp:
-                logits = model(x).float()
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            n += len(y)
-        rec = {"epoch": epoch, "train_loss": tot / max(n, 1), "train_accuracy": correct / max(n, 1)}
+        rec = {"epoch": epoch, **train_epoch(model, train_dl, opt, device, amp,
+                                             f"finetune {epoch}/{cfg.epochs}" if progress else None)}
         if val_dl:
             v = evaluate(model, val_dl, device, amp)
             rec.update(val_loss=v["loss"], val_accuracy=v["accuracy"])
@@ -260,18 +332,17 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
             if val_dl and cfg.patience > 0 and wait >= cfg.patience:
                 break
     model.load_state_dict(best_state)
+    # Scored where it trained, in its training precision (the val scores match the history's).
+    scores = {s: evaluate(model, val_dl if s == "val" else _loader(eval_ds, rows[s], labels, cfg, False, **io),
+                          device, amp) for s in ("train", "val", "test") if rows[s]}
     model = model.to(memory_format=torch.contiguous_format).cpu().eval()
-    scores = {}
-    for split in ("train", "val", "test"):
-        if rows[split]:
-            scores[split] = evaluate(model, _loader(eval_ds, rows[split], labels, cfg, False), torch.device("cpu"),
-                                     torch.autocast("cpu", enabled=False))
     meta = {**pred.meta, "preprocess": pred.preprocess.to_dict(), "finetune_config": asdict(cfg)}
     out = Path(cfg.output)
     save_finetuned(out, model, meta)
     metrics = {f"{s}_{k}": v for s, sc in scores.items() for k, v in sc.items()}
     metrics.update(best_epoch=best_epoch, epochs_run=len(history), history=history, config=asdict(cfg),
                    frozen_head_val_accuracy=baseline.get("accuracy"), trainable_blocks=len(trainable),
-                   class_names=pred.class_names, device=str(device), seconds=round(time.perf_counter() - t0, 3))
+                   class_names=pred.class_names, device=str(device), decode_workers=io["workers"],
+                   precision="bf16 autocast" if cuda else "fp32", seconds=round(time.perf_counter() - t0, 3))
     write_json(out / "metrics.json", metrics)
     return {"ft_dir": str(out), **{k: v for k, v in metrics.items() if k != "history"}}

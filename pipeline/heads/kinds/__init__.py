@@ -50,6 +50,11 @@ class HeadKind:
         """Retrain the winner's configuration on ``rows`` of ``data``; returns (module, epochs or None)."""
         raise NotImplementedError
 
+    def cv_refit(self, cfg: "HeadConfig", data: "Prepared", best: "Candidate") -> "Candidate":
+        """The cross-validated winner retrained on every train row (train+val with refit), its row
+        gaining the scores on the splits (kinds with ``selection`` only)."""
+        raise NotImplementedError
+
     def label(self, row: dict) -> str:
         """A configuration in a few words (legends, ``runs``), from its leaderboard row or recorded params."""
         return self.name

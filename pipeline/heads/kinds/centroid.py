@@ -9,35 +9,9 @@ from __future__ import annotations
 
 import time
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
+from featcache.pipeline.errors import opt
 from featcache.pipeline.heads.kinds import HeadKind, register
 from featcache.pipeline.heads.kinds.sequential import rows_of
-from featcache.pipeline.heads.logreg import ABSENT_CLASS_BIAS
-
-
-class CentroidHead(nn.Module):
-    """Standardised features (N, D) -> cosine similarity to each class centroid / T + bias, (N, C)."""
-
-    def __init__(self, centroids: torch.Tensor, bias: torch.Tensor, temperature: float):
-        super().__init__()
-        self.register_buffer("centroids", centroids)  # (C, D), unit rows (zero for absent classes)
-        self.register_buffer("bias", bias)  # (C,): 0, or ABSENT_CLASS_BIAS for a class without rows
-        self.temperature = temperature
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x.float(), dim=1) @ self.centroids.t() / self.temperature + self.bias
-
-
-def fit_centroids(X: torch.Tensor, y: torch.Tensor, n_classes: int, temperature: float) -> CentroidHead:
-    """The centroid head of rows X (N, D) with labels y (N,)."""
-    Xn = F.normalize(X.float(), dim=1)
-    sums = torch.zeros(n_classes, X.shape[1], device=X.device).index_add_(0, y, Xn)
-    counts = torch.bincount(y, minlength=n_classes)
-    bias = torch.where(counts > 0, 0.0, ABSENT_CLASS_BIAS).float()
-    return CentroidHead(F.normalize(sums, dim=1).cpu(), bias.cpu(), temperature).eval()
 
 
 @register
@@ -48,9 +22,10 @@ class Centroid(HeadKind):
     trains = False
 
     def check(self, cfg) -> list[str]:
-        bad = [f"--knn-temperature {t} (must be > 0 and finite)" for t in cfg.knn_temperature if not 0 < t < float("inf")]
+        bad = [f"{opt('knn_temperature')} {t} (must be > 0 and finite)" for t in cfg.knn_temperature if not 0 < t < float("inf")]
         if cfg.cv or cfg.train_sizes:
-            bad.append("--cv/--train-sizes with --head centroid (it trains nothing; compare it on the val split)")
+            bad.append(f"{opt('cv')}/{opt('train_sizes')} with {opt('head')} centroid (it trains nothing; compare it "
+                       "on the val split)")
         return bad
 
     def solver_bytes(self, cfg, *, n_train: int, dim: int, n_classes: int) -> int:
@@ -58,6 +33,7 @@ class Centroid(HeadKind):
 
     def fit(self, cfg, data):
         from featcache.pipeline.heads.leaderboard import split_scores
+        from featcache.pipeline.heads.similarity import fit_centroids
         from featcache.pipeline.heads.result import Candidate
 
         out = []
@@ -71,6 +47,8 @@ class Centroid(HeadKind):
         return out
 
     def refit(self, cfg, data, best, rows):
+        from featcache.pipeline.heads.similarity import fit_centroids
+
         X, y = rows_of(data, rows)
         return fit_centroids(X, y, len(data.class_names), best.row["knn_temperature"]), None
 
@@ -83,6 +61,10 @@ class Centroid(HeadKind):
     def architecture(self, best, head) -> dict:
         return {"knn_temperature": head.temperature}
 
-    def build(self, meta: dict) -> nn.Module:
+    def build(self, meta: dict):
+        import torch
+
+        from featcache.pipeline.heads.similarity import CentroidHead
+
         c, d = meta["n_classes"], meta["in_dim"]
         return CentroidHead(torch.zeros(c, d), torch.zeros(c), meta["knn_temperature"]).eval()

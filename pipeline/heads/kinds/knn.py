@@ -18,68 +18,11 @@ from __future__ import annotations
 import itertools
 import time
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-
+from featcache.pipeline.errors import opt
 from featcache.pipeline.heads.kinds import HeadKind, register
 from featcache.pipeline.heads.kinds.sequential import rows_of
 
 VOTING = ("temperature", "majority")
-CHUNK = 4096  # evaluated rows per similarity block: (CHUNK, M) float32
-
-
-def vote_log_shares(sims: torch.Tensor, labels: torch.Tensor, n_classes: int, temperature: float,
-                    voting: str) -> torch.Tensor:
-    """(B, k) similarities of the k nearest and their (B, k) labels -> (B, C) log vote shares."""
-    weights = torch.exp(sims / temperature) if voting == "temperature" else torch.ones_like(sims)
-    votes = torch.zeros(len(sims), n_classes, dtype=weights.dtype, device=sims.device)
-    votes.scatter_add_(1, labels, weights)
-    return torch.log(votes / votes.sum(1, keepdim=True) + 1e-12)
-
-
-class KNNHead(nn.Module):
-    """k-NN over a bank of L2-normalised training features: standardised features (N, D) -> (N, C)."""
-
-    def __init__(self, bank: torch.Tensor, labels: torch.Tensor, n_classes: int, k: int, temperature: float,
-                 voting: str):
-        super().__init__()
-        self.register_buffer("bank", bank)  # (M, D) L2-normalised rows, the cache's dtype
-        self.register_buffer("labels", labels.long())  # (M,)
-        self.n_classes, self.k, self.temperature, self.voting = n_classes, min(k, len(bank)), temperature, voting
-        # rows per forward for callers that chunk (metrics.predict_proba): (rows, M) similarities <= ~256 MB
-        self.eval_chunk = max(1, (256 << 20) // (4 * max(len(bank), 1)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sims = F.normalize(x.float(), dim=1) @ self.bank.float().t()  # (N, M)
-        top, idx = sims.topk(self.k, dim=1)
-        return vote_log_shares(top, self.labels[idx], self.n_classes, self.temperature, self.voting)
-
-
-def normalized(X: torch.Tensor) -> torch.Tensor:
-    return F.normalize(X.float(), dim=1)
-
-
-def neighbours(Q: torch.Tensor, bank: torch.Tensor, k: int, exclude_self: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k (similarities, bank indices), each (len(Q), k), in CHUNK-row blocks; with ``exclude_self``
-    Q is the bank itself and row i never counts itself."""
-    sims_out, idx_out = [], []
-    for s in range(0, len(Q), CHUNK):
-        sims = Q[s: s + CHUNK] @ bank.t()  # (b, M)
-        if exclude_self:
-            rows = torch.arange(s, s + len(sims), device=sims.device)
-            sims[torch.arange(len(sims), device=sims.device), rows] = -float("inf")
-        top, idx = sims.topk(k, dim=1)
-        sims_out.append(top)
-        idx_out.append(idx)
-    return torch.cat(sims_out), torch.cat(idx_out)
-
-
-def _scores(log_shares: torch.Tensor, y: torch.Tensor) -> dict:
-    from featcache.pipeline.heads.metrics import label_scores
-
-    return {**label_scores(y.cpu().numpy(), log_shares.argmax(1).cpu().numpy()), "loss": float(F.nll_loss(log_shares, y))}
 
 
 @register
@@ -90,17 +33,19 @@ class KNN(HeadKind):
     trains = False
 
     def check(self, cfg) -> list[str]:
-        bad = [f"--k {k} (must be at least 1)" for k in cfg.k if k < 1]
-        bad += [f"--knn-temperature {t} (must be > 0 and finite)" for t in cfg.knn_temperature if not 0 < t < float("inf")]
-        bad += [f"--knn-voting {v!r} (choose from {', '.join(VOTING)})" for v in cfg.knn_voting if v not in VOTING]
+        bad = [f"{opt('k')} {k} (must be at least 1)" for k in cfg.k if k < 1]
+        bad += [f"{opt('knn_temperature')} {t} (must be > 0 and finite)" for t in cfg.knn_temperature if not 0 < t < float("inf")]
+        bad += [f"{opt('knn_voting')} {v!r} (choose from {', '.join(VOTING)})" for v in cfg.knn_voting if v not in VOTING]
         if cfg.cv or cfg.train_sizes:
-            bad.append("--cv/--train-sizes with --head knn (k-NN trains nothing: its k values are compared on the "
-                       "val split, from one similarity computation)")
+            bad.append(f"{opt('cv')}/{opt('train_sizes')} with {opt('head')} knn (k-NN trains nothing: its k values are "
+                       "compared on the val split, from one similarity computation)")
         return bad
 
     def solver_bytes(self, cfg, *, n_train: int, dim: int, n_classes: int) -> int:
         """The normalised bank (and its saved copy for float16), a normalised query split, and one
         (CHUNK, M) similarity block with its top-k."""
+        from featcache.pipeline.heads.similarity import CHUNK
+
         return 2 * n_train * dim * 4 + 2 * CHUNK * n_train * 4
 
     def configurations(self, cfg) -> list[tuple[int, float, str]]:
@@ -109,22 +54,24 @@ class KNN(HeadKind):
         return list(dict.fromkeys((k, t if v == "temperature" else 0.0, v) for k, t, v in combos))
 
     def fit(self, cfg, data):
+        from featcache.pipeline.heads import similarity as sim
         from featcache.pipeline.heads.result import Candidate
 
         t0 = time.perf_counter()
         n_classes = len(data.class_names)
         Xb, yb = rows_of(data, data.rows["train"])
-        bank = normalized(Xb)
+        bank = sim.normalized(Xb)
         configs = self.configurations(cfg)
         kmax = min(max(k for k, _, _ in configs), len(bank) - 1)
         near = {}  # split -> (sims, labels) of its top-kmax neighbours
         for split in ("train", "val", "test"):
             X, y = data.split(split)
             if len(X):
-                sims, idx = neighbours(normalized(X) if split != "train" else bank, bank, max(kmax, 1), split == "train")
+                query = sim.normalized(X) if split != "train" else bank
+                sims, idx = sim.neighbours(query, bank, max(kmax, 1), split == "train")
                 near[split] = (sims, yb[idx], y)
         shared = (time.perf_counter() - t0) / len(configs)
-        saved = saved_bank(bank, data)  # one tensor shared by every configuration's head
+        saved = sim.saved_bank(bank, data)  # one tensor shared by every configuration's head
         out = []
         for i, (k, temp, voting) in enumerate(configs):
             t1 = time.perf_counter()
@@ -132,21 +79,23 @@ class KNN(HeadKind):
             for split in ("train", "val", "test"):
                 if split in near:
                     sims, labels, y = near[split]
-                    s = _scores(vote_log_shares(sims[:, :k], labels[:, :k], n_classes, temp or 1.0, voting), y)
+                    s = sim.scores(sim.vote_log_shares(sims[:, :k], labels[:, :k], n_classes, temp or 1.0, voting), y)
                 else:
                     s = {}
                 for m in ("loss", "accuracy", "balanced_accuracy", "macro_f1"):
                     row[f"{split}_{m}"] = s.get(m)
             row["seconds"] = round(shared + time.perf_counter() - t1, 4)
-            head = KNNHead(saved, yb.cpu(), n_classes, k, temp or 1.0, voting)
+            head = sim.KNNHead(saved, yb.cpu(), n_classes, k, temp or 1.0, voting)
             out.append(Candidate(row, head))
         return out
 
     def refit(self, cfg, data, best, rows):
+        from featcache.pipeline.heads import similarity as sim
+
         X, y = rows_of(data, rows)
         r = best.row
-        bank = saved_bank(normalized(X), data)
-        return KNNHead(bank, y.cpu(), len(data.class_names), r["k"], r["knn_temperature"] or 1.0, r["knn_voting"]), None
+        bank = sim.saved_bank(sim.normalized(X), data)
+        return sim.KNNHead(bank, y.cpu(), len(data.class_names), r["k"], r["knn_temperature"] or 1.0, r["knn_voting"]), None
 
     def label(self, row: dict) -> str:
         vote = "majority" if row.get("knn_voting") == "majority" else f"T={row.get('knn_temperature', 0):g}"
@@ -159,14 +108,14 @@ class KNN(HeadKind):
         return {"k": head.k, "knn_temperature": head.temperature, "knn_voting": head.voting,
                 "bank_rows": int(head.bank.shape[0]), "bank_dtype": str(head.bank.dtype).replace("torch.", "")}
 
-    def build(self, meta: dict) -> nn.Module:
+    def build(self, meta: dict):
+        import torch
+
+        from featcache.pipeline.heads.similarity import KNNHead
+
         dtype = getattr(torch, meta.get("bank_dtype", "float32"))
         bank = torch.zeros(meta["bank_rows"], meta["in_dim"], dtype=dtype)
         return KNNHead(bank, torch.zeros(meta["bank_rows"], dtype=torch.long), meta["n_classes"], meta["k"],
                        meta["knn_temperature"], meta["knn_voting"]).eval()
 
 
-def saved_bank(bank: torch.Tensor, data) -> torch.Tensor:
-    """The bank as saved: CPU, at the cache's dtype (float16 caches keep a float16 bank)."""
-    dtype = torch.float16 if getattr(data, "feature_dtype", "float32") == "float16" else torch.float32
-    return bank.detach().to("cpu", dtype)

@@ -2,8 +2,12 @@
 (heads/logreg.py), saved as the same ``nn.Sequential(Linear)`` a linear head saves."""
 from __future__ import annotations
 
+from featcache.pipeline.errors import opt
 from featcache.pipeline.heads.kinds import register
 from featcache.pipeline.heads.kinds.sequential import SequentialKind, class_weights, rows_of, with_views
+
+
+C_PATH = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # C values tried when none are given: one cold start each
 
 
 @register
@@ -14,8 +18,8 @@ class Logreg(SequentialKind):
 
     def check(self, cfg) -> list[str]:
         if cfg.cv or cfg.train_sizes:
-            return ["--cv/--train-sizes with --head logreg (scikit-learn fits one C at a time; use --head linear, "
-                    "whose exact probe solves the same objective)"]
+            return [f"{opt('cv')}/{opt('train_sizes')} with {opt('head')} logreg (scikit-learn fits one C at a time; "
+                    f"use {opt('head')} linear, whose exact probe solves the same objective)"]
         return []
 
     def solver_bytes(self, cfg, *, n_train: int, dim: int, n_classes: int) -> int:
@@ -31,7 +35,7 @@ class Logreg(SequentialKind):
 
         X, y, weights = with_views(*data.split("train"), data.views_of(data.rows["train"]))
         weights = class_weights(cfg, y, data.class_names, weights)
-        results = fit_logreg(c_values(cfg), X, y, len(data.class_names), cfg.seed, weights)
+        results = fit_logreg(c_values(cfg, C_PATH), X, y, len(data.class_names), cfg.seed, weights)
         return [Candidate(logreg_row(i, r, data, cfg.seed), r.head) for i, r in enumerate(results)]
 
     def refit(self, cfg, data, best, rows):

@@ -3,6 +3,7 @@ epochs as stacks of configurations (heads/train.py); ``hidden`` lists the archit
 (a 0 in the list adds the linear head to the sweep)."""
 from __future__ import annotations
 
+from featcache.pipeline.errors import opt
 from featcache.pipeline.heads.kinds import register
 from featcache.pipeline.heads.kinds.sequential import EpochKind
 
@@ -15,7 +16,7 @@ class MLP(EpochKind):
     def check(self, cfg) -> list[str]:
         bad = super().check(cfg)
         if cfg.batchnorm and cfg.batch_size < 2:
-            bad.append("--batchnorm needs --batch-size of at least 2 (batch norm cannot normalise one row)")
+            bad.append(f"{opt('batchnorm')} needs {opt('batch_size')} of at least 2 (batch norm cannot normalise one row)")
         return bad
 
     def architectures(self, cfg) -> list[tuple[int, ...]]:

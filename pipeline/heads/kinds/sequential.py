@@ -7,12 +7,16 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-import numpy as np
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
+import numpy as np
+
+from featcache.pipeline.errors import opt
 from featcache.pipeline.heads.kinds import HeadKind
-from featcache.pipeline.heads.stacked import build_sequential
+
+if TYPE_CHECKING:  # annotations only: kinds are imported by the CLI before torch is
+    import torch
+    from torch import nn
 
 EPOCH_OPTIONS = ("lr", "weight_decay", "l1", "optimizer", "momentum", "epochs", "batch_size", "patience")
 
@@ -23,6 +27,8 @@ def with_views(X: torch.Tensor, y: torch.Tensor, views: torch.Tensor | None):
     means what it means without views. Returns (X, y, sample_weight or None)."""
     if views is None:
         return X, y, None
+    import torch
+
     k = 1 + views.shape[1]
     return (torch.cat([X, views.reshape(-1, X.shape[1])]), torch.cat([y, y.repeat_interleave(views.shape[1])]),
             np.full(len(y) * k, 1.0 / k))
@@ -34,7 +40,7 @@ def class_weights(cfg, y: torch.Tensor, class_names: list[str], weights: np.ndar
     the given weight (1 for classes not named); times the rows' own ``weights`` (views)."""
     if cfg.class_weight is None:
         return weights
-    from featcache.pipeline.errors import FeatcacheError
+    from featcache.pipeline.errors import FeatcacheError, opt
 
     labels = y.cpu().numpy()
     per_class = np.ones(len(class_names))
@@ -44,14 +50,14 @@ def class_weights(cfg, y: torch.Tensor, class_names: list[str], weights: np.ndar
         present = np.unique(labels)
         per_class[present] = compute_class_weight("balanced", classes=present, y=labels)
     elif isinstance(cfg.class_weight, str):
-        raise FeatcacheError(f"--class-weight {cfg.class_weight!r}: give 'balanced' or class=weight pairs")
+        raise FeatcacheError(f"{opt('class_weight')} {cfg.class_weight!r}: give 'balanced' or class=weight pairs")
     else:
         for name, w in cfg.class_weight:
             if name not in class_names:
-                raise FeatcacheError(f"--class-weight names class {name!r}, which the cache does not have "
+                raise FeatcacheError(f"{opt('class_weight')} names class {name!r}, which the cache does not have "
                                      f"(classes: {', '.join(class_names[:10])})")
             if not 0 < float(w) < float("inf"):
-                raise FeatcacheError(f"--class-weight {name}={w}: a weight must be positive and finite")
+                raise FeatcacheError(f"{opt('class_weight')} {name}={w}: a weight must be positive and finite")
             per_class[class_names.index(name)] = float(w)
     row = per_class[labels]
     return row if weights is None else row * weights
@@ -59,6 +65,8 @@ def class_weights(cfg, y: torch.Tensor, class_names: list[str], weights: np.ndar
 
 def rows_of(data, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """(X, y) of ``rows`` of the prepared data, on its device."""
+    import torch
+
     idx = torch.as_tensor(rows, device=data.X.device)
     return data.X[idx], data.y[idx]
 
@@ -72,6 +80,8 @@ class SequentialKind(HeadKind):
                 "dropout": float(p.dropout) if p else 0.0}
 
     def build(self, meta: dict) -> nn.Module:
+        from featcache.pipeline.heads.stacked import build_sequential
+
         return build_sequential(meta["in_dim"], tuple(meta["hidden"]), meta["n_classes"], meta["batchnorm"],
                                 meta["dropout"])
 
@@ -85,14 +95,19 @@ class EpochKind(SequentialKind):
 
     def check(self, cfg) -> list[str]:
         if cfg.class_weight is not None:
-            return [f"--class-weight with epoch-trained heads (--head {cfg.head} trained by epochs) is not built yet; "
-                    "the exact linear probe and logreg take it"]
+            return [f"{opt('class_weight')} with epoch-trained heads ({opt('head')} {cfg.head} trained by epochs) is "
+                    "not built yet; the exact linear probe and logreg take it"]
         return []
 
     def fit(self, cfg, data):
         from featcache.pipeline.heads.cv import train_torch
 
         return train_torch(cfg, data)
+
+    def cv_refit(self, cfg, data, best):
+        from featcache.pipeline.heads.cv import refit_cv_winner
+
+        return refit_cv_winner(cfg, data, best)
 
     def refit(self, cfg, data, best, rows):
         from featcache.pipeline.heads.train import TrainData, TrainSettings, train_many
