@@ -129,7 +129,7 @@ def main(ctx: click.Context, verbose: bool) -> None:
 
 
 @main.command()
-@click.argument("image_dir", type=click.Path())
+@click.argument("image_dir", metavar="SOURCE", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Cache file to create or update (.h5).")
 @click.option("--backbone", default="resnet18", show_default=True, help="torchvision model name, timm:NAME[.TAG][@SIZE] (any timm model; @SIZE = input pixels) "
                    "or efficientnet_lite0 (bundled ImageNet weights).")
@@ -138,7 +138,8 @@ def main(ctx: click.Context, verbose: bool) -> None:
 @click.option("--layer", default=None, help="Layer(s) to read, comma list = one pass, concatenated (`featcache layers BACKBONE` "
                    "lists them; default: the classifier's input).")
 @click.option("--pool", type=click.Choice(["avg", "max", "flatten"]), default=None,
-              help="Reduce each spatial map or token sequence (default avg; flat layers are stored as they are).")
+              help="Reduce each spatial map or token sequence (default: flatten for the default layer, avg for "
+                   "--layer; flat layers are stored as they are).")
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--workers", default=None, type=int,
@@ -171,7 +172,12 @@ def main(ctx: click.Context, verbose: bool) -> None:
               help="Max rotation in degrees before the crop (0 = none).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 def extract(image_dir, output, as_json, **opts) -> None:
-    """Run the frozen backbone over IMAGE_DIR once and store features in an HDF5 cache."""
+    """Run the frozen backbone over SOURCE once and store features in an HDF5 cache.
+
+    SOURCE is an image folder (CLASS/IMAGE or SPLIT/CLASS/IMAGE) or a .csv/.tsv manifest with a
+    header and columns path,label[,split] (paths relative to the manifest's folder; empty label =
+    unlabeled; split train, val or test, default train).
+    """
     from featcache.pipeline.extraction.quickcheck import up_to_date
 
     cfg = ExtractConfig(image_dir=image_dir, output=output, **opts)
@@ -335,14 +341,17 @@ def runs(experiments_dir, sort, as_json) -> None:
 
 @main.command()
 @click.argument("model", type=click.Path())
-@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.argument("images", nargs=-1, required=True, metavar="SOURCE...", type=click.Path())
 @click.option("--top-k", default=5, show_default=True, type=int)
 @click.option("--batch-size", default=32, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--csv", "csv_path", type=click.Path(), default=None, help="Also write predictions to this CSV file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def predict(model, images, as_json, **opts) -> None:
-    """Classify IMAGES (files or folders) with a fit-head RUN_DIR or a finetune FT_DIR."""
+    """Classify SOURCE... (image files, folders, .csv/.tsv manifests) with a fit-head RUN_DIR or a finetune FT_DIR.
+
+    A manifest's listed images are predicted; where its rows have labels, an accuracy line follows.
+    """
     from featcache.pipeline.use.predict import PredictConfig, predict_lines, run_predict
 
     s = run_predict(PredictConfig(model=model, inputs=tuple(images), **opts), progress=progress_enabled(as_json))
@@ -380,7 +389,7 @@ def export(model, output, as_json) -> None:
 
 
 @main.command()
-@click.argument("image_dir", type=click.Path())
+@click.argument("image_dir", metavar="SOURCE", type=click.Path())
 @click.option("--from", "run_dir", required=True, type=click.Path(), help="fit-head RUN_DIR to start from.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Folder for model.pt, model.json, metrics.json.")
 @click.option("--unfreeze", default="all", show_default=True, help="all, or the number of last backbone blocks to train.")
@@ -397,7 +406,8 @@ def export(model, output, as_json) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 def finetune(image_dir, run_dir, output, as_json, **opts) -> None:
-    """Fine-tune backbone + trained head on IMAGE_DIR, starting from the cached-feature solution."""
+    """Fine-tune backbone + trained head on SOURCE (an image folder or a .csv/.tsv manifest, as for
+    extract; its classes must be the head's), starting from the cached-feature solution."""
     from featcache.pipeline.use.finetune import FinetuneConfig, run_finetune
 
     s = run_finetune(FinetuneConfig(image_dir=image_dir, run_dir=run_dir, output=output, **opts),

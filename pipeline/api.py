@@ -65,12 +65,19 @@ class ExtractResult:
     def open(self) -> "Cache":
         return Cache(self.cache)
 
+    def __repr__(self) -> str:
+        """One short line (the summary dict and skipped files are attributes, not the repr)."""
+        return (f"ExtractResult({str(self.cache)!r}: {self.n_images} images x {self.feature_dim}, extracted "
+                f"{self.extracted}, reused {self.reused}, removed {self.removed}, skipped {self.skipped}, "
+                f"{self.seconds:.1f}s)")
+
 
 def extract(image_dir: PathLike, cache: PathLike, *, progress: bool = False, **options: Any) -> ExtractResult | None:
     """Run the frozen backbone over ``image_dir`` once and store its features in ``cache``.
 
     Args:
-        image_dir: an ImageFolder tree (``<class>/<image>`` or ``{train,val,test}/<class>/<image>``).
+        image_dir: an ImageFolder tree (``<class>/<image>`` or ``{train,val,test}/<class>/<image>``)
+            or a .csv/.tsv manifest with columns path,label[,split] (pipeline/extraction/sources.py).
         cache: the .h5 file to create or update incrementally.
         progress: a tqdm bar on stderr.
         **options: any ``featcache extract`` option by its ExtractConfig name (``backbone``,
@@ -81,9 +88,12 @@ def extract(image_dir: PathLike, cache: PathLike, *, progress: bool = False, **o
     from featcache.pipeline.extraction.extract import run_extract
 
     _options(ExtractConfig, options, ("image_dir", "output"), "extract")
+    with python_names():  # bad values are FeatcacheErrors naming these keywords, not CLI flags
+        options = _coerce(options, ExtractConfig)
     if "augment_scale" in options:
         options["augment_scale"] = tuple(options["augment_scale"])
-    s = run_extract(ExtractConfig(image_dir=str(image_dir), output=str(cache), **options), progress=progress)
+    with python_names():
+        s = run_extract(ExtractConfig(image_dir=str(image_dir), output=str(cache), **options), progress=progress)
     if s is None:
         return None
     return ExtractResult(Path(s["cache"]), s["n_images"], s["feature_dim"], s["extracted"], s["reused"], s["removed"],
@@ -161,6 +171,17 @@ class Cache:
         """
         rows = self._rows(split, labeled)
         return self.features.features[rows].astype(np.float32), self._meta.labels[rows].copy()
+
+    def to_pandas(self):
+        """One row per image: path (relative to the image folder or manifest), label (class name,
+        None when unlabeled), label_index (-1 when unlabeled), split. pandas is optional."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise FeatcacheError("Cache.to_pandas() needs pandas: pip install pandas") from None
+        m = self._meta
+        names = [self.class_names[i] if i >= 0 else None for i in m.labels]
+        return pd.DataFrame({"path": m.paths, "label": names, "label_index": m.labels, "split": m.split.astype(str)})
 
     def paths(self, split: str = "train", *, labeled: bool | None = None) -> list[str]:
         """Image paths (relative to the image folder) of the rows ``arrays`` returns, in order."""
@@ -260,10 +281,10 @@ def _typed(name: str, value: Any, kind: str) -> Any:
     raise FeatcacheError(f"{name} takes a{'n' if kind == 'int' else ''} {kind}{plural}, got {value!r}")
 
 
-def _coerce(values: dict) -> dict:
-    """Scalar fields of HeadConfig checked and converted by their declared type; swept fields
+def _coerce(values: dict, cls=HeadConfig) -> dict:
+    """Scalar fields of a config checked and converted by their declared type; swept fields
     (tuples) from a scalar or a list, each item converted."""
-    hints = typing.get_type_hints(HeadConfig)
+    hints = typing.get_type_hints(cls)
     out = dict(values)
     if "class_weight" in values:
         out["class_weight"] = _class_weight(values.pop("class_weight"))
@@ -275,7 +296,7 @@ def _coerce(values: dict) -> dict:
         if name in SWEPT:
             items = list(v) if isinstance(v, (list, tuple, np.ndarray)) else [v]
             out[name] = tuple(_typed(name, x, kind) for x in items)
-        elif kind and name not in ("hidden", "layers", "train_sizes"):
+        elif kind and name not in ("hidden", "layers", "train_sizes") and not text.startswith("tuple"):
             out[name] = _typed(name, v, kind)
     return out
 
@@ -413,13 +434,15 @@ class Model:
             {"path", "error"} for a file that could not be read.
         """
         from featcache.pipeline.device import resolve_device
-        from featcache.pipeline.use.predict import collect_files, predict_files
+        from featcache.pipeline.use.predict import collect_inputs, predict_files
 
         inputs = (images,) if isinstance(images, (str, os.PathLike)) else tuple(images)
-        files, unreadable = collect_files(tuple(str(p) for p in inputs))
-        if unreadable:
-            raise FeatcacheError(f"cannot list folder {unreadable[0][0]}: {unreadable[0][1]}")
-        return predict_files(self._load_predictor(), files, top_k, batch_size, resolve_device(device))
+        found = collect_inputs(tuple(str(p) for p in inputs))
+        if found.unreadable:
+            raise FeatcacheError(f"cannot list folder {found.unreadable[0][0]}: {found.unreadable[0][1]}")
+        if found.skipped_rows:
+            raise FeatcacheError(f"manifest row {found.skipped_rows[0][0]}: {found.skipped_rows[0][1]}")
+        return predict_files(self._load_predictor(), found.files, top_k, batch_size, resolve_device(device))
 
     def __repr__(self) -> str:
         return f"Model({str(self.path)!r}: {self.kind}, {len(self.class_names)} classes)"

@@ -204,3 +204,28 @@ def test_head_classifier_in_grid_search_and_pipelines_on_the_digits_features(dig
     scores = cross_val_score(make_pipeline(StandardScaler(), featcache.HeadClassifier(
         hidden=(32,), dropout=0.2, lr=1e-2, max_iter=30, standardize=False)), X, y, cv=3)
     assert scores.shape == (3,) and scores.mean() > 0.3  # random-init stem features; chance is 0.1
+
+
+def test_cache_to_pandas_has_one_row_per_image(digits_cache):
+    cache = featcache.open_cache(digits_cache.cache)
+    frame = cache.to_pandas()
+    assert list(frame.columns) == ["path", "label", "label_index", "split"]
+    assert len(frame) == sum(cache.splits.values())
+    X, y = cache.arrays("val")
+    val = frame[frame.split == "val"]
+    assert list(val.label_index) == list(y) and list(val.path) == cache.paths("val")
+    assert all(cache.class_names[i] == name for i, name in zip(val.label_index, val.label))
+
+
+@pytest.mark.parametrize(("kw", "words"), [(dict(batch_size=0), r"^batch_size must be at least 1"),
+                                           (dict(batch_size="64"), r"^batch_size takes an int"),
+                                           (dict(max_skipped=2.0), r"^max_skipped must be a fraction")])
+def test_extract_errors_name_the_python_parameter(kw, words, tmp_path):
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    with pytest.raises(featcache.FeatcacheError, match=words):
+        featcache.extract(tmp_path / "imgs", tmp_path / "c.h5", **kw)
+
+
+def test_reprs_are_short(digits_cache):
+    assert len(repr(featcache.open_cache(digits_cache.cache))) <= 1024
+    assert len(repr(digits_cache)) <= 1024 and "extracted 240" in repr(digits_cache)

@@ -51,3 +51,16 @@ def test_the_default_layer_answers_to_pre_logits(split_cache, tmp_path):
     code, out, err = run_cli("fit-head", split_cache, "-o", tmp_path / "r", "--head", "centroid", "--layers",
                              "pre_logits", "--json", "--no-plots")
     assert code == 0, err
+
+
+def test_fit_heads_progress_shows_passes_of_the_exact_probe(capsys):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    X = rng.normal(size=(120, 6)).astype(np.float32) + np.eye(3, 6)[y]
+    featcache.fit_heads((X, y), C=[0.1, 1.0], progress=True)
+    err = capsys.readouterr().err
+    assert "fit-head linear" in err and "pass" in err
+    featcache.fit_heads((X, y), C=[0.1, 1.0])  # progress off by default: nothing on stderr
+    assert capsys.readouterr().err == ""

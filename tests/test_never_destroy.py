@@ -129,3 +129,11 @@ def test_finetune_output_is_never_an_input_or_a_foreign_folder(own_run, split_tr
     (foreign / "notes.txt").write_text("keep")
     assert_one_line_error(invoke("finetune", split_tree_ro, "--from", own_run, "-o", foreign), "not a finetune folder")
     assert (foreign / "notes.txt").read_text() == "keep"
+
+
+def test_a_run_folder_name_too_long_fails_before_training(tmp_path, monkeypatch):
+    from featcache.pipeline.heads import kinds
+
+    cache = write_cache(tmp_path / "c.h5", {"train": 10, "val": 4, "test": 4})
+    monkeypatch.setattr(kinds.get("logreg"), "fit", lambda *a: pytest.fail("trained before the name was checked"))
+    assert_one_line_error(_cli("fit-head", cache, "-o", tmp_path / ("r" * 250), "--head", "logreg"), "too long")

@@ -237,7 +237,7 @@ def test_a_forked_child_never_keeps_the_lock_of_its_dead_parent(tmp_path):
 def test_9_name_too_long_fails_before_any_work(small_tree, tmp_path, monkeypatch):
     import featcache.pipeline.extraction.extract as ex
 
-    monkeypatch.setattr(ex, "discover", lambda *a, **k: pytest.fail("discovery ran before the name was checked"))
+    monkeypatch.setattr(ex, "open_source", lambda *a, **k: pytest.fail("discovery ran before the name was checked"))
     limit = os.pathconf(tmp_path, "PC_NAME_MAX")
     name = "c" * (limit - 12) + ".h5"  # the 246 bytes on a 255-byte filesystem
     extra = len(f".{name}.tmp-{os.getpid()}") - len(name)

@@ -12,7 +12,7 @@ is skipped and recorded (``Discovery.skipped``) under its ``display_name`` (inva
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from featcache.pipeline.errors import FeatcacheError
@@ -43,6 +43,9 @@ class Discovery:
     class_names: tuple[str, ...]
     has_splits: bool
     skipped: tuple[tuple[str, str], ...] = ()  # (display path relative to root, reason): bad names, unreadable folders
+    # where the records came from, beyond ``root``: {} for a folder tree; a manifest's
+    # {"kind": "manifest", "file": name, "sha256": of its bytes} (sources.py), recorded in the cache
+    source: dict = field(default_factory=dict)
 
 
 def is_image(name: str) -> bool:

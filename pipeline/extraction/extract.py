@@ -26,15 +26,16 @@ from featcache.pipeline.extraction.accel import (COMPILE_MODES, Runner, compile_
 from featcache.pipeline.extraction.backbones import Backbone, build_backbone
 from featcache.pipeline.config import ExtractConfig
 from featcache.pipeline.device import compute_threads, decode_layout, resolve_device
-from featcache.pipeline.extraction.discover import IMG_EXTENSIONS, Discovery, discover
+from featcache.pipeline.extraction.discover import IMG_EXTENSIONS, Discovery
 from featcache.pipeline.extraction.distributed import DistContext, barrier, gather, shutdown
 from featcache.pipeline.extraction.distributed import init as dist_init
-from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.errors import FeatcacheError, opt
 from featcache.cache.featwrite import write_feature_rows
 from featcache.pipeline.extraction.images import IMAGE_POLICY
 from featcache.pipeline.extraction.loader import ImageFiles, decode_batches, draft_min_side
 from featcache.pipeline.extraction.plan import Plan, batches_of, check_consent, make_plan, space_needed
 from featcache.pipeline.extraction.quickcheck import quick_attrs
+from featcache.pipeline.extraction.sources import open_source
 from featcache.cache.atomic import check_replaceable, ensure_free_space, real_path
 from featcache.pipeline.extraction.output import cache_target
 from featcache.cache.saver import PartSaver
@@ -60,15 +61,15 @@ class Job:
 
 def _check(cfg: ExtractConfig) -> None:
     if cfg.dtype not in DTYPES:
-        raise FeatcacheError(f"unknown dtype {cfg.dtype!r}: choose float32 or float16")
+        raise FeatcacheError(f"unknown {opt('dtype')} {cfg.dtype!r}: choose float32 or float16")
     if cfg.batch_size < 1:
-        raise FeatcacheError("--batch-size must be at least 1")
+        raise FeatcacheError(f"{opt('batch_size')} must be at least 1")
     if cfg.workers is not None and cfg.workers < 0:
-        raise FeatcacheError("--workers must be 0 or more")
+        raise FeatcacheError(f"{opt('workers')} must be 0 or more")
     if cfg.compile not in COMPILE_MODES:
-        raise FeatcacheError(f"unknown compile mode {cfg.compile!r}: choose auto, on or off")
+        raise FeatcacheError(f"unknown {opt('compile')} mode {cfg.compile!r}: choose auto, on or off")
     if not 0.0 <= cfg.max_skipped <= 1.0:
-        raise FeatcacheError("--max-skipped must be a fraction between 0 and 1")
+        raise FeatcacheError(f"{opt('max_skipped')} must be a fraction between 0 and 1")
     recipe_of(cfg)  # its one-line errors, before any work
     # a folder, a missing or read-only folder, a name too long: now, not after the whole extraction
     check_replaceable(cache_target(cfg.output), "cache")  # a read-only cache is refused, never replaced
@@ -247,6 +248,7 @@ def _assemble(job: Job, old, computed: dict) -> dict:
             "description": job.identity, "n_views": views.n, "augment_fingerprint": views.fingerprint,
             "layers": bb.layers,  # each layer's name, shape, pool and [start, stop) columns of /features
             **({"augment": views.recipe.to_dict()} if views.recipe else {}),
+            **({"source": disc.source} if disc.source else {}),  # a manifest's name and sha256 (provenance)
             **quick_attrs(cfg.weights, bb.description["weights"], IMG_EXTENSIONS),  # for quickcheck.up_to_date
         }
         writer.finish(attrs, skipped)
@@ -266,7 +268,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict | None:
     """
     t0 = time.perf_counter()
     _check(cfg)
-    disc = discover(cfg.image_dir)
+    disc = open_source(cfg.image_dir)  # a folder tree or a .csv/.tsv manifest (sources.py)
     device = resolve_device(cfg.device)
     resolve_amp(cfg.amp, device, cfg.optimize)  # its one-line errors, before any work
     ctx = dist_init(device.type)

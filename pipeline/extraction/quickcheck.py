@@ -5,8 +5,9 @@ backbone, only to rewrite the same rows. This module decides "nothing changed" f
 records, importing neither: the whole ``ExtractConfig``, the installed library versions (package
 metadata), a hash of featcache's own extraction code, the weights' identity (a weights file's
 size + mtime, else its sha256; bundled/DEFAULT weights are covered by the package versions), and
-discovery plus the per-file stats of every image, compared by the same ``make_plan`` a full run
-uses. Anything that differs, or anything it cannot vouch for (skipped files that a full run would
+discovery (a folder's tree, or a manifest's rows re-read with its labels and splits, and its
+sha256: sources.py) plus the per-file stats of every image, compared by the same ``make_plan`` a
+full run uses. Anything that differs, or anything it cannot vouch for (skipped files that a full run would
 retry, a journal left by a killed run, a torchrun launch), sends the run down the full path, which
 decides as before. It never answers "up to date" where a full run would compute anything.
 
@@ -25,9 +26,10 @@ from pathlib import Path
 
 from featcache.pipeline.config import ExtractConfig
 from featcache.pipeline.errors import FeatcacheError
-from featcache.pipeline.extraction.discover import IMG_EXTENSIONS, discover
+from featcache.pipeline.extraction.discover import IMG_EXTENSIONS
 from featcache.pipeline.extraction.output import cache_target
 from featcache.pipeline.extraction.plan import make_plan
+from featcache.pipeline.extraction.sources import open_source
 
 # Distributions whose code shapes the features or the file (torch kernels, torchvision models and
 # weights enums, timm + the bundled Lite0 weights, Pillow decoding, h5py/numpy writing).
@@ -155,7 +157,9 @@ def _decide(cfg: ExtractConfig, old) -> dict | None:
             or a.get("code_sha256") != code_sha256() or tuple(a.get("image_extensions") or ()) != IMG_EXTENSIONS
             or not _weights_unchanged(cfg.weights, a) or old.skipped):  # skipped files are retried
         return None
-    disc = discover(cfg.image_dir)
+    disc = open_source(cfg.image_dir)  # a manifest is re-read: its rows, labels and splits are compared below
+    if disc.skipped or disc.source != (a.get("source") or {}):  # malformed rows are retried; provenance current
+        return None
     n = len(disc.records)
     if list(disc.class_names) != old.class_names or n != old.n_rows:
         return None

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.heads import progress
 from featcache.pipeline.heads.lbfgs import MAX_PRECOND_DIM, History, Preconditioner, lbfgs, sigma_step
 from featcache.pipeline.heads.logreg import ABSENT_CLASS_BIAS, LogregResult
 from featcache.pipeline.heads.source import ColumnSubset, RowSource, TensorSource
@@ -177,6 +178,7 @@ class _Loss:
         data = torch.zeros(h, dtype=torch.float64, device=theta.device)
         gW, gb = torch.zeros_like(W), torch.zeros_like(b)
         A = torch.zeros(h, k, k, dtype=torch.float64, device=theta.device) if curvature else None
+        progress.tick(unit="pass")  # one pass over X for every head of the block
         for rows, Xc in self.src.chunks():  # one chunk for an in-memory X
             dc, G, Ac = self._chunk(Xc, rows, We, be, folds, curvature)
             data += dc

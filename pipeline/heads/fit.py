@@ -28,6 +28,7 @@ from featcache.pipeline.heads.leaderboard import rank, rank_key
 from featcache.pipeline.heads.memory import MemoryPlan, parse_size, peak_rss_bytes
 from featcache.pipeline.heads.memory import plan as memory_plan
 from featcache.pipeline.heads.metrics import score
+from featcache.pipeline.heads.progress import reporting
 from featcache.pipeline.heads.optim import OPTIMIZERS
 from featcache.pipeline.heads.sweep import check_search
 from featcache.pipeline.heads.kinds.sequential import EPOCH_OPTIONS  # given one: an epoch sweep (resolve_solver)
@@ -104,7 +105,7 @@ def _refit(cfg: HeadConfig, data: Prepared, best: Candidate) -> tuple[nn.Module,
     keeps the train-only statistics."""
     t0 = time.perf_counter()
     rows = np.sort(np.concatenate([data.rows["train"], data.rows["val"]]))
-    head, epochs = kinds.get(best.row["head"]).refit(cfg, data, best, rows)
+    head, epochs = kind_of(best).refit(cfg, data, best, rows)
     idx = torch.as_tensor(rows, device=data.X.device)
     fitted, test = score(head, data.X[idx], data.y[idx]), score(head, *data.split("test"))
     info = {"n_rows": len(rows), "epochs": epochs, "train_val_accuracy": fitted["accuracy"],
@@ -158,9 +159,40 @@ def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False, n
     sets = list(columns_of.items()) or [(None, None)]
     memory = _plan(cfg, kind, cache, sets, use_views)
     memory.check()
+    with reporting(progress, f"fit-head {cfg.head}"):  # the solvers tick it: passes over X, epochs
+        candidates, set_of, kept = _train_sets(cfg, kind, cache, sets, device, use_views, note)
+        ranked = Leaderboard(rank([c.row for c in candidates], cfg.select_by))
+        if ranked[0].get("status") == "failed":
+            raise FeatcacheError(f"every configuration diverged (non-finite training loss) in all {len(ranked)}; "
+                                 f"try a smaller {opt('lr')}")
+        best = next(c for c in candidates if c.row["index"] == ranked[0]["index"])
+        label, columns = set_of[best.row["index"]]
+        data = kept[label]
+        refit = None
+        if cfg.cv >= 2:  # the winner of the folds, refitted on all train rows (train+val with --refit)
+            candidates = [kind_of(best).cv_refit(cfg, data, best) if c is best else c for c in candidates]
+            best = next(c for c in candidates if c.row["index"] == ranked[0]["index"])
+            ranked[0] = {"rank": 1, **best.row}
+            head = best.head
+        else:
+            head, refit = _refit(cfg, data, best) if cfg.refit else (best.head, None)
+    return SweepResult(config=cfg, cache=cache, data=data, candidates=candidates, leaderboard=ranked, head=head,
+                       refit=refit, device=str(device), seconds=time.perf_counter() - t0, columns=columns,
+                       layers=label, memory=_memory_record(memory))
+
+
+def kind_of(candidate: Candidate) -> kinds.HeadKind:
+    """The kind that trained ``candidate`` (an mlp sweep's winner can be its linear member)."""
+    return kinds.get(candidate.row["head"])
+
+
+def _train_sets(cfg: HeadConfig, kind: kinds.HeadKind, cache: FeatureCache, sets: list, device, use_views: bool,
+                note: str | None):
+    """Every layer set prepared and trained in turn. Returns (candidates, row index -> its layer set,
+    {label: prepared data}) holding only the best set so far's data: one matrix more, never all."""
     candidates: list[Candidate] = []
-    set_of: dict[int, tuple[str | None, np.ndarray | None]] = {}  # row index -> its layer set
-    kept: dict[str | None, Prepared] = {}  # the prepared data of the best set so far only (memory)
+    set_of: dict[int, tuple[str | None, np.ndarray | None]] = {}
+    kept: dict[str | None, Prepared] = {}
     for label, columns in sets:
         data = prepare(cache, cfg.val_fraction, cfg.seed, cfg.standardize, device, use_views, val_views=cfg.refit,
                        drop_nonfinite=cfg.drop_nonfinite, columns=columns)
@@ -168,7 +200,7 @@ def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False, n
             raise FeatcacheError(f"{opt('refit')} retrains on train+val, but this run has no validation split "
                                  f"({opt('val_fraction')} 0)")
         if note:  # options valid and data read: now say what was chosen for the user, once
-            warnings.warn(note, FeatcacheWarning, stacklevel=2)
+            warnings.warn(note, FeatcacheWarning, stacklevel=3)
             note = None
         for c in kind.fit(cfg, data):
             c.row = {"index": len(candidates), **({"layers": label} if label else {}),
@@ -179,24 +211,7 @@ def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False, n
         leader = set_of[min((c.row for c in candidates), key=lambda r: rank_key(r, cfg.select_by))["index"]][0]
         kept = {leader: kept[leader]}
         del data
-    ranked = Leaderboard(rank([c.row for c in candidates], cfg.select_by))
-    if ranked[0].get("status") == "failed":
-        raise FeatcacheError(f"every configuration diverged (non-finite training loss) in all {len(ranked)}; "
-                             f"try a smaller {opt('lr')}")
-    best = next(c for c in candidates if c.row["index"] == ranked[0]["index"])
-    label, columns = set_of[best.row["index"]]
-    data = kept[label]
-    if cfg.cv >= 2:  # the winner of the folds, refitted on all train rows (train+val with --refit)
-        candidates = [kinds.get(best.row["head"]).cv_refit(cfg, data, best) if c is best else c for c in candidates]
-        best = next(c for c in candidates if c.row["index"] == ranked[0]["index"])
-        ranked[0] = {"rank": 1, **best.row}
-        return SweepResult(config=cfg, cache=cache, data=data, candidates=candidates, leaderboard=ranked,
-                           head=best.head, refit=None, device=str(device), seconds=time.perf_counter() - t0,
-                           columns=columns, layers=label, memory=_memory_record(memory))
-    head, refit = _refit(cfg, data, best) if cfg.refit else (best.head, None)
-    return SweepResult(config=cfg, cache=cache, data=data, candidates=candidates, leaderboard=ranked, head=head,
-                       refit=refit, device=str(device), seconds=time.perf_counter() - t0, columns=columns,
-                       layers=label, memory=_memory_record(memory))
+    return candidates, set_of, kept
 
 
 def run_fit_head(cfg: HeadConfig, progress: bool = True, note: str | None = None) -> dict:

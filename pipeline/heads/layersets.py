@@ -69,5 +69,5 @@ def _layers(attrs: dict) -> list[dict]:
 def _aliased(names: tuple[str, ...], known: list[str]) -> tuple[str, ...]:
     """The default layer is recorded as "input of <classifier>", which `featcache layers` (and the
     docs) call pre_logits: that name reads it too."""
-    alias = {"pre_logits": n for n in known if n.startswith("input of")}
-    return tuple(alias.get(n, n) for n in names)
+    default = next((n for n in known if n.startswith("input of")), None)
+    return tuple(default if n == "pre_logits" and default else n for n in names)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from featcache.cache.atomic import write_json
 from featcache.pipeline.heads.data import hold_out, labeled_split_rows
 from featcache.pipeline.device import cuda_math, decode_layout, resolve_device
-from featcache.pipeline.extraction.discover import discover
+from featcache.pipeline.extraction.sources import open_source, source_kind
 from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.outputs import check_output_folder, output_folder_kind
 from featcache.pipeline.extraction.images import UnreadableImage, load_rgb
@@ -119,9 +119,12 @@ def param_groups(model: Classifier, cfg: FinetuneConfig) -> list[dict]:
 
 
 def _splits(disc, class_names: list[str], val_fraction: float, seed: int) -> dict[str, list[int]]:
-    """Record indices per split: the folder's val/ split, or fit-head's own hold-out of train."""
+    """Record indices per split: the source's val split (a val/ folder, a manifest's ``val`` rows), or
+    fit-head's own hold-out of train. The source's classes (class folders, a manifest's labels) must
+    be the head's."""
     if list(disc.class_names) != list(class_names):
-        raise FeatcacheError(f"class folders {list(disc.class_names)} differ from the head's classes {class_names}")
+        what = "manifest labels" if disc.source.get("kind") == "manifest" else "class folders"
+        raise FeatcacheError(f"{what} {list(disc.class_names)} differ from the head's classes {class_names}")
     labels = np.array([r.label for r in disc.records], dtype=np.int64)
     idx = labeled_split_rows(np.array([r.split for r in disc.records], dtype=object), labels)
     if not len(idx["train"]):
@@ -258,7 +261,7 @@ def _check_output(output: str, run_dir: str, image_dir: str) -> None:
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise FeatcacheError(f"output {out} is a file; give a folder for the fine-tuned model")
-    check_output_folder(out, [("run", run_dir), ("image folder", image_dir)], "output")
+    check_output_folder(out, [("run", run_dir), (f"image {source_kind(image_dir)}", image_dir)], "output")
     if out.is_dir() and any(out.iterdir()) and output_folder_kind(out) != "finetune folder":
         raise FeatcacheError(f"output {out} already holds files and is not a finetune folder; featcache replaces "
                              "only its own fine-tuned models: choose a new folder")
@@ -285,7 +288,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     _unfreeze_count(cfg.unfreeze)
     _check_output(cfg.output, cfg.run_dir, cfg.image_dir)
     pred = load_run(cfg.run_dir)
-    disc = discover(cfg.image_dir)
+    disc = open_source(cfg.image_dir)  # a folder tree or a .csv/.tsv manifest, as extract reads it
     rows = _splits(disc, pred.class_names, cfg.val_fraction, cfg.seed)
     device = resolve_device(cfg.device)
     # Fixed crop size: cuDNN may time its algorithms once per shape and keep the fastest (fine-tuning

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import csv
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.outputs import check_output_file
 from featcache.pipeline.extraction.accel import Runner
 from featcache.pipeline.extraction.loader import ImageFiles, collate
+from featcache.pipeline.extraction.sources import open_source, source_kind
 from featcache.pipeline.use.model import Predictor, load_predictor
 
 
@@ -29,29 +30,55 @@ class PredictConfig:
     csv_path: str | None = None
 
 
-def collect_files(inputs: tuple[str, ...]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files as given, folders expanded to their images (sorted); missing paths are an error.
+@dataclass
+class Inputs:
+    """What ``predict`` reads, from files, folders and manifests (collect_inputs)."""
 
-    Returns:
-        (files, unreadable folders as (display path, reason)): a folder that cannot be listed is
-        reported, never silently dropped.
-    """
-    files: list[Path] = []
-    unreadable: list[tuple[str, str]] = []
+    files: list[Path] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (folder display path + "/", reason)
+    skipped_rows: list[tuple[str, str]] = field(default_factory=list)  # ("MANIFEST:LINE", reason)
+    labels: dict[int, str] = field(default_factory=dict)  # file index -> a manifest row's label (accuracy)
+
+
+def _add_manifest(found: Inputs, p: Path) -> None:
+    """A .csv/.tsv manifest's listed images (sources.read_manifest), with their labels; its rows'
+    splits are ignored (every listed image is predicted)."""
+    disc = open_source(p)
+    for rec in disc.records:
+        if rec.label >= 0:
+            found.labels[len(found.files)] = disc.class_names[rec.label]
+        found.files.append(disc.root / rec.path)
+    found.skipped_rows += [(display_name(p.parent / w), r) for w, r in disc.skipped]  # "dir/labels.csv:LINE"
+
+
+def collect_inputs(inputs: tuple[str, ...]) -> Inputs:
+    """Files as given, folders expanded to their images (sorted), manifests to their listed images
+    (in path order); missing paths are an error. A folder that cannot be listed and a malformed
+    manifest row are reported, never silently dropped."""
+    found = Inputs()
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
             errors: list[tuple[str, str]] = []
-            files += walk_images(p, errors=errors)
-            unreadable += [(display_name(d) + "/", r) for d, r in errors]
+            found.files += walk_images(p, errors=errors)
+            found.unreadable += [(display_name(d) + "/", r) for d, r in errors]
+        elif source_kind(p) == "manifest":
+            _add_manifest(found, p)
         elif p.exists():
-            files.append(p)
+            found.files.append(p)
         else:
             raise FeatcacheError(f"no such file or folder: {display_name(p)}")
-    if not files:
-        why = f" ({unreadable[0][0]}: {unreadable[0][1]})" if unreadable else ""
+    if not found.files:
+        first = (found.unreadable + found.skipped_rows)[:1]
+        why = f" ({first[0][0]}: {first[0][1]})" if first else ""
         raise FeatcacheError(f"no images to predict (folders had no image files){why}")
-    return files, unreadable
+    return found
+
+
+def collect_files(inputs: tuple[str, ...]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """collect_inputs as (files, unreadable folders and malformed manifest rows as (where, reason))."""
+    found = collect_inputs(inputs)
+    return found.files, found.unreadable + found.skipped_rows
 
 
 def _round_like_cache(features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -111,7 +138,8 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
         check_writable_parent(cfg.csv_path, "--csv")  # before any work, not after computing everything
         check_output_file(cfg.csv_path, [("model", cfg.model), *(("input", i) for i in cfg.inputs)], "--csv")
     pred = load_predictor(cfg.model)
-    files, unreadable = collect_files(cfg.inputs)
+    found = collect_inputs(cfg.inputs)
+    files, unreadable = found.files, found.unreadable
     rows = predict_files(pred, files, cfg.top_k, cfg.batch_size, resolve_device(cfg.device), progress)
     errors = [r for r in rows if "error" in r]
     if len(errors) == len(rows):
@@ -121,7 +149,25 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
         write_csv(rows, cfg.csv_path, min(cfg.top_k, len(pred.class_names)))
     return {"model": cfg.model, "kind": pred.kind, "n_files": len(files),
             "n_errors": len(errors), "predictions": rows,
-            **({"unreadable_folders": [{"path": p, "reason": r} for p, r in unreadable]} if unreadable else {})}
+            **({"unreadable_folders": [{"path": p, "reason": r} for p, r in unreadable]} if unreadable else {}),
+            **({"skipped_rows": [{"path": p, "reason": r} for p, r in found.skipped_rows]} if found.skipped_rows else {}),
+            **({"manifest_accuracy": manifest_accuracy(rows, found.labels, pred.class_names)} if found.labels else {})}
+
+
+def manifest_accuracy(rows: list[dict], labels: dict[int, str], class_names: list[str]) -> dict:
+    """Top-1 accuracy over the predicted files whose manifest row has a label among the model's classes.
+
+    Args:
+        rows: predict_files' output; labels: file index -> manifest label; class_names: the model's.
+    Returns:
+        {"n": scored rows, "correct", "accuracy" (None when n is 0), "not_scored": labeled rows
+        whose label is not a class of the model or whose image could not be read}.
+    """
+    known = set(class_names)
+    scored = [i for i, lab in labels.items() if lab in known and "error" not in rows[i]]
+    correct = sum(rows[i]["label"] == labels[i] for i in scored)
+    return {"n": len(scored), "correct": correct, "accuracy": correct / len(scored) if scored else None,
+            "not_scored": len(labels) - len(scored)}
 
 
 def tsv_field(text: str) -> str:
@@ -141,6 +187,14 @@ def predict_lines(summary: dict) -> list[str]:
                                                              for t in r["top"]))
     for f in summary.get("unreadable_folders", []):
         lines.append(f"{tsv_field(f['path'])}\tERROR {tsv_field(f['reason'])}")
+    for f in summary.get("skipped_rows", []):
+        lines.append(f"{tsv_field(f['path'])}\tERROR {tsv_field(f['reason'])}")
     lines.append(f"{summary['n_files']} files, {summary['n_errors']} unreadable"
-                 + (f", {len(summary['unreadable_folders'])} folder(s) unreadable" if summary.get("unreadable_folders") else ""))
+                 + (f", {len(summary['unreadable_folders'])} folder(s) unreadable" if summary.get("unreadable_folders") else "")
+                 + (f", {len(summary['skipped_rows'])} manifest row(s) skipped" if summary.get("skipped_rows") else ""))
+    acc = summary.get("manifest_accuracy")
+    if acc and acc["n"]:
+        lines.append(f"accuracy {acc['accuracy']:.3f} ({acc['correct']}/{acc['n']} labeled manifest rows"
+                     + (f"; {acc['not_scored']} not scored: label not a model class or image unreadable)"
+                        if acc["not_scored"] else ")"))
     return lines
