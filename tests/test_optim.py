@@ -133,3 +133,38 @@ def test_zero_grad_and_missing_grads():
     assert (w.detach() < 1).all()
     opt.zero_grad()
     assert w.grad is None and b.grad is None
+
+
+@pytest.mark.parametrize("kind, lr, wd, momentum", [("adam", 3e-2, 0.1, 0.0), ("adamw", 3e-2, 0.5, 0.0),
+                                                    ("sgd", 0.1, 0.01, 0.9)])
+def test_a_head_that_sits_out_a_step_matches_torch_optim_skipping_it(kind, lr, wd, momentum):
+    """step(active=...): head 1 takes only the odd steps (its rows were absent from the others),
+    exactly a torch optimizer that steps there only (own step count for Adam's bias correction)."""
+    xs, ys, w0, b0 = _data(2)
+    refs = []
+    for _ in range(2):
+        w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+        refs.append((w, b, _torch_opt(kind, w, b, lr, wd, momentum)))
+    w_st = torch.nn.Parameter(torch.stack([w0, w0]))
+    b_st = torch.nn.Parameter(torch.stack([b0, b0]))
+    opt = StackedOptimizer([w_st], [b_st], kind, torch.tensor([lr, lr]), torch.tensor([wd, wd]),
+                           torch.tensor([momentum, momentum]))
+    for step, (x, y) in enumerate(zip(xs, ys)):
+        on = torch.tensor([True, step % 2 == 1])
+        for j, (w, b, o) in enumerate(refs):
+            if on[j]:
+                o.zero_grad()
+                F.cross_entropy(x @ w + b, y).backward()
+                o.step()
+        opt.zero_grad()
+        logits = torch.matmul(x, w_st) + b_st[:, None, :]  # (2, B, C)
+        losses = torch.stack([F.cross_entropy(logits[j], y) for j in range(2)]) * on  # head 1's rows absent
+        losses.sum().backward()
+        before = w_st.detach()[1].clone()
+        opt.step(None if bool(on.all()) else on)
+        if not on[1]:
+            assert torch.equal(w_st.detach()[1], before)  # weight decay and momentum do not move it either
+    for j, (w, b, _) in enumerate(refs):
+        torch.testing.assert_close(w_st.detach()[j], w.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b_st.detach()[j], b.detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(w_st.detach()[0], w_st.detach()[1])  # the two heads did differ

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from featcache.pipeline.heads.stacked import StackedHead
 from featcache.pipeline.heads.metrics import score
@@ -185,6 +186,72 @@ def test_dropout_mask_rate_and_scaling():
     assert out[0, 0, 0].item() == pytest.approx(2000, rel=0.06)  # inverted dropout keeps the expectation
 
 
+def test_the_dropout_flag_is_a_plain_bool_kept_in_step_with_the_stack():
+    """forward tests a Python bool, not the (K,) buffer (a device sync per step on a GPU); the flag
+    follows the buffer when heads leave the stack."""
+    from featcache.pipeline.heads.train import _drop_stopped, _optimizer
+
+    head = StackedHead(4, (8,), 3, seeds=[0, 1], dropout=torch.tensor([0.5, 0.0]))
+    assert head.has_dropout is True
+    hp = {n: torch.tensor([0.01, 0.01]) for n in ("lr", "weight_decay", "momentum", "l1")}
+    _drop_stopped(head, _optimizer(head, "adam", hp), hp, torch.tensor([1]))  # the dropout head stops
+    assert head.has_dropout is False and head.k == 1
+    head.train()
+    head.generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4)
+    out = head(x)
+    head.eval()
+    torch.testing.assert_close(out, head(x))  # no dropout drawn any more
+    assert StackedHead(4, (8,), 3, seeds=[0]).has_dropout is False
+
+
+def test_a_training_forward_with_dropout_does_not_sync_the_gpu(cuda_device):
+    head = StackedHead(8, (16,), 3, seeds=[0, 1], dropout=torch.tensor([0.3, 0.0])).to(cuda_device)
+    head.generator = torch.Generator(device=cuda_device).manual_seed(0)
+    head.train()
+    x = torch.randn(32, 8, device=cuda_device)
+    mask = torch.ones(2, 32, device=cuda_device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        head(x).sum().backward()
+        head(x, mask).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_masked_batch_norm_normalises_each_head_over_its_own_rows_only():
+    torch.manual_seed(0)
+    head = StackedHead(6, (5,), 3, seeds=[0, 1], batchnorm=True)
+    head.train()
+    x = torch.randn(12, 6)
+    mask = torch.ones(2, 12)
+    mask[1, 7:] = 0.0  # head 1 trains on rows 0..6 only
+    h = torch.matmul(x, head.weights[0].detach())  # (2, 12, 5): the pre-batch-norm activations
+    out = head._masked_batch_norm(h, 0, mask)
+    ref0 = F.batch_norm(h[0], torch.zeros(5), torch.ones(5), training=True, momentum=0.1, eps=1e-5)
+    rm, rv = torch.zeros(5), torch.ones(5)
+    ref1 = F.batch_norm(h[1, :7], rm, rv, training=True, momentum=0.1, eps=1e-5)
+    torch.testing.assert_close(out[0], ref0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1, :7], ref1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(head.bn_mean0[1], rm, rtol=1e-5, atol=1e-6)  # running statistics too
+    torch.testing.assert_close(head.bn_var0[1], rv, rtol=1e-5, atol=1e-6)
+
+
+def test_a_subset_of_heads_is_the_same_slice_of_the_whole_stack_in_eval_mode():
+    head = StackedHead(6, (5,), 3, seeds=[0, 1, 2, 3], batchnorm=True)
+    head.set_input_stats(torch.randn(4, 6), torch.rand(4, 6) + 0.5)
+    head.eval()
+    x = torch.randn(9, 6)
+    pick = torch.tensor([3, 1])
+    torch.testing.assert_close(head(x, heads=pick), head(x)[pick])
+    for k in range(4):  # the batch-transform forward == the exported head with the statistics folded in
+        torch.testing.assert_close(head.to_sequential(k)(x), head(x)[k], rtol=1e-5, atol=1e-5)
+    head.train()
+    with pytest.raises(ValueError, match="heads"):
+        head(x, heads=pick)
+
+
 def test_decay_parameters_are_weights_only():
     head = StackedHead(5, (4, 3), 2, seeds=[0, 1], batchnorm=True)
     decay = {id(p) for p in head.decay_parameters()}
@@ -324,7 +391,9 @@ def test_a_head_whose_loss_overflows_is_failed_and_leaves_the_others_alone(noisy
     s = TrainSettings(epochs=12, batch_size=16, patience=3)
     a, b = train_group([good, huge], data=TrainData(X, y, 3, Xv, yv), settings=s)
     assert b.failed and not a.failed
-    assert not np.isfinite(b.history[-1]["train_loss"]) and len(b.history) < 12  # it stopped there
+    last = b.history[-1]
+    assert not (np.isfinite(last["train_loss"]) and np.isfinite(last["weight_norm"]))  # diverged there
+    assert len(b.history) < 12  # and stopped
     _assert_same_result(a, train_group([good], data=TrainData(X, y, 3, Xv, yv), settings=s)[0])
     (c,) = train_group([huge], data=TrainData(X, y, 3), settings=TrainSettings(epochs=5, batch_size=16, patience=0))
     assert c.failed  # without validation too

@@ -1,6 +1,12 @@
 """fit-head's linear/mlp sweep as stacked heads: configurations x CV folds x training-set sizes x
 (views or not), every one a head of the same pass, each with its own row mask (see ``masks``).
 
+Folds and sizes share the stack's mini-batches: each epoch one shuffle of the train rows, every
+head reads the same batch and weights the rows outside its own training set zero (a fold's
+held-out rows, the rows beyond a size), so one matrix product serves them all. A head with fewer
+rows thus takes the pool's number of steps, each on its share of the batch (``masks`` says how this
+compares to a lone run). Heads that sample augmented views and heads that do not are two stacks.
+
 - ``--cv K``: stratified K-fold over the train rows (scikit-learn ``StratifiedKFold``, shuffled,
   seeded). Each fold-head trains on its K-1 folds, is standardised with those rows' statistics only,
   and early-stops on its held-out fold (un-augmented features). A configuration's leaderboard row
@@ -158,5 +164,5 @@ def refit_cv_winner(cfg: HeadConfig, data: Prepared, best: Candidate) -> Candida
            "refit_seconds": round(time.perf_counter() - t0, 3)}
     if r.failed:
         raise FeatcacheError(f"the cross-validated winner diverged when refitted on {len(rows)} rows "
-                             f"(non-finite training loss); try a smaller --lr")
+                             f"(non-finite training loss or weights); try a smaller --lr")
     return Candidate(row, r.head, r.history, r.params)

@@ -163,7 +163,7 @@ def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False, n
         candidates, set_of, kept = _train_sets(cfg, kind, cache, sets, device, use_views, note)
         ranked = Leaderboard(rank([c.row for c in candidates], cfg.select_by))
         if ranked[0].get("status") == "failed":
-            raise FeatcacheError(f"every configuration diverged (non-finite training loss) in all {len(ranked)}; "
+            raise FeatcacheError(f"every configuration diverged (non-finite training loss or weights) in all {len(ranked)}; "
                                  f"try a smaller {opt('lr')}")
         best = next(c for c in candidates if c.row["index"] == ranked[0]["index"])
         label, columns = set_of[best.row["index"]]

@@ -2,15 +2,35 @@
 
 A cross-validation fold or a learning-curve training-set size is nothing but a different set of
 training rows (and, for a fold, a different set of held-out rows), so folds and sizes become more
-heads of one stack. Each head gets its own permutation of its own rows every epoch (drawn from a
-generator seeded like a lone run's, so a head with rows T equals a lone run on X[T]); each step
-gathers a (K, B, D) batch, one row block per head. A head whose last batch is short is padded with
-weight-0 rows (its loss is the mean over its real rows); heads in one stack take the same number of
-steps per epoch (``train_many`` groups them so), so no head ever sits out an optimizer step.
+heads of one stack, and they share every mini-batch:
 
-Per-fold standardisation is done here, on the fly: each head holds a (D,) mean and scale computed
-from its own training rows, applied to every gathered batch and to the rows it is scored on. That
-costs 2 x K x D floats, where K standardised copies of the data would cost K x N x D (x V with views).
+- Each epoch the stack draws one permutation of the whole pool (N rows) and walks it in batches of
+  B; every head gets the same (B, D) batch, so one matrix product serves every configuration, fold
+  and size. A (K, B) 0/1 mask zeroes, per head, the rows outside its training set: head k's loss is
+  sum(mask_k * CE) / max(sum(mask_k), 1), the mean over its own rows in the batch. A row outside a
+  head's set contributes an exact zero to that head's loss, gradient and batch-norm statistics
+  (``StackedHead`` normalises over the masked rows only).
+- A head with rows T therefore sees each of them exactly once per epoch, in the pool's order, but
+  in the pool's ceil(N / B) steps, each holding ~B |T| / N of its rows (a hypergeometric count),
+  where a lone run on X[T] takes ceil(|T| / B) steps of B rows. It trains like a lone run with batch
+  size B |T| / N: N / |T| times as many, smaller, noisier steps per epoch (a 4/5 fold: 25% more
+  steps of 4/5 of a batch; a learning-curve size of 10% of the pool: 10x as many steps of a tenth).
+  The learning rate is not rescaled: Adam's steps do not grow with the batch, and the difference
+  to a lone fold run is within run-to-run noise (tests/test_cv.py checks fold accuracies against
+  K separate runs over several seeds). Equivalence is statistical, no longer bitwise.
+- A head with no row in a batch (fewer than two with batch norm) sits that step out: no update, no
+  moment decay, no step counted (``StackedOptimizer.step(active=...)``), as a lone run has no such
+  step. Counts per batch are computed on the CPU once per epoch, so gating costs no device sync.
+
+Per-fold standardisation lives in each head's first layer (``StackedHead.set_input_stats``): a
+head's (D,) mean and scale come from its own training rows once; a linear stack folds them into
+its weights, an MLP standardises the shared batch once per distinct fold (see ``stacked``), and
+neither training nor evaluation ever builds a (K, B, D) standardised copy of the rows. Evaluation
+scores each head on its own rows only (a fold head on its held-out fold), in chunks sized by a
+byte budget over K and the layer widths (``eval_chunk_rows``).
+
+Heads sharing one row set (every configuration of a fold) share its mask row and statistics: masks
+are (S, N) for S distinct row sets, indexed per head.
 """
 from __future__ import annotations
 
@@ -23,7 +43,8 @@ import torch.nn.functional as F
 
 from featcache.pipeline.heads.train_types import HeadParams
 
-EVAL_CHUNK = 8192  # rows per evaluation forward, bounds (rows, C, K) logits memory
+EVAL_BUDGET = 64 << 20  # bytes of per-head activations one evaluation chunk may hold
+STATS_BLOCK = 8192  # rows per block of the per-row-set statistics pass
 
 
 @dataclass(frozen=True)
@@ -48,103 +69,206 @@ class HeadTask:
         return n_pool if self.rows is None else len(self.rows)
 
     def steps(self, n_pool: int, batch_size: int) -> int:
-        return math.ceil(self.n_rows(n_pool) / batch_size)
-
-    @property
-    def masked(self) -> bool:
-        """Whether this head needs its own batches (not the shared full-pool batch)."""
-        return self.rows is not None or self.standardize
+        """Optimizer steps per epoch: the pool's, whatever its own rows (they share its batches)."""
+        return math.ceil(n_pool / batch_size)
 
 
 def as_task(t: HeadTask | HeadParams) -> HeadTask:
     return t if isinstance(t, HeadTask) else HeadTask(t)
 
 
+def _key(rows: np.ndarray | None) -> bytes | None:
+    return None if rows is None else np.asarray(rows, dtype=np.int64).tobytes()
+
+
 def head_statistics(X: torch.Tensor, tasks: list[HeadTask]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(K, D) mean and scale per head from its own training rows (float64 sums), or None when no
-    head standardises; heads that do not standardise get mean 0, scale 1."""
+    """(K, D) mean and scale (population std) per head from its own training rows, or None when no
+    head standardises; heads that do not standardise get mean 0, scale 1.
+
+    Every distinct row set's sums come from one pass over the rows in blocks: (S, b) 0/1 masks @
+    (b, D) in float64, on rows shifted by a rough centre so that E[x^2] - E[x]^2 does not cancel.
+    """
     if not any(t.standardize for t in tasks):
         return None
-    k, d = len(tasks), X.shape[1]
-    mean, scale = torch.zeros(k, d, device=X.device), torch.ones(k, d, device=X.device)
+    sets = {_key(t.rows): t.rows for t in tasks if t.standardize}  # distinct row sets, first seen first
+    keys = list(sets)
+    n, d = X.shape
+    masks = torch.zeros(len(keys), n, dtype=torch.float64, device=X.device)
+    for i, rows in enumerate(sets.values()):
+        masks[i, slice(None) if rows is None else torch.as_tensor(np.asarray(rows), device=X.device)] = 1.0
+    centre = X[:STATS_BLOCK].double().mean(0)
+    s1 = torch.zeros(len(keys), d, dtype=torch.float64, device=X.device)
+    s2 = torch.zeros_like(s1)
+    for b in range(0, n, STATS_BLOCK):
+        xc = X[b: b + STATS_BLOCK].double() - centre  # (b, D)
+        m = masks[:, b: b + STATS_BLOCK]
+        s1 += m @ xc
+        s2 += m @ (xc * xc)
+    cnt = masks.sum(1, keepdim=True)
+    mean_c = s1 / cnt
+    std = (s2 / cnt - mean_c ** 2).clamp(min=0).sqrt()
+    std[std < 1e-6] = 1.0  # as data.prepare: constant features stay at zero
+    mean, scale = torch.zeros(len(tasks), d, device=X.device), torch.ones(len(tasks), d, device=X.device)
     for j, t in enumerate(tasks):
         if t.standardize:
-            rows = X if t.rows is None else X[torch.as_tensor(t.rows, device=X.device)]
-            r = rows.double()
-            s = r.std(0, unbiased=False)
-            s[s < 1e-6] = 1.0  # as data.prepare: constant features stay at zero
-            mean[j], scale[j] = r.mean(0).float(), s.float()
+            i = keys.index(_key(t.rows))
+            mean[j], scale[j] = (mean_c[i] + centre).float(), std[i].float()
     return mean, scale
 
 
-def epoch_index(tasks: list[HeadTask], gens: list[torch.Generator], n_pool: int, batch_size: int,
-                offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """This epoch's (K, steps * B) row indices and weights (1 = real row, 0 = padding).
-
-    Head j's rows, in the order of ``randperm(len(rows), generator=gens[j])``, shifted by
-    ``offsets[j]`` (0, or n_pool to read the epoch's augmented copy of the pool)."""
-    steps = tasks[0].steps(n_pool, batch_size)
-    width = steps * batch_size
-    idx = torch.zeros(len(tasks), width, dtype=torch.long)
-    w = torch.zeros(len(tasks), width)
-    for j, (t, g) in enumerate(zip(tasks, gens)):
-        n = t.n_rows(n_pool)
-        perm = torch.randperm(n, generator=g)
-        rows = perm if t.rows is None else torch.as_tensor(t.rows, dtype=torch.long)[perm]
-        idx[j, :n] = rows + offsets[j]
-        w[j, :n] = 1.0
-    return idx, w
+def statistics_sets(tasks: list[HeadTask]) -> list[int]:
+    """Per head, the id of its statistics (equal ids = equal mean and scale): -1 for heads that do
+    not standardise, else the index of its training-row set among the standardising heads'."""
+    keys: dict[bytes | None, int] = {}
+    return [keys.setdefault(_key(t.rows), len(keys)) if t.standardize else -1 for t in tasks]
 
 
-def standardized(x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """x (K, B, D) or (B, D) -> (K, B, D) z-scored per head; x unchanged when stats is None."""
-    if stats is None:
-        return x
-    mean, scale = stats
-    return (x - mean[:, None, :]) / scale[:, None, :]
+@dataclass
+class RowSets:
+    """The distinct training-row sets of a stack's heads as 0/1 masks over the pool.
+
+    Attributes:
+        masks: (S, N) float on the training device: 1 where the row is in the set.
+        masks_cpu: (S, N) bool on the CPU, to count each head's rows per batch without a device sync.
+        of_head: (K,) long on the CPU: the set of each head.
+    """
+
+    masks: torch.Tensor
+    masks_cpu: torch.Tensor
+    of_head: torch.Tensor
+
+    def batch_counts(self, perm: torch.Tensor, batch_size: int, heads: torch.Tensor) -> torch.Tensor:
+        """(k, steps) rows of each of ``heads`` (CPU set indices, (k,)) in each batch of this epoch's
+        order ``perm`` (CPU, (N,))."""
+        taken = self.masks_cpu[:, perm].to(torch.int32)  # (S, N) in batch order
+        pad = -taken.shape[1] % batch_size
+        per_set = F.pad(taken, (0, pad)).view(len(taken), -1, batch_size).sum(2)  # (S, steps)
+        return per_set[heads]
+
+    def batch_mask(self, idx: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """(k, B) float weights of the batch rows ``idx`` (device, (B,)) for ``heads`` (set indices
+        on the device, (k,))."""
+        return torch.index_select(torch.index_select(self.masks, 1, idx), 0, heads)
 
 
-def masked_evaluate(model, X: torch.Tensor, y: torch.Tensor, logits_of, eval_mask: torch.Tensor | None,
-                    stats: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy and accuracy per head (K,) over each head's own evaluation rows.
+def row_sets(tasks: list[HeadTask], n_pool: int, device: torch.device) -> RowSets | None:
+    """The stack's row sets, or None when every head trains on every row of the pool."""
+    if all(t.rows is None for t in tasks):
+        return None
+    keys: dict[bytes | None, int] = {}
+    sets: list[torch.Tensor] = []
+    of_head = []
+    for t in tasks:
+        key = _key(t.rows)
+        if key not in keys:
+            m = torch.ones(n_pool, dtype=torch.bool)
+            if t.rows is not None:
+                m = torch.zeros(n_pool, dtype=torch.bool)
+                m[torch.as_tensor(np.asarray(t.rows), dtype=torch.long)] = True
+            keys[key] = len(sets)
+            sets.append(m)
+        of_head.append(keys[key])
+    cpu = torch.stack(sets)
+    return RowSets(cpu.to(device=device, dtype=torch.float32), cpu, torch.tensor(of_head))
+
+
+def eval_chunk_rows(k: int, widths: tuple[int, ...], budget: int = EVAL_BUDGET) -> int:
+    """Evaluation rows per forward so that the per-head activations of a chunk fit ``budget`` bytes.
 
     Args:
+        k: heads in the stack.
+        widths: output width of every layer (hidden sizes, then C): each row makes k of each, fp32.
+            The input chunk is a view of the rows (statistics are folded into the first layer), so
+            D does not enter.
+    Returns:
+        max(1, budget // (4 k sum(widths))).
+    """
+    return max(1, budget // (4 * k * sum(widths)))
+
+
+EvalGroup = tuple[torch.Tensor | None, torch.Tensor | None]  # (rows on the device, heads on the CPU); None = all
+
+
+def masked_evaluate(model, X: torch.Tensor, y: torch.Tensor, logits_of, groups: list[EvalGroup] | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and accuracy per head (K,) over each head's own evaluation rows.
+
+    Each group's heads are computed on that group's rows only: a fold head is scored on its held-out
+    fold, never on the other 4/5 of the pool.
+
+    Args:
+        model: the StackedHead (per-head input statistics, if any, are folded into its first layer).
         X, y: every evaluation row (Nv, D), (Nv,).
-        logits_of: (model, x) -> (b, C, K) logits.
-        eval_mask: (K, Nv) float, 1 where the row belongs to the head's evaluation set; None = all rows.
-        stats: per-head standardisation, or None.
+        logits_of: (model, x, heads=...) -> (b, C, h) logits of the heads chosen (None = all).
+        groups: (rows, heads) pairs covering every head once: (r,) row indices on X's device and (h,)
+            local head indices on the CPU (the stack splits itself without a device sync), None =
+            every row / every head. None = one group of every head on every row.
     """
     model.eval()
-    k = model.k
+    loss = torch.zeros(model.k, device=X.device, dtype=torch.float64)
+    correct = torch.zeros(model.k, device=X.device, dtype=torch.float64)
+    for rows, heads in groups or [(None, None)]:
+        gl, gc = _evaluate_group(model, X, y, logits_of, rows, heads)
+        if heads is None:
+            loss, correct = gl, gc
+        else:
+            loss[heads], correct[heads] = gl, gc
+    return loss.float(), correct.float()
+
+
+def _evaluate_group(model, X: torch.Tensor, y: torch.Tensor, logits_of, rows: torch.Tensor | None,
+                    heads: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h,) float64 mean loss and accuracy of ``heads`` over ``rows``, in chunks sized by the budget."""
+    k = model.k if heads is None else len(heads)
+    n = len(X) if rows is None else len(rows)
+    chunk = eval_chunk_rows(k, (*model.hidden, model.weights[-1].shape[-1]), EVAL_BUDGET)
     loss = torch.zeros(k, device=X.device, dtype=torch.float64)
     correct = torch.zeros(k, device=X.device, dtype=torch.float64)
     with torch.no_grad():
-        for s in range(0, len(X), EVAL_CHUNK):
-            xb = standardized(X[s: s + EVAL_CHUNK], stats)
-            logits = logits_of(model, xb)  # (b, C, K)
-            yb = y[s: s + EVAL_CHUNK]
-            ce = F.cross_entropy(logits, yb[:, None].expand(-1, k), reduction="none")  # (b, K)
-            hit = (logits.max(1).indices == yb[:, None]).double()
-            if eval_mask is None:
-                loss += ce.sum(0).double()
-                correct += hit.sum(0)
+        for s in range(0, n, chunk):
+            if rows is None:
+                xb, yb = X[s: s + chunk], y[s: s + chunk]  # views: no copy
             else:
-                m = eval_mask[:, s: s + EVAL_CHUNK].t().double()  # (b, K)
-                loss += (ce.double() * m).sum(0)
-                correct += (hit * m).sum(0)
-    n = torch.full((k,), float(len(X)), device=X.device, dtype=torch.float64) if eval_mask is None \
-        else eval_mask.sum(1).double()
-    return (loss / n).float(), (correct / n).float()
+                r = rows[s: s + chunk]
+                xb, yb = torch.index_select(X, 0, r), torch.index_select(y, 0, r)  # (b, D), shared by the group
+            logits = logits_of(model, xb, heads=heads)  # (b, C, h): the only (rows x heads) temporary
+            ce = F.cross_entropy(logits, yb[:, None].expand(-1, k), reduction="none")  # (b, h)
+            loss += ce.double().sum(0)  # float64 sums: the chunking (it depends on K) does not show
+            correct += (logits.max(1).indices == yb[:, None]).sum(0).double()
+    return loss / n, correct / n
 
 
-def eval_mask(tasks: list[HeadTask], n_eval: int, device: torch.device) -> torch.Tensor | None:
-    """(K, Nv) float membership of each head's evaluation rows, or None when every head uses all."""
+@dataclass
+class EvalSets:
+    """The distinct evaluation-row sets of a stack's heads.
+
+    Attributes:
+        rows: per set, (r,) long row indices on the device, or None = every evaluation row.
+        of_head: (K,) long on the CPU: the set of each head.
+        device: the training device.
+    """
+
+    rows: list[torch.Tensor | None]
+    of_head: torch.Tensor
+    device: torch.device  # of ``rows``
+
+    def groups(self, active: torch.Tensor) -> list[EvalGroup]:
+        """(rows, local head indices on the CPU) per set for the heads ``active`` (global indices, CPU)."""
+        of = self.of_head[active]
+        locals_ = [(rows, (of == s).nonzero().squeeze(1)) for s, rows in enumerate(self.rows)]
+        return [(rows, local) for rows, local in locals_ if len(local)]
+
+
+def eval_sets(tasks: list[HeadTask], device: torch.device) -> EvalSets | None:
+    """Each head's evaluation rows, deduplicated; None when every head is scored on every row."""
     if all(t.eval_rows is None for t in tasks):
         return None
-    m = torch.zeros(len(tasks), n_eval, device=device)
-    for j, t in enumerate(tasks):
-        if t.eval_rows is None:
-            m[j] = 1.0
-        else:
-            m[j, torch.as_tensor(np.asarray(t.eval_rows), device=device)] = 1.0
-    return m
+    keys: dict[bytes | None, int] = {}
+    rows: list[torch.Tensor | None] = []
+    for t in tasks:
+        key = _key(t.eval_rows)
+        if key not in keys:
+            keys[key] = len(rows)
+            rows.append(None if t.eval_rows is None
+                        else torch.as_tensor(np.asarray(t.eval_rows), dtype=torch.long, device=device))
+    return EvalSets(rows, torch.tensor([keys[_key(t.eval_rows)] for t in tasks]), torch.device(device))

@@ -64,4 +64,4 @@ class FitResult:
     best_epoch: int  # 1-based
     history: list[dict] = field(default_factory=list)  # per epoch, up to this head's own stop
     seconds: float = 0.0  # this head's share of its group's wall-clock time (epoch time / heads alive)
-    failed: bool = False  # its training loss became non-finite: the configuration diverged
+    failed: bool = False  # its training loss or weight norm became non-finite: the configuration diverged

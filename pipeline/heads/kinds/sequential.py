@@ -125,12 +125,17 @@ class EpochKind(SequentialKind):
         """Per head: parameters x 5 (weights, gradient, two Adam moments, the best epoch's copy); per
         stack: the (B, K, width) activations and the (chunk, C, K) evaluation logits; plus the
         training pool gathered out of the matrix (heads/cv.py) and a sampled views copy per epoch."""
+        from featcache.pipeline.heads.masks import EVAL_BUDGET
         from featcache.pipeline.heads.sweep import configurations
 
         heads = len(configurations(cfg)) * max(cfg.cv, 1) * (1 + len(cfg.train_sizes))
         widest = max([n_classes, *(w for h in self.architectures(cfg) for w in h)])
         params = max(sum(a * b + b for a, b in zip([dim, *h], [*h, n_classes])) for h in self.architectures(cfg))
-        return (heads * params * 4 * 5 + heads * cfg.batch_size * widest * 4 * 4 + heads * 8192 * n_classes * 4 * 2
+        widths = max(sum(h) + n_classes for h in self.architectures(cfg))
+        evaluation = min(n_train * heads * widths * 4, EVAL_BUDGET) * 2  # masks.eval_chunk_rows caps it
+        folded = heads * dim * n_classes * 4 * 2 if cfg.cv >= 2 and cfg.standardize else 0  # linear: W/sigma + grad
+        per_fold = max(cfg.cv, 1) * (1 + len(cfg.train_sizes)) * (cfg.batch_size * dim * 4 + n_train * 5)
+        return (heads * params * 4 * 5 + heads * cfg.batch_size * widest * 4 * 4 + evaluation + folded + per_fold
                 + n_train * dim * 4)
 
     def label(self, row: dict) -> str:
