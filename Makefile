@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	$(VPY) -m ruff check .
 	$(VPY) -m pytest -q
 
 demo: $(STAMP)

@@ -14,9 +14,9 @@ import warnings
 import click
 
 from featcache import __version__
+from featcache.pipeline import startup
 from featcache.pipeline.config import SELECT_BY, ExtractConfig, HeadConfig
 from featcache.pipeline.errors import FeatcacheError
-from featcache.pipeline import startup
 from featcache.pipeline.heads import kinds
 from featcache.pipeline.options import float_list, int_list, str_list
 from featcache.pipeline.signals import interrupt_status, sigterm_as_interrupt
@@ -131,9 +131,11 @@ def main(ctx: click.Context, verbose: bool) -> None:
 @main.command()
 @click.argument("image_dir", metavar="SOURCE", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Cache file to create or update (.h5).")
-@click.option("--backbone", default="resnet18", show_default=True, help="torchvision model name, timm:NAME[.TAG][@SIZE] (any timm model; @SIZE = input pixels) "
+@click.option("--backbone", default=ExtractConfig.backbone, show_default=True,
+              help="torchvision model name, timm:NAME[.TAG][@SIZE] (any timm model; @SIZE = input pixels) "
                    "or efficientnet_lite0 (bundled ImageNet weights).")
-@click.option("--weights", default="DEFAULT", show_default=True, help="DEFAULT (torchvision's or timm's pretrained), a torchvision weights enum name, none "
+@click.option("--weights", default=ExtractConfig.weights, show_default=True,
+              help="DEFAULT (torchvision's or timm's pretrained), a torchvision weights enum name, none "
                    "(seeded random init), or a PATH (.safetensors or state_dict).")
 @click.option("--layer", default=None, help="Layer(s) to read, comma list = one pass, concatenated (`featcache layers BACKBONE` "
                    "lists them; default: the classifier's input).")
@@ -366,7 +368,6 @@ def predict(model, images, as_json, **opts) -> None:
 def evaluate(head, cache, device, as_json) -> None:
     """Score a saved head (RUN_DIR or head.pt) on a cache it was trained for."""
     from featcache.pipeline.heads.evaluate import run_evaluate
-
     from featcache.pipeline.heads.report import per_class_lines
 
     s = run_evaluate(head, cache, device)

@@ -29,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 from sweep import machine  # noqa: E402
+
 from examples.digits_demo import LINEAR_SWEEP, write_digits  # noqa: E402
 
 RECIPES = {  # name -> extract flags after --augment V
@@ -75,8 +76,8 @@ def folds(args) -> None:
         for p in keep:
             run = out / "cv-runs" / f"{head.split()[0]}-keep{p:.2f}"
             t0 = time.perf_counter()
-            s = featcache("fit-head", str(cache), "-o", str(run), *hflags[:-2], *CV_FLAGS, "--overwrite",
-                          "--views-keep-original", f"{p:.4f}")
+            featcache("fit-head", str(cache), "-o", str(run), *hflags[:-2], *CV_FLAGS, "--overwrite",
+                      "--views-keep-original", f"{p:.4f}")
             lb = json.loads((run / "leaderboard.json").read_text())
             for size in (10, "all"):
                 for views in (False, True):

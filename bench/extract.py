@@ -38,10 +38,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from photos import make_photo_folder  # noqa: E402
-from featcache.pipeline.extraction.backbones import LITE0, build_backbone  # noqa: E402
+
 from featcache.pipeline.device import usable_cores  # noqa: E402
+from featcache.pipeline.extraction.backbones import LITE0, build_backbone  # noqa: E402
 
 MODELS = ("resnet18", "alexnet", LITE0)
 

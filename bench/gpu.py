@@ -183,7 +183,7 @@ def main() -> None:
         return
     if args.quick:
         args.images, args.backbone, args.n, args.dim, args.rounds = 256, "resnet18", 10_000, 512, 1
-    print(device_line() if DEVICE.type == "cuda" else f"device: cpu (a check of this script; no GPU figures)")
+    print(device_line() if DEVICE.type == "cuda" else "device: cpu (a check of this script; no GPU figures)")
     with tempfile.TemporaryDirectory(prefix="featcache-gpu-bench-") as tmp:
         if not args.skip_extraction:
             extraction(args, Path(tmp))

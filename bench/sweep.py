@@ -14,20 +14,17 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
-from pathlib import Path
-
 
 import numpy as np  # noqa: E402
 import sklearn  # noqa: E402
 import torch  # noqa: E402
-
 from features import as_cache, make_features  # noqa: E402
+
 from featcache.cache.store import read_cache  # noqa: E402
 from featcache.pipeline.config import HeadConfig  # noqa: E402
-from featcache.pipeline.heads.data import prepare  # noqa: E402
 from featcache.pipeline.device import usable_cores  # noqa: E402
+from featcache.pipeline.heads.data import prepare  # noqa: E402
 from featcache.pipeline.heads.logreg import fit_logreg  # noqa: E402
 from featcache.pipeline.heads.metrics import score  # noqa: E402
 from featcache.pipeline.heads.sweep import expand  # noqa: E402

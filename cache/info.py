@@ -32,7 +32,7 @@ def info_lines(info: dict) -> list[str]:
           if a.get("n_views") else []),
         f"backbone   {a.get('backbone')}  weights={a.get('weights')}  layer={a.get('layer')}  pool={a.get('pool')}",
         *layer_lines(a.get("layers") or []),
-        f"splits     " + ", ".join(f"{s}={n}" for s, n in sorted(info["splits"].items())),
+        "splits     " + ", ".join(f"{s}={n}" for s, n in sorted(info["splits"].items())),
         f"classes    {len(info['classes'])}",
     ]
     for cls, per in info["classes"].items():

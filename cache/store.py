@@ -345,4 +345,6 @@ def read_views(path: str | Path, rows: np.ndarray) -> np.ndarray:
 def read_feature_rows(path: str | Path, rows: np.ndarray) -> np.ndarray:
     """Features at sorted ``rows`` as float32 (used to reuse rows of an earlier cache)."""
     with open_checked(path) as f, checked_reads(path):
-        return f["features"][np.asarray(rows)].astype(np.float32) if len(rows) else np.zeros((0, f["features"].shape[1]), np.float32)
+        if not len(rows):
+            return np.zeros((0, f["features"].shape[1]), np.float32)
+        return f["features"][np.asarray(rows)].astype(np.float32)

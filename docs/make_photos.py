@@ -3,7 +3,7 @@
     python docs/make_photos.py photos [--train 40 --val 12 --test 12 --size 64 --seed 0]
 
 The outputs shown in README.md and docs/ come from this folder at its defaults (192 JPEGs), and
-tests/test_docs.py runs every Python example of the docs on a smaller one. Each image is seeded by
+tests/api/test_docs.py runs every Python example of the docs on a smaller one. Each image is seeded by
 (seed, split, class, index) and files that exist are left alone, so a larger ``--train`` only adds
 images: a re-run of ``featcache extract`` then extracts just those.
 """

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from digits_demo import write_digits  # examples/ is on sys.path when this file runs
 from sklearn.model_selection import GridSearchCV
 
 import featcache
-from digits_demo import write_digits  # examples/ is on sys.path when this file runs
 
 
 def main() -> None:

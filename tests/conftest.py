@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from smallfs import small_fs as small_fs  # the fixture, for every test module (a tmpfs of a given size)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """The backbone in its fastest faithful form on the device, and the batch tensors fed to it.
 
 "Faithful" means the same function as the reference (fp32, eager, NCHW) up to float rounding:
-tests/test_accel.py checks cosine similarity >= 0.999 per feature row against that reference.
+tests/extraction/test_accel.py checks cosine similarity >= 0.999 per feature row against that reference.
 
 CPU  : batch norm folded into the preceding convolution (one conv instead of conv + a full pass
        over the activations), weights and activations in channels_last (oneDNN's native NHWC

@@ -86,7 +86,10 @@ def load_state_dict_file(path: str) -> dict:
         raise FeatcacheError(f"weights file not found: {path}") from None
     except Exception as e:  # UnpicklingError for unsafe pickles, RuntimeError for non-torch files
         text = str(e).strip()  # PyTorch's weights_only text is a paragraph; keep only what went wrong
-        why = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0] if "WeightsUnpickler error:" in text else text.split("\n")[0]
+        if "WeightsUnpickler error:" in text:
+            why = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        else:
+            why = text.split("\n")[0]
         first = " ".join(why.split())[:200] if why.strip() else type(e).__name__
         raise FeatcacheError(f"refusing to load {path}: not a plain state_dict ({first})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -141,7 +144,8 @@ def _torchvision(name: str, weights: str, seed: int) -> tuple[nn.Module, Preproc
         )
     if weights.lower() == "none":
         torch.manual_seed(seed)  # random init is reproducible: same seed, same features
-        return torchvision.models.get_model(name, weights=None), imagenet_default("imagenet default (random init)"), f"random(seed={seed})"
+        model = torchvision.models.get_model(name, weights=None)
+        return model, imagenet_default("imagenet default (random init)"), f"random(seed={seed})"
     if os.path.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.path.exists(weights):
         from featcache.pipeline.extraction.timm_zoo import load_weights_file
 

@@ -20,7 +20,7 @@ from featcache.pipeline.errors import FeatcacheError
 SPLITS = ("train", "val", "test")
 UNLABELED = -1
 # torchvision.datasets.folder.IMG_EXTENSIONS, written out so that discovery (and the no-op check,
-# quickcheck.py) need no torchvision import, which costs seconds; tests/test_discover.py checks
+# quickcheck.py) need no torchvision import, which costs seconds; tests/extraction/test_discover.py checks
 # that the two tuples are equal.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # torchvision's ImageFolder set plus GIF (first frame) and AVIF, which Pillow decodes: extract,

@@ -4,8 +4,8 @@ from __future__ import annotations
 import glob
 import os
 import sys
-from contextlib import nullcontext
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,29 +16,38 @@ import torch
 import torchvision
 from tqdm import tqdm
 
+from featcache.cache.atomic import check_replaceable, ensure_free_space, real_path
+from featcache.cache.featwrite import write_feature_rows
 from featcache.cache.fingerprint import fingerprint
 from featcache.cache.journal import Journal, Part
 from featcache.cache.lock import cache_lock
+from featcache.cache.saver import PartSaver
 from featcache.cache.store import SCHEMA_VERSION, CacheWriter, read_cache
-from featcache.pipeline.extraction.augment import recipe_of
-from featcache.pipeline.extraction.accel import (COMPILE_MODES, Runner, compile_wanted, heap_reuse, precision_conflict,
-                                                  precision_identity, precision_record, recorded_precision, resolve_amp)
-from featcache.pipeline.extraction.backbones import Backbone, build_backbone
 from featcache.pipeline.config import ExtractConfig
 from featcache.pipeline.device import compute_threads, decode_layout, resolve_device
+from featcache.pipeline.errors import FeatcacheError, opt
+from featcache.pipeline.extraction.accel import (
+    COMPILE_MODES,
+    Runner,
+    compile_wanted,
+    heap_reuse,
+    precision_conflict,
+    precision_identity,
+    precision_record,
+    recorded_precision,
+    resolve_amp,
+)
+from featcache.pipeline.extraction.augment import recipe_of
+from featcache.pipeline.extraction.backbones import Backbone, build_backbone
 from featcache.pipeline.extraction.discover import IMG_EXTENSIONS, Discovery
 from featcache.pipeline.extraction.distributed import DistContext, barrier, gather, shutdown
 from featcache.pipeline.extraction.distributed import init as dist_init
-from featcache.pipeline.errors import FeatcacheError, opt
-from featcache.cache.featwrite import write_feature_rows
 from featcache.pipeline.extraction.images import IMAGE_POLICY
 from featcache.pipeline.extraction.loader import ImageFiles, decode_batches, draft_min_side
+from featcache.pipeline.extraction.output import cache_target
 from featcache.pipeline.extraction.plan import Plan, batches_of, check_consent, make_plan, space_needed
 from featcache.pipeline.extraction.quickcheck import quick_attrs
 from featcache.pipeline.extraction.sources import open_source
-from featcache.cache.atomic import check_replaceable, ensure_free_space, real_path
-from featcache.pipeline.extraction.output import cache_target
-from featcache.cache.saver import PartSaver
 from featcache.pipeline.extraction.views import Views, split_rows, write_views
 
 DTYPES = ("float32", "float16")
@@ -189,7 +198,8 @@ def _run_backbone(job: Job, *, device: torch.device, journal: Journal, ctx: Dist
                 parts[b] = journal.load(b, k)
                 if parts[b] is None:
                     raise FeatcacheError(f"batch {b} is missing from {journal.dir} after every rank finished")
-    speed = {"ran_here": sum(len(batches[b]) for b in pending), "inference": runner.accel.describe(), "compile_seconds": round(runner.accel.compile_seconds, 2),
+    speed = {"ran_here": sum(len(batches[b]) for b in pending), "inference": runner.accel.describe(),
+             "compile_seconds": round(runner.accel.compile_seconds, 2),
              "decode": layout.describe(), "phases": {k: round(v, 2) for k, v in phases.items()}}
     return ({i: (parts[b], j) for b, batch in enumerate(batches) if b in parts for j, i in enumerate(batch)},
             resumed, speed)

@@ -41,7 +41,7 @@ def pil_stage(spec: PreprocessSpec) -> T.Compose:
     """The PIL part of ``spec.transform()``: resize + center crop (PIL image -> PIL image).
 
     torchvision.transforms (v1), not v2: on PIL images both are the same PIL resize and crop
-    (tests/test_preprocess.py checks pixel equality), and v2 imports torch._dynamo (~2 s at start-up).
+    (tests/extraction/test_preprocess.py checks pixel equality), and v2 imports torch._dynamo (~2 s at start-up).
     """
     return T.Compose([
         T.Resize(spec.resize_size, InterpolationMode(spec.interpolation), antialias=spec.antialias),

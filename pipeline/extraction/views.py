@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from featcache.cache.featwrite import write_view_rows
 from featcache.cache.fingerprint import fingerprint
 from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.extraction.augment import AugmentRecipe
-from featcache.cache.featwrite import write_view_rows
 
 
 class Views:
@@ -58,7 +58,7 @@ def write_views(writer, cfg, bb, plan, computed, row_of, views: Views) -> None:
     for i, (part, j) in computed.items():
         by_part.setdefault(id(part), []).append((j, i))
     new: dict[int, tuple[np.ndarray, int]] = {}
-    for pid, members in by_part.items():
+    for members in by_part.values():
         pos = 0  # index into the part's views: usable images with views, in batch order
         for _, i in sorted(members):
             part = computed[i][0]

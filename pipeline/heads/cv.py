@@ -108,7 +108,7 @@ def train_torch(cfg: HeadConfig, data: Prepared) -> list[Candidate]:
                 entries.append((i, size, use, slots))
     results = train_many(tasks, data=td, settings=TrainSettings(cfg.epochs, cfg.batch_size, cfg.patience))
     out = []
-    for n, (i, size, use, slots) in enumerate(entries):
+    for n, (_, size, use, slots) in enumerate(entries):
         res = [results[s] for s in slots]
         n_rows = [tasks[s].n_rows(len(pool)) for s in slots]
         extra = {"train_size": "all" if size == ALL else size, "n_train_rows": round(float(np.mean(n_rows)), 1),

@@ -1,7 +1,7 @@
 """``HeadClassifier``: a fit-head head as a scikit-learn estimator (Pipeline, GridSearchCV, cross_val_score).
 
 It trains exactly what one fit-head configuration trains, with fit-head's hyperparameter names,
-and passes scikit-learn's own estimator checks with its defaults (tests/test_estimator.py). As in
+and passes scikit-learn's own estimator checks with its defaults (tests/heads/test_estimator.py). As in
 fit-head, a linear head (``hidden=()``) is the exact probe (scikit-learn's LogisticRegression(C)
 objective, heads/exact.py) unless an epoch option is given (``lr``, ``weight_decay``, ``l1``,
 ``optimizer``, ``momentum``, ``max_iter``, ``batch_size``, ``early_stopping``) or

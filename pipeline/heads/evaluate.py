@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from featcache.cache.store import FeatureCache, read_cache
-from featcache.pipeline.heads.data import labeled_split_rows
 from featcache.pipeline.device import resolve_device
 from featcache.pipeline.errors import FeatcacheError
+from featcache.pipeline.heads.data import labeled_split_rows
 from featcache.pipeline.heads.headio import StandardizedHead, input_dim, load_head
 from featcache.pipeline.heads.metrics import per_class, predict_proba, score
 

@@ -23,16 +23,16 @@ from featcache.pipeline.device import resolve_device
 from featcache.pipeline.errors import FeatcacheError, FeatcacheWarning, opt
 from featcache.pipeline.heads import kinds
 from featcache.pipeline.heads.data import Prepared, make_splits, prepare
+from featcache.pipeline.heads.kinds.sequential import EPOCH_OPTIONS  # given one: an epoch sweep (resolve_solver)
 from featcache.pipeline.heads.layersets import layer_columns, layer_set_label
 from featcache.pipeline.heads.leaderboard import rank, rank_key
 from featcache.pipeline.heads.memory import MemoryPlan, parse_size, peak_rss_bytes
 from featcache.pipeline.heads.memory import plan as memory_plan
 from featcache.pipeline.heads.metrics import score
-from featcache.pipeline.heads.progress import reporting
 from featcache.pipeline.heads.optim import OPTIMIZERS
-from featcache.pipeline.heads.sweep import check_search
-from featcache.pipeline.heads.kinds.sequential import EPOCH_OPTIONS  # given one: an epoch sweep (resolve_solver)
+from featcache.pipeline.heads.progress import reporting
 from featcache.pipeline.heads.result import Candidate, Leaderboard, SweepResult, check_run_dir
+from featcache.pipeline.heads.sweep import check_search
 
 __all__ = ["EPOCH_OPTIONS", "check_config", "fit_sweep", "rank_key", "resolve_solver", "run_fit_head"]
 

@@ -16,7 +16,7 @@ heads of one stack, and they share every mini-batch:
   size B |T| / N: N / |T| times as many, smaller, noisier steps per epoch (a 4/5 fold: 25% more
   steps of 4/5 of a batch; a learning-curve size of 10% of the pool: 10x as many steps of a tenth).
   The learning rate is not rescaled: Adam's steps do not grow with the batch, and the difference
-  to a lone fold run is within run-to-run noise (tests/test_cv.py checks fold accuracies against
+  to a lone fold run is within run-to-run noise (tests/heads/test_cv.py checks fold accuracies against
   K separate runs over several seeds). Equivalence is statistical, no longer bitwise.
 - A head with no row in a batch (fewer than two with batch norm) sits that step out: no update, no
   moment decay, no step counted (``StackedOptimizer.step(active=...)``), as a lone run has no such

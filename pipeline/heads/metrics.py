@@ -1,11 +1,11 @@
 """Scores for a trained head on prepared features (sklearn metrics on top of torch logits)."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-import warnings
-
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, classification_report, confusion_matrix, f1_score
 from torch import nn
 

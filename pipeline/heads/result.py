@@ -19,20 +19,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from featcache.cache.atomic import (check_output_name, disk_full_error, fsync_dir, is_disk_full, real_path,
-                                    write_json)
+from featcache.cache.atomic import check_output_name, disk_full_error, fsync_dir, is_disk_full, real_path, write_json
 from featcache.cache.lock import cache_lock
 from featcache.cache.store import FeatureCache
 from featcache.pipeline.config import HeadConfig
 from featcache.pipeline.errors import FeatcacheError, FeatcacheWarning
 from featcache.pipeline.heads import kinds
 from featcache.pipeline.heads.data import Prepared
-from featcache.pipeline.heads.train_types import HeadParams
 from featcache.pipeline.heads.headio import StandardizedHead, save_head
 from featcache.pipeline.heads.leaderboard import write_leaderboard
 from featcache.pipeline.heads.metrics import predict_proba
-from featcache.pipeline.heads.sweep import swept
 from featcache.pipeline.heads.runs import RUN_REQUIRED
+from featcache.pipeline.heads.sweep import swept
+from featcache.pipeline.heads.train_types import HeadParams
 from featcache.pipeline.outputs import contains, read_json
 
 CV_KEYS = ("cv_folds", "cv_accuracy_mean", "cv_accuracy_std", "cv_loss_mean", "cv_loss_std", "fold_accuracies",
@@ -371,7 +370,7 @@ class SweepResult:
 
     def _write(self, folder: Path, with_plots: bool, t0: float) -> list[str]:
         save_head(folder / "head.pt", self.head, self.head_metadata())
-        if os.environ.get("FEATCACHE_TEST_KILL_AFTER_HEAD"):  # fault injection: tests/test_trust_fit.py
+        if os.environ.get("FEATCACHE_TEST_KILL_AFTER_HEAD"):  # fault injection: tests/heads/test_trust_fit.py
             os.kill(os.getpid(), 9)
         files = ["head.pt", "metrics.json", *write_leaderboard(folder, self.leaderboard)]
         if with_plots:

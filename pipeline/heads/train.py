@@ -23,8 +23,16 @@ import torch
 import torch.nn.functional as F
 
 from featcache.pipeline.heads import progress
-from featcache.pipeline.heads.masks import (HeadTask, RowSets, as_task, eval_sets, head_statistics,
-                                            masked_evaluate, row_sets, statistics_sets)
+from featcache.pipeline.heads.masks import (
+    HeadTask,
+    RowSets,
+    as_task,
+    eval_sets,
+    head_statistics,
+    masked_evaluate,
+    row_sets,
+    statistics_sets,
+)
 from featcache.pipeline.heads.optim import StackedOptimizer
 from featcache.pipeline.heads.stacked import StackedHead
 from featcache.pipeline.heads.train_types import FitResult, HeadParams, TrainData, TrainSettings

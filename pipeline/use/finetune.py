@@ -21,15 +21,15 @@ from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
 from featcache.cache.atomic import write_json
-from featcache.pipeline.heads.data import hold_out, labeled_split_rows
 from featcache.pipeline.device import cuda_math, decode_layout, resolve_device
-from featcache.pipeline.extraction.sources import open_source, source_kind
 from featcache.pipeline.errors import FeatcacheError
-from featcache.pipeline.outputs import check_output_folder, output_folder_kind
 from featcache.pipeline.extraction.images import UnreadableImage, load_rgb
 from featcache.pipeline.extraction.loader import ImageFiles
-from featcache.pipeline.use.model import Classifier, load_run, save_finetuned
 from featcache.pipeline.extraction.preprocess import PreprocessSpec
+from featcache.pipeline.extraction.sources import open_source, source_kind
+from featcache.pipeline.heads.data import hold_out, labeled_split_rows
+from featcache.pipeline.outputs import check_output_folder, output_folder_kind
+from featcache.pipeline.use.model import Classifier, load_run, save_finetuned
 
 
 @dataclass(frozen=True)

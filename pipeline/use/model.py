@@ -17,10 +17,10 @@ from torch import nn
 from featcache.cache.atomic import atomic_path, write_json
 from featcache.cache.fingerprint import fingerprint
 from featcache.pipeline.config import ExtractConfig
-from featcache.pipeline.extraction.backbones import build_backbone, load_state_dict_file
 from featcache.pipeline.errors import FeatcacheError
-from featcache.pipeline.heads.headio import StandardizedHead, build_head, input_dim, load_head
+from featcache.pipeline.extraction.backbones import build_backbone, load_state_dict_file
 from featcache.pipeline.extraction.preprocess import PreprocessSpec
+from featcache.pipeline.heads.headio import StandardizedHead, build_head, input_dim, load_head
 
 FT_WEIGHTS = "model.pt"
 FT_META = "model.json"

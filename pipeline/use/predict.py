@@ -11,12 +11,12 @@ from tqdm import tqdm
 
 from featcache.cache.atomic import atomic_open, check_writable_parent
 from featcache.pipeline.device import resolve_device
-from featcache.pipeline.extraction.discover import display_name, walk_images
 from featcache.pipeline.errors import FeatcacheError
-from featcache.pipeline.outputs import check_output_file
 from featcache.pipeline.extraction.accel import Runner
+from featcache.pipeline.extraction.discover import display_name, walk_images
 from featcache.pipeline.extraction.loader import ImageFiles, collate
 from featcache.pipeline.extraction.sources import open_source, source_kind
+from featcache.pipeline.outputs import check_output_file
 from featcache.pipeline.use.model import Predictor, load_predictor
 
 

@@ -107,4 +107,4 @@ def get(name: str) -> HeadKind:
 
 
 # Built-in kinds: importing a module registers it (order = --help order).
-from featcache.pipeline.heads.kinds import linear, mlp, logreg, knn, centroid  # noqa: E402,F401
+from featcache.pipeline.heads.kinds import centroid, knn, linear, logreg, mlp  # noqa: E402,F401

@@ -33,8 +33,8 @@ class Centroid(HeadKind):
 
     def fit(self, cfg, data):
         from featcache.pipeline.heads.leaderboard import split_scores
-        from featcache.pipeline.heads.similarity import fit_centroids
         from featcache.pipeline.heads.result import Candidate
+        from featcache.pipeline.heads.similarity import fit_centroids
 
         out = []
         X, y = data.split("train")

@@ -6,7 +6,6 @@ from featcache.pipeline.errors import opt
 from featcache.pipeline.heads.kinds import register
 from featcache.pipeline.heads.kinds.sequential import SequentialKind, class_weights, rows_of, with_views
 
-
 C_PATH = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # C values tried when none are given: one cold start each
 
 

@@ -6,7 +6,6 @@ Not a kind itself (nothing registers it): the kinds subclass it.
 from __future__ import annotations
 
 from dataclasses import asdict
-
 from typing import TYPE_CHECKING
 
 import numpy as np
