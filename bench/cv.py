@@ -15,7 +15,7 @@ For each sweep (the issue's 4 linear configurations, lr 1e-3,1e-2 x weight decay
    between (2)'s fold heads and (3) (shared batches: equal within noise, not bitwise).
 
 The features are the cache's train split, prepared exactly as fit-head prepares them. The cache is
-made by ``make demo`` (EfficientNet-Lite0 features of scikit-learn's 1,797 digits).
+made by ``make demo-digits`` (EfficientNet-Lite0 features of scikit-learn's 1,797 digits).
 """
 from __future__ import annotations
 

@@ -225,7 +225,7 @@ def main() -> None:
     if Path(args.cache).exists():
         compare(f"cache {args.cache}", *real(args.cache), cs, args.block, args.reference != "off", dtype)
     else:
-        print(f"\n(no cache at {args.cache}: real-data comparison skipped; run `make demo` or pass --cache)")
+        print(f"\n(no cache at {args.cache}: real-data comparison skipped; run `make demo-digits` or pass --cache)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""make demo: real images, real pretrained features, two heads, one honest baseline.
+"""make demo-digits: real images, real pretrained features, two heads, one honest baseline.
 
 Writes scikit-learn's bundled handwritten digits (1,797 real 8x8 scans, 10 classes) as PNGs into an
 ImageFolder tree with train/val/test splits, runs `featcache extract` with EfficientNet-Lite0 and its
@@ -51,6 +51,8 @@ def write_digits(folder: Path, scale: int) -> None:
 
 
 def featcache(*args: str) -> dict:
+    if args[0] == "fit-head":  # a second `make demo-digits` replaces its own runs
+        args = (*args, "--overwrite")
     cmd = [sys.executable, str(ROOT / "cli.py"), *args, "--json"]
     print("$ featcache " + " ".join(args), flush=True)
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout

@@ -23,10 +23,32 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM arrived; raised in the main thread where a Ctrl-C would be."""
 
 
+_requested = False  # a SIGTERM arrived in this block (raise_if_terminated re-raises it)
+
+
 def _raise_terminated(signum, frame) -> None:
     # Once: a second SIGTERM during cleanup is ignored, so the cleanup the first one started finishes.
+    global _requested
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _requested = True
+    if frame is not None and _finalizer(frame):  # Python would print and drop it there
+        return  # the next raise_if_terminated (every pass or epoch of fit-head) raises it instead
     raise Terminated()
+
+
+def _finalizer(frame) -> bool:
+    """Whether ``frame`` runs a finalizer (``__del__``, a weakref callback), where a raised exception
+    is printed as "Exception ignored in ..." and dropped."""
+    code = frame.f_code
+    return code.co_name == "__del__" or code.co_filename.endswith(("weakref.py", "_weakrefset.py"))
+
+
+def raise_if_terminated() -> None:
+    """Raise ``Terminated`` again if a SIGTERM arrived. Long loops call it (heads/progress.tick, per
+    pass or epoch): a signal handled while the interpreter ran a finalizer (``__del__``, a weakref
+    callback) has its exception printed and dropped by Python, and the loop would run on."""
+    if _requested:
+        raise Terminated()
 
 
 @contextmanager
@@ -36,11 +58,13 @@ def sigterm_as_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    global _requested
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        _requested = False
 
 
 def interrupt_status(exc: BaseException | None) -> int:

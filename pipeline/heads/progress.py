@@ -11,6 +11,8 @@ import contextvars
 import sys
 from contextlib import contextmanager
 
+from featcache.pipeline.signals import raise_if_terminated
+
 _BAR = contextvars.ContextVar("featcache_fit_progress", default=None)
 
 
@@ -32,7 +34,9 @@ def reporting(enabled: bool, desc: str):
 
 
 def tick(n: int = 1, unit: str | None = None) -> None:
-    """Count ``n`` steps of work (``unit``: "pass" over X, "epoch") on the open bar, if any."""
+    """Count ``n`` steps of work (``unit``: "pass" over X, "epoch") on the open bar, if any; and
+    the place where a SIGTERM whose exception Python dropped is raised again (signals.py)."""
+    raise_if_terminated()
     bar = _BAR.get()
     if bar is not None:
         if unit and bar.unit != unit:

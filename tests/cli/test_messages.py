@@ -64,3 +64,42 @@ def test_fit_heads_progress_shows_passes_of_the_exact_probe(capsys):
     assert "fit-head linear" in err and "pass" in err
     featcache.fit_heads((X, y), C=[0.1, 1.0])  # progress off by default: nothing on stderr
     assert capsys.readouterr().err == ""
+
+
+def test_a_sigterm_whose_exception_was_dropped_is_raised_again_at_the_next_pass():
+    """Python prints and drops an exception raised while a finalizer runs; a SIGTERM handled there
+    must still stop training: heads/progress.tick raises it again."""
+    import os
+    import signal
+
+    import pytest
+
+    from featcache.pipeline.heads import progress
+    from featcache.pipeline.signals import Terminated, sigterm_as_interrupt
+
+    with sigterm_as_interrupt():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+        except Terminated:
+            pass  # dropped, as a finalizer would
+        with pytest.raises(Terminated):
+            progress.tick()
+    progress.tick()  # outside the block: nothing pending
+
+
+def test_a_sigterm_arriving_in_a_finalizer_waits_for_the_next_pass():
+    import signal
+    import types
+
+    import pytest
+
+    from featcache.pipeline import signals
+    from featcache.pipeline.heads import progress
+
+    weakref_frame = types.SimpleNamespace(f_code=types.SimpleNamespace(co_name="remove", co_filename="/usr/lib/weakref.py"))
+    with signals.sigterm_as_interrupt():
+        signals._raise_terminated(signal.SIGTERM, weakref_frame)  # returns: nothing to drop
+        with pytest.raises(signals.Terminated):
+            progress.tick()
