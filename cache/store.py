@@ -329,17 +329,22 @@ def feature_shape(path: str | Path) -> tuple[int, int]:
 def read_views(path: str | Path, rows: np.ndarray) -> np.ndarray:
     """Augmented views (len(rows), V, D) float32 of sorted ``rows`` (train-split rows of a cache
     extracted with --augment). Contiguous runs are read as slices: fancy indexing is slow in h5py."""
-    rows = np.asarray(rows, dtype=np.int64)
     with open_checked(path) as f, checked_reads(path):
-        if "views" not in f:
-            raise CacheError(f"{path} has no augmented views; extract with --augment N to store some")
-        ds = f["views"]
-        out = np.empty((len(rows), *ds.shape[1:]), np.float32)
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        for run in np.split(np.arange(len(rows)), breaks):
-            if len(run):  # straight into ``out`` (HDF5 converts float16): no temporary copy of the views
-                ds.read_direct(out, np.s_[rows[run[0]]: rows[run[-1]] + 1], np.s_[run[0]: run[-1] + 1])
-        return out
+        return views_from_open(f, rows, path)
+
+
+def views_from_open(f: h5py.File, rows: np.ndarray, path: str | Path) -> np.ndarray:
+    """``read_views`` from an already open cache (one open for features and views: one snapshot)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if "views" not in f:
+        raise CacheError(f"{path} has no augmented views; extract with --augment N to store some")
+    ds = f["views"]
+    out = np.empty((len(rows), *ds.shape[1:]), np.float32)
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for run in np.split(np.arange(len(rows)), breaks):
+        if len(run):  # straight into ``out`` (HDF5 converts float16): no temporary copy of the views
+            ds.read_direct(out, np.s_[rows[run[0]]: rows[run[-1]] + 1], np.s_[run[0]: run[-1] + 1])
+    return out
 
 
 def read_feature_rows(path: str | Path, rows: np.ndarray) -> np.ndarray:

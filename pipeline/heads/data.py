@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from featcache.cache.store import FeatureCache, checked_reads, open_checked, read_views
+from featcache.cache.store import FeatureCache, checked_reads, open_checked, read_views, views_from_open
 from featcache.pipeline.errors import FeatcacheError, FeatcacheWarning
 
 
@@ -197,19 +197,6 @@ def _same_cache(f, cache: FeatureCache) -> None:
                              "run fit-head again once the extract has finished")
 
 
-def _views_from(f, rows: np.ndarray) -> np.ndarray:
-    """(len(rows), V, D) float32 views of sorted ``rows`` from the open file (runs read as slices)."""
-    if "views" not in f:
-        raise FeatcacheError("the cache has no augmented views; extract with --augment N to store some")
-    ds = f["views"]
-    out = np.empty((len(rows), *ds.shape[1:]), np.float32)
-    pos = 0
-    for a, b in _row_runs(rows):
-        ds.read_direct(out, np.s_[a:b], np.s_[pos: pos + b - a])
-        pos += b - a
-    return out
-
-
 def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bool, device: torch.device,
             use_views: bool = False, val_views: bool = False, drop_nonfinite: bool = False,
             columns: np.ndarray | None = None) -> Prepared:
@@ -273,7 +260,7 @@ def _load(cache: FeatureCache, columns: np.ndarray | None, view_rows: np.ndarray
         with open_checked(cache.path) as f, checked_reads(cache.path):
             _same_cache(f, cache)
             X = _read_features(f, columns)
-            v = _views_from(f, view_rows) if view_rows is not None else None
+            v = views_from_open(f, view_rows, cache.path) if view_rows is not None else None
         if v is not None and columns is not None:
             v = np.ascontiguousarray(v[:, :, columns])
         return X, v
