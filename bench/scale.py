@@ -1,7 +1,7 @@
 """Benchmark: fit-head on large caches — peak memory (from the OS) and time, next to the I/O floor.
 
     .venv/bin/python bench/scale.py [--n 100000,320000] [--dim 2048] [--dtype float32] \
-        [--heads linear,mlp] [--dir /tmp/featcache-scale] [--keep]
+        [--heads linear,mlp] [--budgets none,1G] [--dir /tmp/featcache-scale] [--keep]
 
 For each N it writes a synthetic cache in featcache's own format (rows from a noisy linear teacher,
 10 classes, splits 80/10/10, each split one range of rows as a folder tree gives), then runs in a
@@ -9,10 +9,16 @@ child process, each measured by the kernel (``os.wait4``: the child's own peak R
 - ``featcache fit-head CACHE --head linear`` (the exact probe's 10-C path, the default);
 - ``featcache fit-head CACHE --head mlp --hidden 512 --lr 1e-3,1e-2 --weight-decay 0,1e-4,1e-3,1e-2
   --epochs 2 --patience 0`` (a sweep of 8 MLP heads for 2 epochs);
+- ``--head mlp2``: 2 MLP heads (512 hidden, lr 1e-3 and 1e-2) for 1 epoch;
 and a plain sequential h5py read of the same features (the I/O floor: GB/s from the page cache or
-the disk, whichever holds the file). It prints one row per run: peak RSS, peak / features, wall
-time, fit-head's own memory plan (metrics.json) and the memory available. Caches are written under
---dir and removed afterwards unless --keep (they are tens of GB at the largest N: never commit them).
+the disk, whichever holds the file). Each head runs once per ``--budgets`` entry: ``none`` = no
+--max-memory (in memory when it fits), a size = ``--max-memory SIZE`` (streamed when the features
+do not fit it). It prints one row per run: mode, peak RSS, peak / features, wall time, fit-head's
+own plan (metrics.json's ``work``: what the budget bounds), the streamed passes' throughput (GB/s of
+stored features read, averaged over every pass), the share of their time the solver waited for
+data and the number of passes (``wait/n``), and the best val accuracy. Caches are written under
+--dir and removed afterwards unless --keep
+(they are tens of GB at the largest N: never commit them).
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ HEADS = {
     "linear": ["--head", "linear"],
     "mlp": ["--head", "mlp", "--hidden", "512", "--lr", "1e-3,1e-2", "--weight-decay", "0,1e-4,1e-3,1e-2",
             "--epochs", "2", "--patience", "0"],
+    "mlp2": ["--head", "mlp", "--hidden", "512", "--lr", "1e-3,1e-2", "--epochs", "1", "--patience", "0"],
 }
 
 
@@ -89,20 +96,38 @@ def run_child(cmd: list[str]) -> tuple[int, float, int]:
     return proc.returncode, time.perf_counter() - t0, usage.ru_maxrss * 1024
 
 
+def row(n: int, args, head: str, budget: str, run: Path | None, feat_bytes: int, floor: float, peak: int,
+        wall: float) -> str:
+    """One printed row; the plan, the passes' throughput and the val accuracy from metrics.json."""
+    mode = work = gbps = wait = acc = "-"
+    if run is not None:
+        metrics = json.loads((run / "metrics.json").read_text())
+        plan, io = metrics["memory"]["plan"], metrics["memory"].get("stream_io")
+        mode, work = plan.get("mode", "memory"), f"{plan['work'] / 2**30:.2f}G"
+        acc = f"{metrics['val_accuracy']:.4f}" if metrics.get("val_accuracy") is not None else "-"
+        if io and io["gb_per_s"]:
+            gbps = f"{io['gb_per_s']:.2f}GB/s"
+            wait = f"{io['wait_seconds'] / io['seconds']:.0%}/{io['passes']}"
+    return (f"{n:>9} {args.dim:>5} {args.dtype:>7} {head:>6} {budget:>6} {mode:>6} {feat_bytes / 2**30:>8.2f}G "
+            f"{floor:>6.2f}GB/s {gbps:>9} {wait:>8} {peak / 2**30:>8.2f}G {peak / feat_bytes:>9.2f} {work:>7} "
+            f"{wall:>6.0f}s {acc:>7}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", default="100000,320000")
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     ap.add_argument("--heads", default="linear,mlp")
+    ap.add_argument("--budgets", default="none", help="comma list: none (no --max-memory) or sizes such as 1G")
     ap.add_argument("--dir", default="/tmp/featcache-scale")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine()}\n{load()}; memory available {available_bytes() / 2**30:.1f} GiB")
-    print(f"{'N':>9} {'D':>5} {'dtype':>7} {'head':>6} {'features':>9} {'floor':>9} {'peak RSS':>9} "
-          f"{'peak/feat':>9} {'plan':>8} {'wall':>8}")
+    print(f"{'N':>9} {'D':>5} {'dtype':>7} {'head':>6} {'budget':>6} {'mode':>6} {'features':>9} {'floor':>9} "
+          f"{'pass':>9} {'wait/n':>8} {'peak RSS':>9} {'peak/feat':>9} {'work':>7} {'wall':>7} {'val acc':>7}")
     for n in (int(v) for v in args.n.split(",")):
         cache = root / f"scale-{n}-{args.dim}-{args.dtype}.h5"
         if not cache.exists():
@@ -112,17 +137,15 @@ def main() -> None:
         feat_bytes = n * args.dim * np.dtype(args.dtype).itemsize
         floor = read_floor(cache)
         for head in args.heads.split(","):
-            run = root / f"run-{n}-{head}"
-            shutil.rmtree(run, ignore_errors=True)
-            code, wall, peak = run_child([sys.executable, str(REPO / "cli.py"), "fit-head", str(cache), "-o", str(run),
-                                          "--device", "cpu", "--no-plots", *HEADS[head]])
-            plan = "-"
-            if code == 0:
-                plan = f"{json.loads((run / 'metrics.json').read_text())['memory']['plan']['total'] / 2**30:.2f}G"
-            print(f"{n:>9} {args.dim:>5} {args.dtype:>7} {head:>6} {feat_bytes / 2**30:>8.2f}G {floor:>6.2f}GB/s "
-                  f"{peak / 2**30:>8.2f}G {peak / feat_bytes:>9.2f} {plan:>8} {wall:>7.0f}s"
-                  + ("" if code == 0 else f"  (exit {code})"))
-            shutil.rmtree(run, ignore_errors=True)
+            for budget in args.budgets.split(","):
+                run = root / f"run-{n}-{head}"
+                shutil.rmtree(run, ignore_errors=True)
+                limit = [] if budget == "none" else ["--max-memory", budget]
+                code, wall, peak = run_child([sys.executable, str(REPO / "cli.py"), "fit-head", str(cache), "-o",
+                                              str(run), "--device", "cpu", "--no-plots", *HEADS[head], *limit])
+                print(row(n, args, head, budget, run if code == 0 else None, feat_bytes, floor, peak, wall)
+                      + ("" if code == 0 else f"  (exit {code})"), flush=True)
+                shutil.rmtree(run, ignore_errors=True)
         if not args.keep:
             cache.unlink()
 

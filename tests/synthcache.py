@@ -14,17 +14,19 @@ from click.testing import CliRunner
 from featcache.cache.store import CacheWriter
 
 
-def write_cache(path: Path, n_per_class: dict[str, int] | None = None, dim: int = 16, classes: int = 3,
+def write_cache(path: Path, n_per_class: dict[str, int | list[int]] | None = None, dim: int = 16, classes: int = 3,
                 sep: float = 3.0, seed: int = 0, backbone: str = "synthetic") -> Path:
-    """A complete schema-1 cache: ``n_per_class`` rows per class in each split (train/val/test)."""
+    """A complete schema-1 cache: ``n_per_class`` rows per class in each split (train/val/test),
+    the same number for every class or a list of one count per class (imbalanced classes)."""
     n_per_class = n_per_class or {"train": 40, "val": 15, "test": 15}
     rng = np.random.default_rng(seed)
     centres = rng.normal(0.0, sep, (classes, dim))
     labels, splits = [], []
     for split, n in n_per_class.items():
         for c in range(classes):
-            labels += [c] * n
-            splits += [split] * n
+            count = n[c] if isinstance(n, (list, tuple)) else n
+            labels += [c] * count
+            splits += [split] * count
     y = np.array(labels, dtype=np.int64)
     X = (centres[y] + rng.normal(0.0, 1.0, (len(y), dim))).astype(np.float32)
     names = [f"class{c}" for c in range(classes)]

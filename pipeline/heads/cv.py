@@ -33,6 +33,7 @@ from sklearn.model_selection import StratifiedKFold
 from featcache.pipeline.config import HeadConfig
 from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.heads.data import Prepared
+from featcache.pipeline.heads.kinds.sequential import loss_weights
 from featcache.pipeline.heads.leaderboard import split_scores, torch_row
 from featcache.pipeline.heads.masks import HeadTask
 from featcache.pipeline.heads.result import Candidate
@@ -84,16 +85,22 @@ def train_torch(cfg: HeadConfig, data: Prepared) -> list[Candidate]:
     configuration x size x variant (its folds folded into mean/std when --cv)."""
     params = configurations(cfg)
     pool = data.rows["train"]
-    Xp, yp = data.X[torch.as_tensor(pool, device=data.X.device)], data.y[torch.as_tensor(pool, device=data.X.device)]
+    Xp, yp = data.take(pool)  # streamed: a source over the pool rows (plain configurations only)
     labels = yp.cpu().numpy()
     folds = fold_splits(labels, cfg.cv, cfg.seed) if cfg.cv >= 2 else [(np.arange(len(pool)), None)]
     views = data.views_of(pool)
-    if cfg.cv >= 2:  # held-out folds are scored on the un-augmented pool rows
-        td = TrainData(Xp, yp, len(data.class_names), Xp, yp, views, cfg.views_keep_original)
+    # --class-weight: one set of class weights from the whole pool's counts for every head. Stratified
+    # folds hold the pool's class shares, so per-fold "balanced" weights would differ only by
+    # rounding; learning-curve sizes share them too, as the exact probe's (_exact_selection) do.
+    if cfg.cv >= 2:  # held-out folds are scored on the un-augmented pool rows, weighted as in training
+        (w,) = loss_weights(cfg, data.class_names, yp)
+        td = TrainData(Xp, yp, len(data.class_names), Xp, yp, views, cfg.views_keep_original, w, w)
     else:
         Xv, yv = data.split("val")
-        td = TrainData(Xp, yp, len(data.class_names), Xv if len(Xv) else None, yv if len(Xv) else None, views,
-                       cfg.views_keep_original)
+        w, wv = loss_weights(cfg, data.class_names, yp, yv)
+        has_val = len(Xv) > 0
+        td = TrainData(Xp, yp, len(data.class_names), Xv if has_val else None, yv if has_val else None, views,
+                       cfg.views_keep_original, w, wv if has_val else None)
     entries, tasks = [], []  # entry = (config index, size, views) -> its task positions
     for i, p in enumerate(params):
         for size in _sizes(cfg):
@@ -157,7 +164,10 @@ def refit_cv_winner(cfg: HeadConfig, data: Prepared, best: Candidate) -> Candida
     rows = np.sort(np.concatenate([data.rows[s] for s in names]))
     idx = torch.as_tensor(rows, device=data.X.device)
     views = data.views_of(rows) if best.row["views"] else None
-    td = TrainData(data.X[idx], data.y[idx], len(data.class_names), views=views, keep_original=cfg.views_keep_original)
+    y = data.y[idx]
+    (w,) = loss_weights(cfg, data.class_names, y)  # "balanced": from the refit rows' own class counts
+    td = TrainData(data.X[idx], y, len(data.class_names), views=views, keep_original=cfg.views_keep_original,
+                   sample_weight=w)
     epochs = best.row["best_epoch"]
     (r,) = train_many([best.params], data=td, settings=TrainSettings(epochs, cfg.batch_size, patience=0))
     row = {**best.row, **split_scores(r.head, data), "refit_rows": len(rows), "refit_epochs": epochs,

@@ -8,6 +8,12 @@ float64, it is standardised in place block by block, and a split whose rows are 
 range (every split of a train/val/test folder tree: paths sort by their split folder) is a view
 of it, not a gathered copy. Features and augmented views come from one open of the file, checked
 against the metadata the caller read, so an extract that replaces the cache meanwhile is caught.
+
+Streamed (``prepare(..., stream=...)``, when the matrix does not fit the memory plan): X stays in
+the file as a heads.stream.H5Rows source over every row, standardised chunk by chunk as it is
+read; one streaming pass computes the training statistics and finds non-finite rows; a split is
+a source over its rows (``Prepared.take``), which the exact probe, the epoch trainer and the
+scores read chunk by chunk.
 """
 from __future__ import annotations
 
@@ -20,11 +26,12 @@ from sklearn.model_selection import train_test_split
 
 from featcache.cache.store import FeatureCache, checked_reads, open_checked, read_views, views_from_open
 from featcache.pipeline.errors import FeatcacheError, FeatcacheWarning
+from featcache.pipeline.heads.stream import H5Rows, StreamSettings, file_identity, streamed_moments
 
 
 @dataclass
 class Prepared:
-    X: torch.Tensor  # (N, D) float32, standardised with train statistics when asked
+    X: torch.Tensor | H5Rows  # (N, D) float32, standardised with train statistics when asked; a source when streamed
     y: torch.Tensor  # (N,) int64, -1 = unlabeled
     rows: dict[str, np.ndarray]  # train | val | test -> row indices into X
     mean: np.ndarray | None  # (D,) float32, None without standardisation
@@ -35,9 +42,21 @@ class Prepared:
     view_pos: np.ndarray | None = None  # (N,) int64: row -> index into views, -1 = row has none
     feature_dtype: str = "float32"  # the cache's dtype (a k-NN head keeps its bank in it)
 
-    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(X, y) of a split: views when its rows are one contiguous range, else gathered copies."""
-        rows = self.rows[name]
+    @property
+    def streamed(self) -> bool:
+        """X stays in the cache file and is read chunk by chunk (heads/stream.py)."""
+        return isinstance(self.X, H5Rows)
+
+    def split(self, name: str) -> tuple[torch.Tensor | H5Rows, torch.Tensor]:
+        """(X, y) of a split (see ``take``)."""
+        return self.take(self.rows[name])
+
+    def take(self, rows: np.ndarray) -> tuple[torch.Tensor | H5Rows, torch.Tensor]:
+        """(X, y) of sorted ``rows``: views when they are one contiguous range, else gathered
+        copies; streamed, a source over those rows (nothing read yet)."""
+        rows = np.asarray(rows)
+        if self.streamed:
+            return self.X.subset(rows), self.y[torch.as_tensor(rows, device=self.y.device)]
         if len(rows) and rows[-1] - rows[0] == len(rows) - 1:  # sorted and contiguous
             return self.X[rows[0]: rows[-1] + 1], self.y[rows[0]: rows[-1] + 1]
         idx = torch.as_tensor(rows, device=self.X.device)
@@ -126,13 +145,18 @@ def _row_runs(rows: np.ndarray):
         yield int(run[0]), int(run[-1]) + 1
 
 
-def _finite_rows(cache: FeatureCache, X: np.ndarray, rows: dict[str, np.ndarray], drop: bool) -> dict[str, np.ndarray]:
-    """Refuse (or with ``drop`` leave out) labeled rows whose features hold NaN or Inf: one such row
-    would turn every head trained with it into NaN, and in val/test it skews the scores. Checked
-    block by block (no (N, D) boolean temporary)."""
-    bad_mask = np.zeros(len(X), bool)
+def _nonfinite(X: np.ndarray) -> np.ndarray:
+    """(N,) bool: rows of X holding NaN or Inf, checked block by block (no (N, D) boolean temporary)."""
+    bad = np.zeros(len(X), bool)
     for b in _blocks(len(X), X.shape[1] * X.itemsize):
-        bad_mask[b] = ~np.isfinite(X[b]).all(axis=1)
+        bad[b] = ~np.isfinite(X[b]).all(axis=1)
+    return bad
+
+
+def _finite_rows(cache: FeatureCache, bad_mask: np.ndarray, rows: dict[str, np.ndarray], drop: bool) -> dict[str, np.ndarray]:
+    """Refuse (or with ``drop`` leave out) labeled rows whose features hold NaN or Inf (``bad_mask``,
+    (N,) bool): one such row would turn every head trained with it into NaN, and in val/test it
+    skews the scores."""
     used = np.concatenate(list(rows.values()))
     bad = used[bad_mask[used]]
     if not len(bad):
@@ -199,13 +223,15 @@ def _same_cache(f, cache: FeatureCache) -> None:
 
 def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bool, device: torch.device,
             use_views: bool = False, val_views: bool = False, drop_nonfinite: bool = False,
-            columns: np.ndarray | None = None) -> Prepared:
+            columns: np.ndarray | None = None, stream: StreamSettings | None = None) -> Prepared:
     """Args:
         columns: train on these columns of /features only (fit-head --layers); None = all.
         drop_nonfinite: leave out rows whose features are not all finite (default: refuse).
         use_views: also load the cache's augmented views of the training rows that have them.
         val_views: and of the validation rows that have them (a hold-out of the train split):
             only --refit trains on those rows; validation itself never uses views.
+        stream: read X from the file chunk by chunk with these settings (no views), or None =
+            hold it in memory.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise FeatcacheError("--val-fraction must be in [0, 1)")
@@ -221,12 +247,14 @@ def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bo
     if unseen:
         warnings.warn(f"class(es) {', '.join(unseen[:5])} have validation/test images but no training images: "
                       "no head can predict them", FeatcacheWarning, stacklevel=2)
+    if stream is not None:
+        return _prepare_streamed(cache, rows, val_source, standardize, device, drop_nonfinite, columns, stream)
     view_rows = None
     if use_views:  # /views holds rows of the cache's train split only (extract --augment)
         wanted = np.concatenate([rows["train"], rows["val"]]) if val_views else rows["train"]
         view_rows = np.intersect1d(np.flatnonzero(cache.split == "train"), wanted)
     X, v = _load(cache, columns, view_rows)
-    rows = _finite_rows(cache, X, rows, drop_nonfinite)
+    rows = _finite_rows(cache, _nonfinite(X), rows, drop_nonfinite)
     mean = scale = None
     if standardize:
         mean, scale = zscore_stats(X, rows["train"])
@@ -244,6 +272,31 @@ def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bo
         view_pos[view_rows] = np.arange(len(view_rows))
     return Prepared(torch.from_numpy(X).to(device), torch.from_numpy(cache.labels).to(device),
                     rows, mean, scale, cache.class_names, val_source, views, view_pos, str(_dtype(cache)))
+
+
+def _prepare_streamed(cache: FeatureCache, rows: dict[str, np.ndarray], val_source: str, standardize: bool,
+                      device: torch.device, drop_nonfinite: bool, columns: np.ndarray | None,
+                      stream: StreamSettings) -> Prepared:
+    """``prepare`` for a cache that stays in its file: one streaming pass over the labeled rows for
+    the training statistics and the non-finite check, then X as a source over every row."""
+    if cache.features is not None:
+        raise FeatcacheError("streaming reads a cache file; these features are already in memory")
+    identity = file_identity(cache.path)  # every later pass checks the file is still this one
+    with open_checked(cache.path) as f, checked_reads(cache.path):
+        _same_cache(f, cache)
+    used = np.unique(np.concatenate(list(rows.values())))
+    raw = H5Rows(cache.path, used, chunk_rows=stream.chunk_rows, columns=columns, identity=identity)
+    mean, scale, bad_used = streamed_moments(raw, np.searchsorted(used, rows["train"]))
+    bad = np.zeros(len(cache.labels), bool)
+    bad[used] = bad_used
+    rows = _finite_rows(cache, bad, rows, drop_nonfinite)  # the statistics left non-finite rows out already
+    if not standardize:
+        mean = scale = None
+    X = H5Rows(cache.path, np.arange(len(cache.labels)), chunk_rows=stream.chunk_rows, device=device,
+               columns=columns, mean=mean, scale=scale, identity=identity, window_rows=stream.window_rows,
+               stats=raw.stats)
+    return Prepared(X, torch.from_numpy(cache.labels).to(device), rows, mean, scale, cache.class_names, val_source,
+                    feature_dtype=str(_dtype(cache)))
 
 
 def _dtype(cache: FeatureCache) -> str:

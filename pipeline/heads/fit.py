@@ -12,7 +12,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from featcache.cache.atomic import check_output_name, real_path
@@ -26,12 +25,14 @@ from featcache.pipeline.heads.data import Prepared, make_splits, prepare
 from featcache.pipeline.heads.kinds.sequential import EPOCH_OPTIONS  # given one: an epoch sweep (resolve_solver)
 from featcache.pipeline.heads.layersets import layer_columns, layer_set_label
 from featcache.pipeline.heads.leaderboard import rank, rank_key
-from featcache.pipeline.heads.memory import MemoryPlan, parse_size, peak_rss_bytes
+from featcache.pipeline.heads.memory import MemoryPlan, parse_size, peak_rss_bytes, stream_plan
 from featcache.pipeline.heads.memory import plan as memory_plan
+from featcache.pipeline.heads.memory import size_text as _gb
 from featcache.pipeline.heads.metrics import score
 from featcache.pipeline.heads.optim import OPTIMIZERS
 from featcache.pipeline.heads.progress import reporting
 from featcache.pipeline.heads.result import Candidate, Leaderboard, SweepResult, check_run_dir
+from featcache.pipeline.heads.stream import StreamSettings
 from featcache.pipeline.heads.sweep import check_search
 
 __all__ = ["EPOCH_OPTIONS", "check_config", "fit_sweep", "rank_key", "resolve_solver", "run_fit_head"]
@@ -106,8 +107,7 @@ def _refit(cfg: HeadConfig, data: Prepared, best: Candidate) -> tuple[nn.Module,
     t0 = time.perf_counter()
     rows = np.sort(np.concatenate([data.rows["train"], data.rows["val"]]))
     head, epochs = kind_of(best).refit(cfg, data, best, rows)
-    idx = torch.as_tensor(rows, device=data.X.device)
-    fitted, test = score(head, data.X[idx], data.y[idx]), score(head, *data.split("test"))
+    fitted, test = score(head, *data.take(rows)), score(head, *data.split("test"))
     info = {"n_rows": len(rows), "epochs": epochs, "train_val_accuracy": fitted["accuracy"],
             "train_val_loss": fitted["loss"], "test_accuracy": test.get("accuracy"), "test_loss": test.get("loss"),
             "seconds": round(time.perf_counter() - t0, 3)}
@@ -115,21 +115,53 @@ def _refit(cfg: HeadConfig, data: Prepared, best: Candidate) -> tuple[nn.Module,
 
 
 def _plan(cfg: HeadConfig, kind: kinds.HeadKind, cache: FeatureCache, sets: list, use_views: bool) -> MemoryPlan:
-    """The run's memory plan (heads/memory.py), from the cache's metadata alone."""
+    """The run's memory plan (heads/memory.py), from the cache's metadata alone: in memory when that
+    fits (or the features are in memory already), else streamed, saying so in one line; a run that
+    fits neither way is refused here, before any work."""
     with warnings.catch_warnings():  # prepare warns about the same split when it makes it
         warnings.simplefilter("ignore")
         rows, _ = make_splits(cache, cfg.val_fraction, cfg.seed)
-    widths = sorted((int(cache.attrs["feature_dim"]) if cols is None else len(cols) for _, cols in sets), reverse=True)
+    full = int(cache.attrs["feature_dim"])
+    widths = sorted((full if cols is None else len(cols) for _, cols in sets), reverse=True)
     held = sum(widths[:2])  # the set being trained and the best set so far (fit_sweep keeps no other)
     contiguous = all(len(r) == 0 or r[-1] - r[0] == len(r) - 1 for r in rows.values())
     view_rows = int(np.isin(rows["train"], np.flatnonzero(cache.split == "train")).sum()) if use_views else 0
-    solver = kind.solver_bytes(cfg, n_train=len(rows["train"]), dim=widths[0], n_classes=len(cache.class_names))
-    return memory_plan(n_rows=len(cache.labels), dim=held, contiguous=contiguous, view_rows=view_rows,
-                       n_views=cache.n_views if use_views else 0, solver=solver, budget=parse_size(cfg.max_memory))
+    n_train, n_classes, budget = len(rows["train"]), len(cache.class_names), parse_size(cfg.max_memory)
+    solver = kind.solver_bytes(cfg, n_train=n_train, dim=widths[0], n_classes=n_classes)
+    in_memory = memory_plan(n_rows=len(cache.labels), dim=held, contiguous=contiguous, view_rows=view_rows,
+                            n_views=cache.n_views if use_views else 0, solver=solver, budget=budget)
+    if in_memory.fits or cache.features is not None:
+        in_memory.check()
+        return in_memory
+    why = _no_streaming(cfg, kind, use_views)
+    if why:
+        in_memory.check(why)
+    streamed = stream_plan(n_rows=len(cache.labels), dim=widths[0], full_dim=full, epochs=kind.by_epochs(cfg),
+                           n_train=n_train, batch_size=cfg.batch_size, budget=budget,
+                           solver_of=lambda rows: kind.solver_bytes(cfg, n_train=n_train, dim=widths[0],
+                                                                    n_classes=n_classes, pass_rows=rows))
+    streamed.check()
+    limit = f"{opt('max_memory')} {_gb(budget)}" if budget and budget < in_memory.available else \
+        f"the {_gb(in_memory.available)} available"
+    warnings.warn(f"the features need {_gb(in_memory.work)} in memory, more than {limit}: streaming them from "
+                  f"{cache.path} in chunks of {streamed.chunk_rows:,} rows", FeatcacheWarning, stacklevel=3)
+    return streamed
 
 
-def _memory_record(memory: MemoryPlan) -> dict:
-    return {"plan": memory.record(), "peak_rss_bytes": peak_rss_bytes()}
+def _no_streaming(cfg: HeadConfig, kind: kinds.HeadKind, use_views: bool) -> str | None:
+    """Why this run cannot stream (an option streaming does not support), or None."""
+    if not kind.streams:
+        return f"{opt('head')} {kind.name} (it holds its training rows in memory; linear and mlp stream)"
+    for name, on in (("cv", cfg.cv), ("train_sizes", cfg.train_sizes), ("use_augmented", use_views)):
+        if on:
+            return f"{opt(name)} (its heads index the training rows in memory)"
+    return None
+
+
+def _memory_record(memory: MemoryPlan, data: Prepared) -> dict:
+    """metrics.json's memory: the plan, the measured peak and, streamed, what the passes cost."""
+    io = {"stream_io": data.X.stats.record()} if data.streamed else {}
+    return {"plan": memory.record(), "peak_rss_bytes": peak_rss_bytes(), **io}
 
 
 def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False, note: str | None = None) -> SweepResult:
@@ -158,9 +190,9 @@ def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False, n
                   for cols in [layer_columns(cache.attrs, names, cache.path)]}  # one entry per distinct set
     sets = list(columns_of.items()) or [(None, None)]
     memory = _plan(cfg, kind, cache, sets, use_views)
-    memory.check()
+    stream = StreamSettings(memory.chunk_rows, memory.window_rows or 0) if memory.mode == "stream" else None
     with reporting(progress, f"fit-head {cfg.head}"):  # the solvers tick it: passes over X, epochs
-        candidates, set_of, kept = _train_sets(cfg, kind, cache, sets, device, use_views, note)
+        candidates, set_of, kept = _train_sets(cfg, kind, cache, sets, device, use_views, note, stream)
         ranked = Leaderboard(rank([c.row for c in candidates], cfg.select_by))
         if ranked[0].get("status") == "failed":
             raise FeatcacheError(f"every configuration diverged (non-finite training loss or weights) in all {len(ranked)}; "
@@ -178,7 +210,7 @@ def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False, n
             head, refit = _refit(cfg, data, best) if cfg.refit else (best.head, None)
     return SweepResult(config=cfg, cache=cache, data=data, candidates=candidates, leaderboard=ranked, head=head,
                        refit=refit, device=str(device), seconds=time.perf_counter() - t0, columns=columns,
-                       layers=label, memory=_memory_record(memory))
+                       layers=label, memory=_memory_record(memory, data))
 
 
 def kind_of(candidate: Candidate) -> kinds.HeadKind:
@@ -187,7 +219,7 @@ def kind_of(candidate: Candidate) -> kinds.HeadKind:
 
 
 def _train_sets(cfg: HeadConfig, kind: kinds.HeadKind, cache: FeatureCache, sets: list, device, use_views: bool,
-                note: str | None):
+                note: str | None, stream: StreamSettings | None):
     """Every layer set prepared and trained in turn. Returns (candidates, row index -> its layer set,
     {label: prepared data}) holding only the best set so far's data: one matrix more, never all."""
     candidates: list[Candidate] = []
@@ -195,7 +227,7 @@ def _train_sets(cfg: HeadConfig, kind: kinds.HeadKind, cache: FeatureCache, sets
     kept: dict[str | None, Prepared] = {}
     for label, columns in sets:
         data = prepare(cache, cfg.val_fraction, cfg.seed, cfg.standardize, device, use_views, val_views=cfg.refit,
-                       drop_nonfinite=cfg.drop_nonfinite, columns=columns)
+                       drop_nonfinite=cfg.drop_nonfinite, columns=columns, stream=stream)
         if cfg.refit and not len(data.rows["val"]):
             raise FeatcacheError(f"{opt('refit')} retrains on train+val, but this run has no validation split "
                                  f"({opt('val_fraction')} 0)")

@@ -26,6 +26,7 @@ per-problem stopping; scipy's (what sklearn calls) runs on numpy in float64, one
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -211,47 +212,107 @@ def _direction(g: torch.Tensor, hist: History, rows: torch.Tensor | slice, h0: C
     return r.neg_()
 
 
-def _line_search(loss: Callable, lam: torch.Tensor, th: torch.Tensor, f0: torch.Tensor, g0: torch.Tensor,
-                 d: torch.Tensor, slope: torch.Tensor, heads: torch.Tensor):
-    """Backtracking (Armijo) with a safeguarded quadratic step, per head, from t = 1 along d (H', P);
+def _indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of the True entries of ``mask`` (1-d bool), ascending, given their ``count``, which
+    the host has already read. Unlike ``nonzero`` or mask indexing, whose output size the device
+    must report first (a host sync each), a stable sort of ~mask brings them to the front."""
+    return torch.argsort((~mask).to(torch.uint8), stable=True)[:count]
+
+
+class _Flags:
+    """Per-head boolean flags (H',) computed on the device and read by the host in one transfer:
+    ``host.name`` (numpy) to branch on, ``dev.name`` to select rows on the device with
+    ``_indices`` (no transfer back). None values are left out (the test was not taken)."""
+
+    def __init__(self, **flags: torch.Tensor | None):
+        self.dev = SimpleNamespace(**{k: v for k, v in flags.items() if v is not None})
+        names = list(vars(self.dev))
+        # the one device-to-host transfer of this decision point
+        read = torch.stack([getattr(self.dev, k) for k in names]).cpu().numpy()
+        self.host = SimpleNamespace(**dict(zip(names, read)))
+
+
+class _TolTest:
+    """sklearn's test, max |grad| <= tol, per head. In theta's own coordinates it is one pass over
+    grad, so it is taken for every head (``eager``) and rides along with the other flags of a
+    transfer; with ``grad_max`` (theta rotated: an unrotation per head) only for the heads whose
+    other test passed (``where``), at the cost of one more transfer when any did."""
+
+    def __init__(self, tol: float, grad_max: Callable | None):
+        self.tol, self.grad_max = tol, grad_max
+
+    def eager(self, gr: torch.Tensor) -> torch.Tensor | None:
+        return gr.abs().amax(1) <= self.tol if self.grad_max is None else None
+
+    def where(self, gr: torch.Tensor, ask_dev: torch.Tensor, ask: np.ndarray, fl: _Flags) -> tuple[torch.Tensor, np.ndarray]:
+        """The test (device, host) for the rows ``ask`` of gr, False elsewhere; ``fl.small`` holds
+        it for every row when it was taken eagerly."""
+        if self.grad_max is None:
+            return fl.dev.small & ask_dev, fl.host.small & ask
+        out = torch.zeros_like(ask_dev)
+        if not ask.any():
+            return out, np.zeros_like(ask)
+        idx = _indices(ask_dev, int(ask.sum()))
+        out[idx] = self.grad_max(gr[idx]) <= self.tol
+        return out, out.cpu().numpy()  # the extra transfer, only on iterations where a head asks
+
+
+def _accepted(ft, gt, d, t, slope, f0) -> torch.Tensor:
+    """Armijo, or Hager & Zhang's approximate Wolfe test where f is within float32 noise of its
+    start: near the optimum f's differences drown in the rounding of the logits, while the slope
+    along d, grad . d, stays exact enough to show the step went downhill."""
+    armijo = ft <= f0 + 1e-4 * (t * slope).double()
+    return armijo | ((ft <= f0 + APPROX_WOLFE * f0.abs()) & (torch.linalg.vecdot(gt, d) <= -(1 - 2e-4) * slope))
+
+
+def _backtrack(loss: Callable, lam: torch.Tensor, th: torch.Tensor, f0: torch.Tensor, g0: torch.Tensor,
+               d: torch.Tensor, slope: torch.Tensor, heads: torch.Tensor, first: tuple, ok: _Flags):
+    """The rest of the line search, after a first trial at t = 1 (``first`` = its theta, f, grad;
+    ``ok.dev.ok``/``ok.host.ok`` which heads accepted it) that some head rejected: backtracking
+    (Armijo) with a safeguarded quadratic step, per head, on the heads still pending only;
     ``heads`` (H',) are their indices among the block's heads (the loss's per-head row weights).
 
-    Returns (theta, f, grad, pending): the accepted point of each head, or its start where no
-    step in MAX_LS was accepted (pending True). Most L-BFGS steps take t = 1 for every head,
-    which costs one loss and no bookkeeping.
+    Returns (theta, f, grad, pending on the device, pending on the host): the accepted point of
+    each head, or its start where no step in MAX_LS was accepted (pending True). One host transfer
+    per trial: whether another is needed, and for how many heads.
     """
-    def accepted(ft, gt, dd, t, sl, fs):
-        # Armijo, or Hager & Zhang's approximate Wolfe test where f is within float32 noise of
-        # its start: near the optimum f's differences drown in the rounding of the logits, while
-        # the slope along d, grad . d, stays exact enough to show the step went downhill
-        armijo = ft <= fs + 1e-4 * (t * sl).double()
-        return armijo | ((ft <= fs + APPROX_WOLFE * fs.abs()) & (torch.linalg.vecdot(gt, dd) <= -(1 - 2e-4) * sl))
-
-    trial = th + d
-    ft, gt = loss(trial, lam, heads)
-    ok = accepted(ft, gt, d, 1.0, slope, f0)
-    if bool(ok.all()):
-        return trial, ft, gt, torch.zeros_like(ok)
+    n = len(th)
     new_th, new_f, new_g = th.clone(), f0.clone(), g0.clone()
-    pending = torch.ones_like(ok)
-    t = torch.ones(len(th), dtype=th.dtype, device=th.device)
-    pi = torch.arange(len(th), device=th.device)
+    pending, pending_host = torch.ones(n, dtype=torch.bool, device=th.device), np.ones(n, bool)
+    t = torch.ones(n, dtype=th.dtype, device=th.device)
+    pi, pi_host = torch.arange(n, device=th.device), np.arange(n)  # positions of the trial's heads
+    (trial, ft, gt), ok_dev, ok_host = first, ok.dev.ok, ok.host.ok
     for step in range(MAX_LS):  # MAX_LS trials in all, each tested
-        acc = pi[ok]
-        new_th[acc], new_f[acc], new_g[acc] = trial[ok], ft[ok], gt[ok]
-        pending[acc] = False
-        if step == MAX_LS - 1 or not pending.any():
+        acc, rej = _indices(ok_dev, int(ok_host.sum())), _indices(~ok_dev, int((~ok_host).sum()))
+        new_th[pi[acc]], new_f[pi[acc]], new_g[pi[acc]] = trial[acc], ft[acc], gt[acc]
+        pending[pi[acc]] = False
+        pending_host[pi_host[ok_host]] = False
+        if step == MAX_LS - 1 or not pending_host.any():
             break
-        rej = pi[~ok]
-        tr, dfr = t[rej], (ft[~ok] - f0[rej]).to(th.dtype)
-        quad = -slope[rej] * tr ** 2 / (2 * (dfr - slope[rej] * tr))
+        pr = pi[rej]  # the heads still pending, ascending
+        tr, dfr = t[pr], (ft[rej] - f0[pr]).to(th.dtype)
+        quad = -slope[pr] * tr ** 2 / (2 * (dfr - slope[pr] * tr))
         quad = torch.where(torch.isfinite(quad), quad, 0.1 * tr)  # f inf or NaN at the trial: a big step back
-        t[rej] = torch.minimum(torch.maximum(quad, 0.1 * tr), 0.5 * tr)
-        pi = torch.nonzero(pending).squeeze(1)
+        t[pr] = torch.minimum(torch.maximum(quad, 0.1 * tr), 0.5 * tr)
+        pi, pi_host = pr, pi_host[~ok_host]
         trial = th[pi] + t[pi, None] * d[pi]
         ft, gt = loss(trial, lam[pi], heads[pi])
-        ok = accepted(ft, gt, d[pi], t[pi], slope[pi], f0[pi])
-    return new_th, new_f, new_g, pending
+        ok_dev = _accepted(ft, gt, d[pi], t[pi], slope[pi], f0[pi])
+        ok_host = ok_dev.cpu().numpy()  # this trial's transfer
+    return new_th, new_f, new_g, pending, pending_host
+
+
+@dataclass
+class _Active:
+    """The heads still being solved: their indices on the host (bookkeeping) and on the device
+    (row selection), kept in step without a transfer either way."""
+
+    host: np.ndarray
+    dev: torch.Tensor
+
+    def keep(self, mask: np.ndarray, mask_dev: torch.Tensor) -> "_Active":
+        """The heads where mask (host) / mask_dev (device, the same flags) is True."""
+        return _Active(self.host[mask], self.dev[_indices(mask_dev, int(mask.sum()))])
 
 
 def lbfgs(loss: Callable, theta: torch.Tensor, lam: torch.Tensor, hist: History, precond: Preconditioner | None, *,
@@ -269,18 +330,17 @@ def lbfgs(loss: Callable, theta: torch.Tensor, lam: torch.Tensor, hist: History,
     the heads ``heads`` (indices into theta's rows; None = all), and with ``curvature`` also the
     class curvature A (H', K, K) that ``precond.set_heads`` takes.
 
+    Host syncs (each stalls a GPU's queue): an iteration reads per-head flags twice, each time all
+    of them in one transfer, because two decisions need the host: which heads stop before the
+    step (it sets the heads of the loss call), and whether every head took t = 1 (else another
+    loss call) together with which heads are then done. Rows are selected on the device
+    (``_indices``): no host-to-device index copies, no data-dependent shapes. A transfer more
+    per backtracking trial, for a steepest-descent fallback, or where ``grad_max`` is asked.
+
     Returns (theta, f float64 (H,), n_iter (H,), converged (H,) bool, hist), numpy for the middle three.
     """
     h, p = theta.shape
-    gmax = grad_max or (lambda gr: gr.abs().amax(1))
-
-    def within_tol(gr: torch.Tensor, ask: np.ndarray) -> np.ndarray:
-        """max |grad| <= tol for the rows ``ask`` (bool, numpy) of gr; False elsewhere."""
-        out = np.zeros_like(ask)
-        if ask.any():
-            out[ask] = (gmax(gr[torch.as_tensor(ask, device=gr.device)]) <= tol).cpu().numpy()
-        return out
-
+    tol_test = _TolTest(tol, grad_max)
     f, g, A = loss(theta, lam, curvature=True)
     if precond is not None:
         precond.set_heads(A, lam)
@@ -288,47 +348,87 @@ def lbfgs(loss: Callable, theta: torch.Tensor, lam: torch.Tensor, hist: History,
     else:  # scalar H0: gamma = s.y / y.y of the newest pair, or unit length along -g at first
         gamma = 1.0 / g.norm(dim=1).clamp_min(1e-30)
         h0 = lambda q, rows: q * gamma[rows, None]  # noqa: E731
-    done, converged = np.zeros(h, bool), np.zeros(h, bool)
-    n_iter = np.zeros(h, np.int64)
+    converged, n_iter = np.zeros(h, bool), np.zeros(h, np.int64)
+    act = _Active(np.arange(h), torch.arange(h, device=theta.device))
     for it in range(max_iter + 1):
-        act = np.flatnonzero(~done)
-        if not len(act):
+        if not len(act.host):
             break
-        a = torch.as_tensor(act, device=theta.device)
-        rows = slice(None) if len(act) == h else a  # a view, not a copy, of the history when all are active
+        rows = slice(None) if len(act.host) == h else act.dev  # a view, not a copy, of the history when all are active
         ga, fa, th = g[rows], f[rows], theta[rows]
-        d = _direction(ga, hist, rows, h0)
-        slope = (ga * d).sum(1)
-        bad = slope >= 0  # not a descent direction (float noise): fall back to steepest descent
-        if bad.any():
-            d[bad] = -h0(ga, rows)[bad]
-            slope = (ga * d).sum(1)
-        stop = within_tol(ga, (-0.5 * slope.double() <= GAP * fa.abs()).cpu().numpy())
-        converged[act[stop]] = done[act[stop]] = True
+        d, slope, stop, stop_dev = _direction_and_stops(ga, fa, hist, rows, h0, tol_test)
+        converged[act.host[stop]] = True
         if stop.all() or it == max_iter:
             break
         if stop.any():
-            keep = torch.as_tensor(np.flatnonzero(~stop), device=theta.device)
-            act, a, ga, fa, th, d, slope = act[~stop], a[keep], ga[keep], fa[keep], th[keep], d[keep], slope[keep]
-            rows = a
-        new_th, new_f, new_g, pending = _line_search(loss, lam[rows], th, fa, ga, d, slope, a)
-        # a failed line search means the curvature pairs went bad (a tiny step's y is float noise):
-        # forget them and retry along H0 g; it stalls for good only with no pairs left
-        empty = (hist.rho[:, rows] == 0).all(0)
-        hist.rho[:, a[pending]] = 0
-        stalled = (pending & empty).cpu().numpy()
+            keep = _indices(~stop_dev, int((~stop).sum()))
+            act = _Active(act.host[~stop], act.dev[keep])
+            ga, fa, th, d, slope, rows = ga[keep], fa[keep], th[keep], d[keep], slope[keep], act.dev
+        trial = th + d
+        ft, gt = loss(trial, lam[rows], act.dev)
+        # one transfer: did every head take t = 1 (most L-BFGS steps do), and the done test's flags
+        # of that point, the step then (f no longer moves beyond float rounding: float32's floor)
+        fl = _Flags(ok=_accepted(ft, gt, d, 1.0, slope, fa), flat=_flat(fa, ft), small=tol_test.eager(gt))
+        if fl.host.ok.all():
+            new_th, new_f, new_g, pending = trial, ft, gt, None
+        else:  # some head rejected t = 1: backtrack, then read the done test's flags again
+            new_th, new_f, new_g, pending, pending_host = _backtrack(loss, lam[rows], th, fa, ga, d, slope, act.dev,
+                                                                     (trial, ft, gt), fl)
+            stalled = _forget_pairs(hist, rows, act.dev, pending, pending_host)
+            fl = _Flags(stalled=stalled, flat=_flat(fa, new_f), small=tol_test.eager(new_g))
         s, yv = new_th - th, new_g - ga
-        valid = _curvature_ok(s, yv) & ~pending
+        valid = _curvature_ok(s, yv) if pending is None else _curvature_ok(s, yv) & ~pending
         hist.push(rows, s, yv, valid)
         if precond is None:
             gamma[rows] = torch.where(valid, (s * yv).sum(1) / (yv * yv).sum(1).clamp_min(1e-30), gamma[rows])
-        # f no longer moves beyond float rounding with max |grad| within tol, or no step along d
-        # lowers f: the solve is at float32's floor, and converged if max |grad| is within tol
-        flat = ((fa - new_f).abs() <= 1e-10 * fa.abs()).cpu().numpy()
         theta[rows], f[rows], g[rows] = new_th, new_f, new_g  # ga, fa, th are views of these when rows is a slice
-        n_iter[act] += 1
-        small = within_tol(new_g, flat | stalled)  # max |grad| only where it decides something
-        floor = (flat & small) | stalled
-        converged[act] |= floor & small
-        done[act] = floor
+        n_iter[act.host] += 1
+        act = _done(act, fl, new_g, tol_test, converged)
     return theta, f.cpu().numpy(), n_iter, converged, hist
+
+
+def _flat(f0: torch.Tensor, f1: torch.Tensor) -> torch.Tensor:
+    """f did not move beyond float rounding."""
+    return (f0 - f1).abs() <= 1e-10 * f0.abs()
+
+
+def _direction_and_stops(ga: torch.Tensor, fa: torch.Tensor, hist: History, rows: torch.Tensor | slice,
+                         h0: Callable, tol_test: _TolTest):
+    """The L-BFGS direction d (H', P) of the active heads, its slope g.d (H',), and which heads stop
+    here, on the host and on the device: max |grad| <= tol and an expected decrease -g.d / 2 <=
+    GAP * |f|. One host transfer; another where d fell back to steepest descent, or grad_max was asked."""
+    d = _direction(ga, hist, rows, h0)
+    slope = (ga * d).sum(1)
+    gap = lambda sl: -0.5 * sl.double() <= GAP * fa.abs()  # noqa: E731
+    fl = _Flags(bad=slope >= 0, gap=gap(slope), small=tol_test.eager(ga))
+    if fl.host.bad.any():  # not a descent direction (float noise): fall back to steepest descent
+        d = torch.where(fl.dev.bad[:, None], -h0(ga, rows), d)
+        slope = (ga * d).sum(1)
+        fl.dev.gap = gap(slope)
+        fl.host.gap = fl.dev.gap.cpu().numpy()  # one more transfer, in this rare case only
+    stop_dev, stop = tol_test.where(ga, fl.dev.gap, fl.host.gap, fl)
+    return d, slope, stop, stop_dev
+
+
+def _forget_pairs(hist: History, rows: torch.Tensor | slice, heads: torch.Tensor, pending: torch.Tensor,
+                  pending_host: np.ndarray) -> torch.Tensor:
+    """A failed line search (``pending``) means the head's curvature pairs went bad (a tiny step's y
+    is float noise): forget them, so that it retries along H0 g. Returns the heads that stalled for
+    good: failed with no pairs left."""
+    empty = (hist.rho[:, rows] == 0).all(0)
+    if pending_host.any():
+        hist.rho[:, heads[_indices(pending, int(pending_host.sum()))]] = 0
+    return pending & empty
+
+
+def _done(act: _Active, fl: _Flags, new_g: torch.Tensor, tol_test: _TolTest, converged: np.ndarray) -> _Active:
+    """After a step: a head whose f no longer moves with max |grad| within tol, or whose line search
+    stalled (no step along d lowers f), is at float32's floor and done; converged if max |grad| is
+    within tol. Updates ``converged``; returns the heads that go on."""
+    stalled = getattr(fl.dev, "stalled", torch.zeros_like(fl.dev.flat))  # only after a backtracking
+    stalled_host = getattr(fl.host, "stalled", np.zeros_like(fl.host.flat))
+    small_dev, small = tol_test.where(new_g, fl.dev.flat | stalled, fl.host.flat | stalled_host, fl)  # where it decides
+    floor = (fl.host.flat & small) | stalled_host
+    converged[act.host] |= floor & small
+    if not floor.any():
+        return act
+    return act.keep(~floor, ~((fl.dev.flat & small_dev) | stalled))

@@ -189,8 +189,8 @@ def eval_chunk_rows(k: int, widths: tuple[int, ...], budget: int = EVAL_BUDGET) 
 EvalGroup = tuple[torch.Tensor | None, torch.Tensor | None]  # (rows on the device, heads on the CPU); None = all
 
 
-def masked_evaluate(model, X: torch.Tensor, y: torch.Tensor, logits_of, groups: list[EvalGroup] | None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_evaluate(model, X: torch.Tensor, y: torch.Tensor, logits_of, groups: list[EvalGroup] | None,
+                    weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy and accuracy per head (K,) over each head's own evaluation rows.
 
     Each group's heads are computed on that group's rows only: a fold head is scored on its held-out
@@ -203,12 +203,15 @@ def masked_evaluate(model, X: torch.Tensor, y: torch.Tensor, logits_of, groups: 
         groups: (rows, heads) pairs covering every head once: (r,) row indices on X's device and (h,)
             local head indices on the CPU (the stack splits itself without a device sync), None =
             every row / every head. None = one group of every head on every row.
+        weight: (Nv,) weight of each row in the loss (``--class-weight``): the loss is then the
+            weighted mean sum w_i ce_i / sum w_i over the group's rows; None = the plain mean. The
+            accuracy is always the plain share of rows.
     """
     model.eval()
     loss = torch.zeros(model.k, device=X.device, dtype=torch.float64)
     correct = torch.zeros(model.k, device=X.device, dtype=torch.float64)
     for rows, heads in groups or [(None, None)]:
-        gl, gc = _evaluate_group(model, X, y, logits_of, rows, heads)
+        gl, gc = _evaluate_group(model, X, y, logits_of, rows, heads, weight)
         if heads is None:
             loss, correct = gl, gc
         else:
@@ -217,8 +220,9 @@ def masked_evaluate(model, X: torch.Tensor, y: torch.Tensor, logits_of, groups: 
 
 
 def _evaluate_group(model, X: torch.Tensor, y: torch.Tensor, logits_of, rows: torch.Tensor | None,
-                    heads: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h,) float64 mean loss and accuracy of ``heads`` over ``rows``, in chunks sized by the budget."""
+                    heads: torch.Tensor | None, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h,) float64 mean loss (weighted by ``weight`` (Nv,), if given) and accuracy of ``heads`` over
+    ``rows``, in chunks sized by the budget."""
     k = model.k if heads is None else len(heads)
     n = len(X) if rows is None else len(rows)
     chunk = eval_chunk_rows(k, (*model.hidden, model.weights[-1].shape[-1]), EVAL_BUDGET)
@@ -232,10 +236,18 @@ def _evaluate_group(model, X: torch.Tensor, y: torch.Tensor, logits_of, rows: to
                 r = rows[s: s + chunk]
                 xb, yb = torch.index_select(X, 0, r), torch.index_select(y, 0, r)  # (b, D), shared by the group
             logits = logits_of(model, xb, heads=heads)  # (b, C, h): the only (rows x heads) temporary
-            ce = F.cross_entropy(logits, yb[:, None].expand(-1, k), reduction="none")  # (b, h)
-            loss += ce.double().sum(0)  # float64 sums: the chunking (it depends on K) does not show
+            ce = F.cross_entropy(logits, yb[:, None].expand(-1, k), reduction="none").double()  # (b, h)
+            if weight is not None:
+                ce = ce * _rows_of(weight, rows, s, chunk).double()[:, None]
+            loss += ce.sum(0)  # float64 sums: the chunking (it depends on K) does not show
             correct += (logits.max(1).indices == yb[:, None]).sum(0).double()
-    return loss / n, correct / n
+    mass = n if weight is None else (weight if rows is None else weight[rows]).double().sum()
+    return loss / mass, correct / n
+
+
+def _rows_of(t: torch.Tensor, rows: torch.Tensor | None, start: int, chunk: int) -> torch.Tensor:
+    """Chunk ``start`` of the evaluation rows' values of ``t`` (Nv, ...): every row, or ``rows``."""
+    return t[start: start + chunk] if rows is None else torch.index_select(t, 0, rows[start: start + chunk])
 
 
 @dataclass

@@ -9,12 +9,18 @@ Estimated per part (bytes, float32 throughout):
 - solver: what the head kind needs beyond the data (HeadKind.solver_bytes): a stack's parameters,
   gradients and optimizer state, the exact probe's logits over every row and its history, a k-NN
   bank, a scikit-learn copy;
+- stream: streaming mode only (features 0 then): the reader's ring of chunks and the epoch
+  trainer's shuffle window (heads/stream.py ``StreamSettings.buffer_bytes``);
 - runtime: the interpreter, torch and its allocator (RUNTIME_BYTES, measured as the peak RSS of
   fit-head on a tiny cache on the development machine).
 
 The plan is compared with the memory this process may use: the smaller of the kernel's
-MemAvailable and the cgroup's limit less its usage, or ``max_memory`` when given. A plan over it is
-refused before any work with one line that names the numbers, instead of meeting the OOM killer.
+MemAvailable and the cgroup's limit less its usage, or ``max_memory`` when given. Both bound the
+run's own allocations (``work``: every part but the runtime, which is resident before the plan is
+made), so a process's peak RSS is about ``work`` + the runtime. fit-head plans in memory first; when that does
+not fit it plans streaming (``stream_plan``: chunks sized to the room left) and says so in one
+line; a plan that does not fit either way is refused before any work with one line that names the
+numbers, instead of meeting the OOM killer.
 """
 from __future__ import annotations
 
@@ -25,7 +31,10 @@ from dataclasses import asdict, dataclass
 
 from featcache.pipeline.errors import FeatcacheError, opt
 
-RUNTIME_BYTES = 1 << 30  # python, torch, numpy, h5py, sklearn: 1.07 GB peak RSS on a 20 MB cache (bench/scale.py)
+# python, torch, numpy, h5py, sklearn: 1.0 GB peak RSS of fit-head on a 0.8 MB cache (AMD EPYC dev machine;
+# ``import torch`` alone is 0.79 GB resident). Already resident when the plan is made, so it is reported
+# with the plan but not held against the limit: max_memory bounds what fit-head allocates beyond it.
+RUNTIME_BYTES = 1 << 30
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -81,10 +90,19 @@ class MemoryPlan:
     runtime: int
     available: int
     budget: int | None = None  # max_memory, when given
+    stream: int = 0  # streaming buffers (features 0 then)
+    mode: str = "memory"  # memory | stream
+    chunk_rows: int | None = None  # streaming: rows per chunk
+    window_rows: int | None = None  # streaming, epoch-trained heads: rows of the shuffle window
 
     @property
     def total(self) -> int:
-        return self.features + self.views + self.gathers + self.solver + self.runtime
+        return self.features + self.views + self.gathers + self.solver + self.stream + self.runtime
+
+    @property
+    def work(self) -> int:
+        """What the run allocates beyond the resident runtime: what the limit bounds."""
+        return self.total - self.runtime
 
     @property
     def limit(self) -> int:
@@ -92,23 +110,38 @@ class MemoryPlan:
 
     def record(self) -> dict:
         """What metrics.json and --json carry (bytes)."""
-        return {**asdict(self), "total": self.total, "limit": self.limit}
+        return {**asdict(self), "total": self.total, "work": self.work, "limit": self.limit}
 
-    def check(self) -> None:
-        """One line, before any work, when the run would not fit."""
-        if self.total <= self.limit:
+    @property
+    def fits(self) -> bool:
+        return self.work <= self.limit
+
+    def check(self, no_stream: str | None = None) -> None:
+        """One line, before any work, when the run would not fit.
+
+        Args:
+            no_stream: in memory, why streaming is no way out (an option it does not support).
+        """
+        if self.fits:
             return
         parts = ", ".join(f"{k} {_gb(v)}" for k, v in asdict(self).items()
-                          if k not in ("available", "budget") and v >= 50 << 20)
+                          if k in ("features", "views", "gathers", "solver", "stream") and v >= self.work // 20)
         which = f"{opt('max_memory')} {_gb(self.budget)}" if self.budget and self.budget < self.available else \
             f"{_gb(self.available)} available"
-        raise FeatcacheError(f"fit-head needs about {_gb(self.total)} ({parts}), {which}; train fewer "
-                             "configurations or columns (--layers), or on a machine with more memory "
-                             "(streaming a cache larger than memory is not built yet)")
+        if self.mode == "stream":
+            raise FeatcacheError(f"fit-head needs about {_gb(self.work)} even when streaming the cache ({parts}), "
+                                 f"{which}; train fewer configurations or columns ({opt('layers')}), or on a "
+                                 "machine with more memory")
+        raise FeatcacheError(f"fit-head needs about {_gb(self.work)} in memory ({parts}), {which}; "
+                             f"streaming the cache instead is not built for {no_stream}")
 
 
-def _gb(n: int) -> str:
-    return f"{n / (1 << 30):.1f} GB"
+def size_text(n: int) -> str:
+    """Bytes as GB (powers of 1,024, one decimal), or MB below 1 GB."""
+    return f"{n / (1 << 30):.1f} GB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MB"
+
+
+_gb = size_text
 
 
 def plan(*, n_rows: int, dim: int, contiguous: bool, view_rows: int, n_views: int, solver: int,
@@ -126,3 +159,36 @@ def plan(*, n_rows: int, dim: int, contiguous: bool, view_rows: int, n_views: in
     return MemoryPlan(features=n_rows * row, views=view_rows * n_views * row,
                       gathers=0 if contiguous else n_rows * row, solver=solver, runtime=RUNTIME_BYTES,
                       available=available_bytes(), budget=budget)
+
+
+def stream_plan(*, n_rows: int, dim: int, full_dim: int, epochs: bool, n_train: int, batch_size: int,
+                solver_of, budget: int | None = None) -> MemoryPlan:
+    """The plan of a streamed run: the largest chunks (up to stream.CHUNK_BYTES) whose plan fits,
+    and for epoch-trained heads a shuffle window of half the room then left (up to every train row).
+
+    Args:
+        n_rows: rows of the cache (labels and row indices stay in memory: 32 bytes a row);
+        dim, full_dim: columns trained on and stored (a gather reads whole rows);
+        epochs: an epoch-trained kind (it needs the shuffle window);
+        solver_of: pass_rows -> the kind's own bytes when a pass holds that many rows.
+    Returns:
+        The fitting plan, or the smallest one (``check`` then refuses it with its numbers).
+    """
+    from featcache.pipeline.heads.stream import CHUNK_BYTES, StreamSettings
+
+    avail = available_bytes()
+    limit = min(avail, budget) if budget else avail
+    row = dim * 4
+    chunk = max(1, min(CHUNK_BYTES // row, n_rows))
+    while True:
+        solver = solver_of(chunk) + n_rows * 32
+        ring = StreamSettings(chunk, 0).buffer_bytes(dim, full_dim, epochs=False)
+        room = limit - solver - ring
+        window = min(n_train, max(room // 2 // (2 * row), 0)) if epochs else 0
+        settings = StreamSettings(chunk, window)
+        enough = not epochs or window >= min(n_train, max(4 * batch_size, 4096))
+        if (room > 0 and enough) or chunk <= 256:
+            return MemoryPlan(features=0, views=0, gathers=0, solver=solver, runtime=RUNTIME_BYTES, available=avail,
+                              budget=budget, stream=settings.buffer_bytes(dim, full_dim, epochs), mode="stream",
+                              chunk_rows=chunk, window_rows=window or None)
+        chunk //= 2

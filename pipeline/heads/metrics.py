@@ -9,14 +9,20 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, classification_report, confusion_matrix, f1_score
 from torch import nn
 
+from featcache.pipeline.heads.source import RowSource
+
 
 @torch.no_grad()
-def predict_proba(head: nn.Module, X: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+def predict_proba(head: nn.Module, X: torch.Tensor | RowSource, chunk: int = 8192) -> torch.Tensor:
     """Softmax of ``head``'s scores for X (N, D), in row chunks: ``chunk`` rows, or fewer when a
-    module of the head says it needs less (``eval_chunk``: k-NN's (rows, M) similarities)."""
+    module of the head says it needs less (``eval_chunk``: k-NN's (rows, M) similarities). X may
+    be a RowSource (a streamed split): its chunks are read in turn, each cut to ``chunk`` rows."""
+    if not len(X):
+        return torch.zeros(0)
     chunk = min([chunk, *(m.eval_chunk for m in head.modules() if hasattr(m, "eval_chunk"))])
     head = head.to(X.device).eval()
-    return torch.cat([F.softmax(head(X[s: s + chunk]), dim=1) for s in range(0, len(X), chunk)]) if len(X) else torch.zeros(0)
+    parts = X.chunks() if isinstance(X, RowSource) else [(None, X)]
+    return torch.cat([F.softmax(head(x[s: s + chunk]), dim=1) for _, x in parts for s in range(0, len(x), chunk)])
 
 
 def label_scores(y: np.ndarray, pred: np.ndarray) -> dict:
@@ -28,11 +34,15 @@ def label_scores(y: np.ndarray, pred: np.ndarray) -> dict:
                 "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0))}
 
 
-def score(head: nn.Module, X: torch.Tensor, y: torch.Tensor) -> dict:
+def score(head: nn.Module, X: torch.Tensor | RowSource, y: torch.Tensor) -> dict:
     """Accuracy, balanced accuracy, macro-F1 and mean cross-entropy of ``head`` on (X, y); {} for no rows."""
     if len(X) == 0:
         return {}
-    proba = predict_proba(head, X)
+    return proba_scores(predict_proba(head, X), y)
+
+
+def proba_scores(proba: torch.Tensor, y: torch.Tensor) -> dict:
+    """``score``'s figures from class probabilities (N, C) and labels (N,)."""
     loss = F.nll_loss(torch.log(proba.clamp_min(1e-12)), y).item()
     return {**label_scores(y.cpu().numpy(), proba.argmax(1).cpu().numpy()), "loss": loss}
 
@@ -44,6 +54,6 @@ def per_class(y: np.ndarray, pred: np.ndarray, class_names: list[str]) -> dict:
                                  output_dict=True, zero_division=0)
 
 
-def confusion(head: nn.Module, X: torch.Tensor, y: torch.Tensor, n_classes: int) -> np.ndarray:
+def confusion(head: nn.Module, X: torch.Tensor | RowSource, y: torch.Tensor, n_classes: int) -> np.ndarray:
     pred = predict_proba(head, X).argmax(1).cpu().numpy()
     return confusion_matrix(y.cpu().numpy(), pred, labels=list(range(n_classes)))

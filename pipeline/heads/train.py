@@ -34,6 +34,7 @@ from featcache.pipeline.heads.masks import (
     statistics_sets,
 )
 from featcache.pipeline.heads.optim import StackedOptimizer
+from featcache.pipeline.heads.source import RowSource
 from featcache.pipeline.heads.stacked import StackedHead
 from featcache.pipeline.heads.train_types import FitResult, HeadParams, TrainData, TrainSettings
 
@@ -139,21 +140,31 @@ def _build(tasks: list[HeadTask], data: TrainData) -> tuple[StackedHead, Stacked
 
 @dataclass
 class _Batch:
-    """One shared mini-batch: rows (B, D), labels (B,), per-head weights (K, B) or None (all 1), and
-    the heads that take the step ((K,) bool on the device, or None = all)."""
+    """One shared mini-batch: rows (B, D), labels (B,), per-head 0/1 row masks (K, B) or None (all
+    1), the heads that take the step ((K,) bool on the device, or None = all) and the rows' loss
+    weights (B,) (``TrainData.sample_weight``) or None (all 1)."""
 
     x: torch.Tensor
     y: torch.Tensor
     weights: torch.Tensor | None
     active: torch.Tensor | None
+    row_weight: torch.Tensor | None = None
+
+    def loss_weights(self) -> torch.Tensor | None:
+        """(B, K) or (B, 1) weight of each row in each head's loss: its mask times its row weight;
+        None = every row 1 (the plain mean)."""
+        if self.weights is None:
+            return None if self.row_weight is None else self.row_weight[:, None]
+        wt = self.weights.t()
+        return wt if self.row_weight is None else wt * self.row_weight[:, None]
 
 
 def _batches(src: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, bs: int, sets: RowSets | None,
-             heads: torch.Tensor | None, min_rows: int):
+             heads: torch.Tensor | None, min_rows: int, sample_weight: torch.Tensor | None = None):
     """This epoch's shared batches in the order ``perm`` (CPU). ``heads``: (k,) CPU row-set index of
     each head in the stack. With row sets, heads with fewer than ``min_rows`` rows in a batch sit it
     out (weights 0, not ``active``); a batch nobody can use is skipped (batch norm cannot normalise
-    one row)."""
+    one row). ``sample_weight``: (N,) loss weight of each pool row, or None."""
     dev = src.device
     perm_dev = perm.to(dev)
     if sets is not None:
@@ -165,37 +176,72 @@ def _batches(src: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, bs: int, se
             continue
         # index_select: the same rows as src[idx], ~5x faster on the CPU (186 -> 35 us for 256 x 1,280)
         xb, yb = torch.index_select(src, 0, idx), torch.index_select(y, 0, idx)
+        wb = None if sample_weight is None else torch.index_select(sample_weight, 0, idx)
         if sets is None:
-            yield _Batch(xb, yb, None, None)
+            yield _Batch(xb, yb, None, None, wb)
             continue
         live = counts[:, step] >= min_rows  # (k,) CPU bool
         if not bool(live.any()):
             continue
         w = sets.batch_mask(idx, heads_dev)
         if bool(live.all()):
-            yield _Batch(xb, yb, w, None)
+            yield _Batch(xb, yb, w, None, wb)
         else:
             on = live.to(dev)
-            yield _Batch(xb, yb, w * on[:, None], on)
+            yield _Batch(xb, yb, w * on[:, None], on, wb)
+
+
+def _stream_batches(src, y: torch.Tensor, bs: int, gen: torch.Generator, min_rows: int,
+                    sample_weight: torch.Tensor | None):
+    """This epoch's batches of a streamed pool (heads/stream.py ``epoch_batches``: every row once)."""
+    for pos, xb in src.epoch_batches(bs, gen, src.window_rows, min_rows):
+        yield _Batch(xb, y[pos], None, None, None if sample_weight is None else sample_weight[pos])
+
+
+def _stream_evaluate(model: StackedHead, src, y: torch.Tensor, logits_of, groups,
+                     weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``masked_evaluate`` over a streamed evaluation split, chunk by chunk (every head on every
+    row: ``groups`` is None for the plain configurations that stream): (K,) mean loss, accuracy."""
+    loss = torch.zeros(model.k, dtype=torch.float64, device=y.device)
+    hits = torch.zeros_like(loss)
+    mass = 0.0
+    for rows, xc in src.chunks():
+        w = None if weight is None else weight[rows]
+        lc, ac = masked_evaluate(model, xc, y[rows], logits_of, groups, w)
+        m = float(len(xc)) if w is None else float(w.sum())
+        loss += lc.double() * m
+        hits += ac.double() * len(xc)
+        mass += m
+    return (loss / max(mass, 1e-12)).float(), (hits / max(len(src), 1)).float()
 
 
 def _step(model: StackedHead, opt: StackedOptimizer, b: _Batch, l1: torch.Tensor | None,
           flush: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step of every head on a shared batch; returns its (K,) loss sum and hits."""
+    """One optimizer step of every head on a shared batch; returns its (K,) weighted loss sum (the
+    loss times the batch's weight mass) and (unweighted) hits on the head's own rows.
+
+    Row weights (``--class-weight``) make each head's loss the weighted mean sum_i w_i ce_i / sum_i w_i
+    over its rows of the batch, w_i = mask x row weight: torch's ``CrossEntropyLoss(weight=...)``
+    (reduction "mean") normalises exactly so per batch. We keep that convention, not scikit-learn's
+    un-normalised sum, because it leaves the loss's scale, so the meaning of --lr and of weight
+    decay relative to the data term, independent of the weights' scale: constant weights train
+    exactly as none, and balanced weights only shift which rows the mean leans on.
+    """
     k = model.k
-    logits = stacked_logits(model, b.x, b.weights)  # (B, C, K)
+    logits = stacked_logits(model, b.x, b.weights)  # (B, C, K); batch norm takes the 0/1 masks, not weights
     if flush:
         logits.register_hook(_flush_subnormal)
     ce = F.cross_entropy(logits, b.y[:, None].expand(-1, k), reduction="none")  # (B, K)
     hit = logits.detach().max(1).indices == b.y[:, None]
-    if b.weights is None:
+    wt = b.loss_weights()  # (B, K) or (B, 1), or None
+    if wt is None:
         cnt: torch.Tensor | int = len(b.y)
         loss = ce.mean(0)  # (K,)
-    else:  # mean over each head's own rows of the batch; rows outside its set weigh exactly 0
-        wt = b.weights.t()  # (B, K)
-        cnt = b.weights.sum(1)
-        loss = (ce * wt).sum(0) / cnt.clamp(min=1)
-        hit = hit * wt
+    else:  # weighted mean over each head's own rows of the batch; rows outside its set weigh exactly 0
+        cnt = wt.sum(0)  # (K,) or (1,): the batch's weight mass per head
+        loss = (ce * wt).sum(0) / torch.where(cnt > 0, cnt, 1.0)  # a head with no row here: 0 / 1
+        if b.weights is not None:
+            hit = hit * b.weights.t()
     opt.zero_grad()
     loss.sum().backward()  # heads are independent: the sum's gradient is each head's own
     if l1 is not None:  # d/dW of l1 * sum|W| is l1 * sign(W) (autograd's abs rule), added in place
@@ -217,6 +263,14 @@ def _train_epoch(model: StackedHead, opt: StackedOptimizer, batches, l1: torch.T
     return loss_sum, correct
 
 
+def _weight_mass(sample_weight: torch.Tensor, sets: RowSets | None, k: int) -> torch.Tensor:
+    """(K,) total loss weight of each head's training rows: the epoch's training loss is its
+    weighted sum over them divided by this (a weighted mean, as each step's loss)."""
+    if sets is None:
+        return sample_weight.sum().expand(k)
+    return (sets.masks @ sample_weight)[sets.of_head.to(sample_weight.device)]
+
+
 def train_group(tasks: list[HeadTask | HeadParams], *, data: TrainData, settings: TrainSettings) -> list[FitResult]:
     """Train heads that share ``group_key()`` (and views or not) as one stacked model.
 
@@ -224,6 +278,15 @@ def train_group(tasks: list[HeadTask | HeadParams], *, data: TrainData, settings
     (folds, training-set sizes) weight the rest zero, and heads that standardise fold their own
     statistics into their first layer (see ``masks``). A head whose training loss or weight norm
     becomes non-finite (it diverged) stops there and is returned with ``failed=True``.
+
+    With row weights (``data.sample_weight``, ``--class-weight``) every loss in the history is the
+    weighted mean cross-entropy, the objective being minimised: ``train_loss`` over the head's
+    rows, and ``val_loss`` over its evaluation rows weighted by ``data.val_weight`` (the same
+    per-class weights). Early stopping and the kept epoch therefore follow the weighted validation
+    loss: with balanced weights, stopping on the plain loss would reward the epochs that still
+    favour the majority class, undoing the weighting the user asked for (scikit-learn's
+    LogisticRegression has no early stopping, so nothing to follow there). Accuracies stay plain
+    shares of rows, train and val alike, so they compare with an unweighted run's.
 
     Args:
         tasks: the heads, all with the same ``group_key()`` and all sampling views or none.
@@ -247,6 +310,7 @@ def train_group(tasks: list[HeadTask | HeadParams], *, data: TrainData, settings
     if len({_uses_views(t, data) for t in tasks}) > 1:
         raise ValueError("heads of one stack must all sample the views or none (train_many groups them)")
     X, y, Xv, yv = data.X, data.y, data.Xv, data.yv
+    streamed = isinstance(X, RowSource)
     dev, n, bs = X.device, len(X), settings.batch_size
     k_all = len(params)
     model, opt, hp = _build(tasks, data)
@@ -257,9 +321,12 @@ def train_group(tasks: list[HeadTask | HeadParams], *, data: TrainData, settings
     sets = row_sets(tasks, n, dev)  # (S, N) masks of the distinct training-row sets, or None
     min_rows = 2 if model.batchnorm else 1
     n_rows = torch.tensor([float(t.n_rows(n)) for t in tasks], device=dev)
+    mass = n_rows if data.sample_weight is None else _weight_mass(data.sample_weight, sets, k_all)
     has_val = Xv is not None and len(Xv) > 0
     evals = eval_sets(tasks, dev) if has_val else None  # each head's own evaluation rows, or None = all
     early = has_val and settings.patience > 0
+    if streamed and (sets is not None or evals is not None or use_views or any(t.standardize for t in tasks)):
+        raise ValueError("a streamed pool trains plain configurations only (no row sets, views or per-head statistics)")
     active = torch.arange(k_all)  # global index of each head still in the stack
     best_loss = torch.full((k_all,), float("inf"))
     best_epoch = torch.zeros(k_all, dtype=torch.long)
@@ -276,15 +343,23 @@ def train_group(tasks: list[HeadTask | HeadParams], *, data: TrainData, settings
         act = active.tolist()
         l1 = hp["l1"] if bool((hp["l1"] > 0).any()) else None  # once per epoch, not a device sync per step
         model.train()
-        src = _epoch_rows(data, view_gen, keep_gen) if use_views else X
-        perm = torch.randperm(n, generator=order_gen)
-        batches = _batches(src, y, perm, bs, sets, None if sets is None else sets.of_head[active], min_rows)
+        if streamed:
+            batches = _stream_batches(X, y, bs, order_gen, min_rows, data.sample_weight)
+        else:
+            src = _epoch_rows(data, view_gen, keep_gen) if use_views else X
+            perm = torch.randperm(n, generator=order_gen)
+            batches = _batches(src, y, perm, bs, sets, None if sets is None else sets.of_head[active], min_rows,
+                               data.sample_weight)
         loss_sum, correct = _train_epoch(model, opt, batches, l1, flush)
-        rows_k = n_rows[active.to(dev)]
-        record = {"train_loss": loss_sum / rows_k, "train_accuracy": correct / rows_k, "weight_norm": _weight_norm(model)}
+        act_dev = active.to(dev)
+        # the loss as trained (weighted mean over the head's rows), the accuracy plain (a share of rows)
+        record = {"train_loss": loss_sum / mass[act_dev], "train_accuracy": correct / n_rows[act_dev],
+                  "weight_norm": _weight_norm(model)}
         if has_val:
             groups = None if evals is None else evals.groups(active)
-            record["val_loss"], record["val_accuracy"] = masked_evaluate(model, Xv, yv, stacked_logits, groups)
+            evaluate = _stream_evaluate if streamed else masked_evaluate
+            record["val_loss"], record["val_accuracy"] = evaluate(model, Xv, yv, stacked_logits, groups,
+                                                                  data.val_weight)
         lists = {key: v.tolist() for key, v in record.items()}  # one device sync per epoch
         for j, g in enumerate(act):
             histories[g].append({"epoch": epoch, **{key: vals[j] for key, vals in lists.items()}})

@@ -46,6 +46,11 @@ class TrainData:
         views: (N, V, D) augmented views of the pool rows, or None. Each epoch a view-sampling head
             trains on one view per row, drawn uniformly (seeded, shared by the group).
         keep_original: probability that a row's draw is its un-augmented features instead of a view.
+        sample_weight: (N,) float32 loss weight of each pool row (``--class-weight``), or None = all 1.
+            Each head's loss is the weighted mean over its rows of a batch (see ``train._step``);
+            a constant weight trains exactly as None.
+        val_weight: (Nv,) float32 weight of each evaluation row in the validation loss (early
+            stopping, history), or None = all 1; the same per-class weights as ``sample_weight``.
     """
 
     X: torch.Tensor
@@ -55,6 +60,14 @@ class TrainData:
     yv: torch.Tensor | None = None
     views: torch.Tensor | None = None
     keep_original: float = 0.0
+    sample_weight: torch.Tensor | None = None
+    val_weight: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        for name, w, rows in (("sample_weight", self.sample_weight, self.X), ("val_weight", self.val_weight, self.Xv)):
+            n = 0 if rows is None else len(rows)
+            if w is not None and tuple(w.shape) != (n,):
+                raise ValueError(f"{name} must be one weight per row: shape ({n},), got {tuple(w.shape)}")
 
 
 @dataclass

@@ -42,8 +42,8 @@ def test_a_run_over_the_budget_is_refused_before_any_training(tmp_path, monkeypa
 
     cache = write_cache(tmp_path / "c.h5", {"train": 20, "val": 5, "test": 5}, dim=64)
     monkeypatch.setattr(kinds.get("linear"), "fit", lambda *a: pytest.fail("trained despite the plan"))
-    with pytest.raises(FeatcacheError, match=r"fit-head needs about .* GB .*max_memory 0\.0 GB"):
-        featcache.fit_heads(cache, max_memory="1M")
+    with pytest.raises(FeatcacheError, match=r"fit-head needs about .* MB .*max_memory 0\.0 MB"):
+        featcache.fit_heads(cache, max_memory="1K")
 
 
 def test_the_plan_and_the_peak_are_recorded(tmp_path):

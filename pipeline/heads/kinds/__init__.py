@@ -37,6 +37,11 @@ class HeadKind:
     trains: bool = True  # it optimises a loss: class weights and --refit epochs mean something
     selection: bool = False  # --cv / --train-sizes are supported (as masked heads of a stack)
     curves: bool = False  # it has per-epoch history (curves.png, weight_norm.png)
+    streams: bool = False  # it trains on a streamed cache (heads/stream.py): a RowSource for X
+
+    def by_epochs(self, cfg: "HeadConfig") -> bool:
+        """Whether ``cfg`` trains by epochs over shuffled rows (a streamed run then needs a shuffle window)."""
+        return False
 
     def check(self, cfg: "HeadConfig") -> list[str]:
         """Messages for option values this kind cannot train with (each names the option)."""
@@ -75,9 +80,11 @@ class HeadKind:
         """An empty module of the architecture recorded in ``meta``, to load head.pt's state_dict into."""
         raise NotImplementedError
 
-    def solver_bytes(self, cfg: "HeadConfig", *, n_train: int, dim: int, n_classes: int) -> int:
+    def solver_bytes(self, cfg: "HeadConfig", *, n_train: int, dim: int, n_classes: int,
+                     pass_rows: int | None = None) -> int:
         """Bytes this kind needs beyond the feature matrix (heads/memory.py): parameters, gradients,
-        optimizer state, per-pass temporaries. An estimate, rounded up."""
+        optimizer state, per-pass temporaries. An estimate, rounded up. ``pass_rows``: streamed,
+        the rows a pass holds at once (None = in memory, every train row)."""
         return 0
 
     def architectures(self, cfg: "HeadConfig") -> list[tuple[int, ...]]:

@@ -30,10 +30,6 @@ def solver_of(cfg, data) -> str:
     if cfg.solver == "exact":
         return "exact"
     if any(v > 0 for v in cfg.l1) or data.views is not None:
-        if cfg.class_weight is not None:
-            raise FeatcacheError(f"{opt('class_weight')} with an epoch-trained linear head (chosen for {opt('l1')} or "
-                                 f"augmented views) is not built yet: use {opt('solver')} exact (views become weighted "
-                                 f"rows) or no {opt('l1')}")
         return "epochs"
     return "exact"
 
@@ -152,12 +148,16 @@ class Linear(EpochKind):
     def architectures(self, cfg) -> list[tuple[int, ...]]:
         return [()]
 
-    def solver_bytes(self, cfg, *, n_train: int, dim: int, n_classes: int) -> int:
-        """Epochs: the stack's (EpochKind). Exact: per pass over X, BLOCK heads' (N, H, K) logits
-        and probabilities (4 temporaries), the L-BFGS history of the path (2 x 10 slots) and
-        Sigma's (D, D) eigendecomposition (3 matrices; none above lbfgs.MAX_PRECOND_DIM)."""
-        epochs = super().solver_bytes(cfg, n_train=n_train, dim=dim, n_classes=n_classes)
-        if cfg.solver == "epochs" or any(v > 0 for v in cfg.l1):
+    def by_epochs(self, cfg) -> bool:
+        return cfg.solver == "epochs" or any(v > 0 for v in cfg.l1)
+
+    def solver_bytes(self, cfg, *, n_train: int, dim: int, n_classes: int, pass_rows: int | None = None) -> int:
+        """Epochs: the stack's (EpochKind). Exact: per pass over X, BLOCK heads' (rows, H, K) logits
+        and probabilities (4 temporaries) for every train row in memory, for a chunk's
+        (``pass_rows``) streamed; the L-BFGS history of the path (2 x 10 slots) and Sigma's (D, D)
+        eigendecomposition (3 matrices; none above lbfgs.MAX_PRECOND_DIM)."""
+        epochs = super().solver_bytes(cfg, n_train=n_train, dim=dim, n_classes=n_classes, pass_rows=pass_rows)
+        if self.by_epochs(cfg):
             return epochs
         from featcache.pipeline.heads.exact import BLOCK
         from featcache.pipeline.heads.lbfgs import MAX_PRECOND_DIM
@@ -165,8 +165,10 @@ class Linear(EpochKind):
         heads = BLOCK * max(cfg.cv, 1) * (1 + len(cfg.train_sizes))  # folds x sizes x C block, one stack
         theta = heads * n_classes * (dim + 1) * 4
         sigma = 3 * dim * dim * 4 if dim <= MAX_PRECOND_DIM else 0
-        rotated = n_train * dim * 4 if n_train <= 2 * dim else 0  # X in Sigma's eigenbasis (exact.ROTATE_ROWS)
-        return 4 * n_train * heads * n_classes * 4 + theta * 30 + sigma + rotated
+        # X in Sigma's eigenbasis (exact.ROTATE_ROWS), in memory only
+        rotated = n_train * dim * 4 if n_train <= 2 * dim and pass_rows is None else 0
+        rows = n_train if pass_rows is None else min(pass_rows, n_train)
+        return 4 * rows * heads * n_classes * 4 + n_train * 8 * 4 + theta * 30 + sigma + rotated
 
     def fit(self, cfg, data):
         if solver_of(cfg, data) == "epochs":

@@ -34,12 +34,35 @@ def with_views(X: torch.Tensor, y: torch.Tensor, views: torch.Tensor | None):
 
 
 def class_weights(cfg, y: torch.Tensor, class_names: list[str], weights: np.ndarray | None) -> np.ndarray | None:
-    """Row weights with ``cfg.class_weight`` folded in: "balanced" weighs class c by
-    n / (n_present_classes * n_c) (scikit-learn's compute_class_weight), (name, weight) pairs by
-    the given weight (1 for classes not named); times the rows' own ``weights`` (views)."""
-    if cfg.class_weight is None:
+    """Row weights with ``cfg.class_weight`` folded in (``class_weight_table`` of the labels ``y``,
+    one per row), times the rows' own ``weights`` (views)."""
+    table = class_weight_table(cfg, y, class_names)
+    if table is None:
         return weights
-    from featcache.pipeline.errors import FeatcacheError, opt
+    row = table[y.cpu().numpy()]
+    return row if weights is None else row * weights
+
+
+def loss_weights(cfg, class_names: list[str], y: torch.Tensor, *ys: torch.Tensor) -> list[torch.Tensor | None]:
+    """The epoch trainer's float32 loss weights (``TrainData.sample_weight``, ``val_weight``) of the
+    rows labelled ``y`` and of each of ``ys``, all with the class weights computed from ``y`` (the
+    training rows' counts, for "balanced"); None each without ``cfg.class_weight``."""
+    table = class_weight_table(cfg, y, class_names)
+    if table is None:
+        return [None] * (1 + len(ys))
+    import torch
+
+    per_class = torch.as_tensor(table, dtype=torch.float32, device=y.device)  # (C,)
+    return [per_class[labels] for labels in (y, *ys)]
+
+
+def class_weight_table(cfg, y: torch.Tensor, class_names: list[str]) -> np.ndarray | None:
+    """(C,) loss weight of each class from ``cfg.class_weight``, or None without one: "balanced"
+    weighs class c by n / (n_present_classes * n_c) over the labels ``y`` (scikit-learn's
+    compute_class_weight), (name, weight) pairs by the given weight (1 for classes not named)."""
+    if cfg.class_weight is None:
+        return None
+    from featcache.pipeline.errors import FeatcacheError
 
     labels = y.cpu().numpy()
     per_class = np.ones(len(class_names))
@@ -58,16 +81,13 @@ def class_weights(cfg, y: torch.Tensor, class_names: list[str], weights: np.ndar
             if not 0 < float(w) < float("inf"):
                 raise FeatcacheError(f"{opt('class_weight')} {name}={w}: a weight must be positive and finite")
             per_class[class_names.index(name)] = float(w)
-    row = per_class[labels]
-    return row if weights is None else row * weights
+    return per_class
 
 
 def rows_of(data, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """(X, y) of ``rows`` of the prepared data, on its device."""
-    import torch
 
-    idx = torch.as_tensor(rows, device=data.X.device)
-    return data.X[idx], data.y[idx]
+    return data.take(rows)
 
 
 class SequentialKind(HeadKind):
@@ -90,13 +110,11 @@ class EpochKind(SequentialKind):
 
     selection = True
     curves = True
+    streams = True
     options = ("hidden", "dropout", "batchnorm", *EPOCH_OPTIONS)
 
-    def check(self, cfg) -> list[str]:
-        if cfg.class_weight is not None:
-            return [f"{opt('class_weight')} with epoch-trained heads ({opt('head')} {cfg.head} trained by epochs) is "
-                    "not built yet; the exact linear probe and logreg take it"]
-        return []
+    def by_epochs(self, cfg) -> bool:
+        return True
 
     def fit(self, cfg, data):
         from featcache.pipeline.heads.cv import train_torch
@@ -113,17 +131,21 @@ class EpochKind(SequentialKind):
 
         X, y = rows_of(data, rows)
         epochs = best.row["best_epoch"]
-        td = TrainData(X, y, len(data.class_names), None, None, views=data.views_of(rows))
+        (weight,) = loss_weights(cfg, data.class_names, y)  # "balanced": from the refit rows' own counts
+        td = TrainData(X, y, len(data.class_names), None, None, views=data.views_of(rows), sample_weight=weight)
         head = train_many([best.params], data=td, settings=TrainSettings(epochs, cfg.batch_size, patience=0))[0].head
         return head, epochs
 
     def params(self, best) -> dict:
         return asdict(best.params)
 
-    def solver_bytes(self, cfg, *, n_train: int, dim: int, n_classes: int) -> int:
+    def solver_bytes(self, cfg, *, n_train: int, dim: int, n_classes: int, pass_rows: int | None = None) -> int:
         """Per head: parameters x 5 (weights, gradient, two Adam moments, the best epoch's copy); per
         stack: the (B, K, width) activations and the (chunk, C, K) evaluation logits; plus the
-        training pool gathered out of the matrix (heads/cv.py) and a sampled views copy per epoch."""
+        training pool gathered out of the matrix (heads/cv.py) and a sampled views copy per epoch
+        (streamed, ``pass_rows`` set: no pool, the shuffle window is the stream's).
+        --class-weight adds (N,) float32 loss weights of the pool and of the evaluation rows (at
+        most the pool's again): 8 bytes a row, 2/D of the pool's own copy, counted anyway."""
         from featcache.pipeline.heads.masks import EVAL_BUDGET
         from featcache.pipeline.heads.sweep import configurations
 
@@ -134,8 +156,9 @@ class EpochKind(SequentialKind):
         evaluation = min(n_train * heads * widths * 4, EVAL_BUDGET) * 2  # masks.eval_chunk_rows caps it
         folded = heads * dim * n_classes * 4 * 2 if cfg.cv >= 2 and cfg.standardize else 0  # linear: W/sigma + grad
         per_fold = max(cfg.cv, 1) * (1 + len(cfg.train_sizes)) * (cfg.batch_size * dim * 4 + n_train * 5)
+        weights = n_train * 4 * 2 if cfg.class_weight is not None else 0
         return (heads * params * 4 * 5 + heads * cfg.batch_size * widest * 4 * 4 + evaluation + folded + per_fold
-                + n_train * dim * 4)
+                + (n_train * dim * 4 if pass_rows is None else 0) + weights)
 
     def label(self, row: dict) -> str:
         hidden = row.get("hidden")
