@@ -1,7 +1,10 @@
 """Benchmark: ``featcache extract`` peak memory (from the OS) as the number of images N grows.
 
     .venv/bin/python bench/extract_memory.py [--n 10000,100000] [--backbone mobilenet_v3_small] \
-        [--batch-size 64] [--workers W] [--dir /tmp/featcache-extract-mem] [--keep]
+        [--batch-size 64] [--workers W] [--dir /tmp/featcache-extract-mem] [--keep] [-- EXTRACT OPTIONS]
+    # wide features, little compute (what shows whether memory grows with N):
+    .venv/bin/python bench/extract_memory.py --n 10000,50000 --backbone timm:resnet18@32 -- \
+        --layer layer1 --pool flatten --compile off
 
 For each N it generates N tiny RGB PNGs (32x32 by default, 10 classes, ``DIR/images-N/train/classK/*.png``;
 kept and reused by later runs when the count matches), then runs in a child process
@@ -86,6 +89,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="extract --workers (default: featcache's own)")
     ap.add_argument("--dir", default="/tmp/featcache-extract-mem")
     ap.add_argument("--keep", action="store_true", help="keep the caches too")
+    ap.add_argument("extra", nargs="*", help="more extract options, after --")
     args = ap.parse_args()
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -94,7 +98,7 @@ def main() -> None:
     print(f"baseline (import featcache.cli, torch, torchvision): peak RSS {base / 2**20:.0f} MiB")
     workers = [] if args.workers is None else ["--workers", str(args.workers)]
     print(f"extract: --backbone {args.backbone} --weights none --device cpu --batch-size {args.batch_size} "
-          f"{' '.join(workers)}".rstrip())
+          f"{' '.join([*workers, *args.extra])}".rstrip())
     print(f"{'N':>8} {'img/s':>7} {'(run)':>7} {'wall':>7} {'peak RSS':>9} {'- base':>8} {'cache':>8}  details")
     for n in (int(v) for v in args.n.split(",")):
         images, cache = root / f"images-{n}", root / f"cache-{n}.h5"
@@ -102,7 +106,8 @@ def main() -> None:
         cache.unlink(missing_ok=True)
         code, wall, peak, out = run_child([
             sys.executable, str(REPO / "cli.py"), "extract", str(images), "-o", str(cache), "--backbone", args.backbone,
-            "--weights", "none", "--device", "cpu", "--batch-size", str(args.batch_size), *workers, "--json"])
+            "--weights", "none", "--device", "cpu", "--batch-size", str(args.batch_size), *workers, *args.extra,
+            "--json"])
         s = json.loads(out) if code == 0 else {}
         size = cache.stat().st_size if cache.exists() else 0
         details = (f"{s['feature_dim']}-d; {s['inference']}; compile {s['compile_seconds']}s; {s['decode']}; "

@@ -4,6 +4,10 @@ Layout beside the cache: ``CACHE.h5.parts/manifest.json`` (the fingerprint the p
 ``part-<batch index>.npz`` (keys, features, augmented views, skipped reasons). Each part is written under a
 temporary name and renamed (cache/atomic.py), so after a SIGKILL every part present is whole; a re-run with the same
 fingerprint and the same batch keys reuses it instead of running the backbone again.
+
+The journal is also where the final cache's new rows come from: extraction keeps no features in memory,
+and assembling reads each part back (``load_array``) when its rows are written, so memory does not grow
+with the number of images.
 """
 from __future__ import annotations
 
@@ -50,19 +54,40 @@ class Journal:
     def _path(self, index: int) -> Path:
         return self.dir / f"part-{index:08d}.npz"
 
-    def load(self, index: int, keys: list[str]) -> Part | None:
-        """The committed part for batch ``index`` if it holds exactly ``keys``, else None."""
+    def _read(self, index: int, keys: list[str], names: tuple[str, ...], optional: tuple[str, ...] = ()):
+        """(meta, {name: array}) of the committed part for batch ``index`` if it holds exactly ``keys``
+        (``names`` must be there, ``optional`` may be), else None. Only the named arrays are read."""
         path = self._path(index)
         if not path.exists():
             return None
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["meta"]).decode())
-                views = z["views"] if "views" in z.files else None
-                part = Part(meta["keys"], z["features"], meta["reasons"], views)
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                if meta["keys"] != keys:
+                    return None
+                arrays = {n: z[n] for n in (*names, *(o for o in optional if o in z.files))}
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
             return None  # torn or foreign: recompute this batch
-        return part if part.keys == keys else None
+        return meta, arrays
+
+    def load(self, index: int, keys: list[str]) -> Part | None:
+        """The committed part for batch ``index`` if it holds exactly ``keys``, else None."""
+        got = self._read(index, keys, ("features",), ("views",))
+        if got is None:
+            return None
+        meta, arrays = got
+        return Part(meta["keys"], arrays["features"], meta["reasons"], arrays.get("views"))
+
+    def load_reasons(self, index: int, keys: list[str]) -> list[str] | None:
+        """Only the skip reasons of the committed part for batch ``index`` (its arrays are not read)."""
+        got = self._read(index, keys, ())
+        return None if got is None else list(got[0]["reasons"])
+
+    def load_array(self, index: int, keys: list[str], name: str) -> np.ndarray | None:
+        """One array of the committed part for batch ``index``: "features" or "views" (None: unreadable).
+        The final cache is assembled from these, one part at a time, instead of from memory."""
+        got = self._read(index, keys, (name,))
+        return None if got is None else got[1][name]
 
     def save(self, index: int, part: Part) -> None:
         # Keys and reasons go in as JSON bytes: numpy 'U' arrays drop trailing NULs, which would

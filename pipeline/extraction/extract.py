@@ -68,6 +68,31 @@ class Job:
     target: Path  # the cache's real path: a symlinked cache is written through, and stays a symlink
 
 
+@dataclass
+class Computed:
+    """This run's planned batches and what each image of them became, without their features: those
+    are committed to the journal as each batch finishes and read back from it, a batch at a time,
+    when the cache is assembled (memory does not grow with the number of images by N x D)."""
+
+    journal: Journal
+    batches: list[list[int]]  # record indices of each batch
+    keys: list[list[str]]  # the journal keys of each batch's images
+    reasons: dict[int, list[str]]  # batch -> each image's skip reason ("" = usable); every batch on rank 0
+
+    def features(self, b: int) -> np.ndarray:
+        return self._read(b, "features")
+
+    def views(self, b: int) -> np.ndarray:
+        return self._read(b, "views")
+
+    def _read(self, b: int, name: str) -> np.ndarray:
+        arr = self.journal.load_array(b, self.keys[b], name)
+        if arr is None:  # a rerun recomputes it: at start a part is reused only if it reads back whole
+            raise FeatcacheError(f"batch {b} cannot be read back from {self.journal.dir}; the cache is unchanged: "
+                                 "run the same command again to recompute that batch")
+        return arr
+
+
 def _check(cfg: ExtractConfig) -> None:
     if cfg.dtype not in DTYPES:
         raise FeatcacheError(f"unknown {opt('dtype')} {cfg.dtype!r}: choose float32 or float16")
@@ -131,22 +156,26 @@ def _any_usable(dataset: ImageFiles, batches: list[list[int]]) -> bool:
 
 
 def _run_backbone(job: Job, *, device: torch.device, journal: Journal, ctx: DistContext,
-                  progress: bool) -> tuple[dict, int, dict]:
+                  progress: bool) -> tuple[Computed, int, dict]:
     """Run the backbone on every planned batch not already in the journal (under torchrun: only
-    this rank's batches, b % world_size == rank; rank 0 then collects everyone's parts).
+    this rank's batches, b % world_size == rank; rank 0 then collects everyone's skip reasons).
 
-    Returns ({record index: (part, position)}, batches resumed from the journal, speed facts).
+    Every batch's features go to the journal only: none is kept here, so memory does not grow with
+    the number of images; ``_assemble`` reads them back a batch at a time.
+
+    Returns (the batches and their skip reasons, batches resumed from the journal, speed facts).
     """
     cfg, bb, disc, plan, views = job.cfg, job.bb, job.disc, job.plan, job.views
     batches = batches_of(plan.compute, cfg.batch_size, views.rows if views.n else None)
     keys = [[plan.key(i) for i in b] for b in batches]
-    parts: dict[int, Part] = {}
+    reasons: dict[int, list[str]] = {}
     for b, k in enumerate(keys):
-        part = journal.load(b, k)
+        part = journal.load(b, k)  # read whole (a torn or corrupt part is recomputed), then let go
         if part is not None:
-            parts[b] = part
-    pending = [b for b in range(len(batches)) if b not in parts and ctx.owns(b)]
-    resumed = len(parts)
+            reasons[b] = part.reasons
+        del part
+    pending = [b for b in range(len(batches)) if b not in reasons and ctx.owns(b)]
+    resumed = len(reasons)
     # Decided from the whole planned job, not from what is left of it, so a resumed run computes
     # with the same form as an uninterrupted one (identical features).
     # Counted in backbone rows: with --augment each train image costs 1 + V of them.
@@ -173,14 +202,15 @@ def _run_backbone(job: Job, *, device: torch.device, journal: Journal, ctx: Dist
         with torch.inference_mode(), heap_reuse(cfg.optimize and device.type == "cpu"):
             # On CUDA the runner queues batch b+1 before waiting for batch b's features; it adds the
             # seconds spent waiting for batches (decode_s) and for the backbone (compute_s) to phases.
-            work = (((b, reasons), x) for b, (_, x, reasons) in zip(pending, loader))
-            for n, ((b, reasons), feats) in enumerate(runner.stream(work, phases)):
+            work = (((b, why), x) for b, (_, x, why) in zip(pending, loader))
+            for n, ((b, why), feats) in enumerate(runner.stream(work, phases)):
                 t1 = time.perf_counter()
                 feats = feats if feats is not None else np.zeros((0, bb.feature_dim), np.float32)
-                firsts, view_feats = split_rows(feats, batches[b], reasons, views)
-                parts[b] = Part(keys[b], firsts, reasons, view_feats)
-                saver.save(b, parts[b])
-                bar.update(len(reasons))
+                firsts, view_feats = split_rows(feats, batches[b], why, views)
+                del feats
+                saver.save(b, Part(keys[b], firsts, why, view_feats))  # the saver lets go once it is written
+                reasons[b] = why
+                bar.update(len(why))
                 phases["compute_s"] += time.perf_counter() - t1
                 if n + 1 == crash_after and os.environ.get("FEATCACHE_TEST_CRASH_RANK", str(ctx.rank)) == str(ctx.rank):
                     saver.close()  # exactly n + 1 parts committed, as when they were saved inline
@@ -194,29 +224,35 @@ def _run_backbone(job: Job, *, device: torch.device, journal: Journal, ctx: Dist
     if ctx.enabled:
         barrier(ctx)  # every rank has committed its parts
         for b, k in enumerate(keys):
-            if b not in parts and ctx.is_main:
-                parts[b] = journal.load(b, k)
-                if parts[b] is None:
+            if b not in reasons and ctx.is_main:  # the reasons only: the features are read when assembling
+                why = journal.load_reasons(b, k)
+                if why is None:
                     raise FeatcacheError(f"batch {b} is missing from {journal.dir} after every rank finished")
+                reasons[b] = why
     speed = {"ran_here": sum(len(batches[b]) for b in pending), "inference": runner.accel.describe(),
              "compile_seconds": round(runner.accel.compile_seconds, 2),
              "decode": layout.describe(), "phases": {k: round(v, 2) for k, v in phases.items()}}
-    return ({i: (parts[b], j) for b, batch in enumerate(batches) if b in parts for j, i in enumerate(batch)},
-            resumed, speed)
+    return Computed(journal, batches, keys, reasons), resumed, speed
 
 
-def _assemble(job: Job, old, computed: dict) -> dict:
-    """Write the final cache: reused rows, newly computed rows and the skipped list, in path order."""
+def _assemble(job: Job, old, computed: Computed) -> dict:
+    """Write the final cache: reused rows, newly computed rows and the skipped list, in path order.
+
+    New rows are read back from the journal one batch at a time and written in whole chunk blocks
+    (cache/featwrite.py): memory is a block and a batch or two, whatever the number of images.
+    """
     cfg, bb, disc, plan, views = job.cfg, job.bb, job.disc, job.plan, job.views
     skipped: list[tuple[str, str]] = [(disc.records[i].path, r) for i, r in plan.stat_errors.items()]
     skipped += disc.skipped  # names that cannot be stored, folders that cannot be read (discover.py)
+    unusable: dict[int, str] = {}  # computed images the backbone could not use -> why
+    for b, batch in enumerate(computed.batches):
+        unusable.update((i, r) for i, r in zip(batch, computed.reasons[b]) if r)
     row_of: dict[int, int] = {}
     for i in range(len(plan.records)):
-        if i in plan.reuse or (i in computed and computed[i][0].reasons[computed[i][1]] == ""):
+        if i in unusable:
+            skipped.append((disc.records[i].path, unusable[i]))
+        elif i in plan.reuse or plan.states[i] is not None:  # reused, or computed (stat_errors are neither)
             row_of[i] = len(row_of)
-        elif i in computed:
-            part, j = computed[i]
-            skipped.append((disc.records[i].path, part.reasons[j]))
     skipped.sort()
     n_files = len(plan.records) + len(disc.skipped)
     if not row_of:
@@ -229,15 +265,21 @@ def _assemble(job: Job, old, computed: dict) -> dict:
     writer = CacheWriter(job.target, len(row_of), bb.feature_dim, cfg.dtype, views.n,
                          view_rows=sum(1 for i in row_of if views.wants(i)))
     try:
-        # A part's features hold only its usable images: position j maps to feature row pos[j].
-        parts = {id(p): p for p, _ in computed.values()}
-        usable_pos = {k: np.cumsum([r == "" for r in p.reasons]) - 1 for k, p in parts.items()}
-        new_rows = {row_of[i]: (part.features, int(usable_pos[id(part)][j]))
-                    for i, (part, j) in computed.items() if i in row_of}
+        # A part's features hold only its usable images, in batch order; its views only those of
+        # them that get views. Final row -> (batch, index into that batch's array).
+        new_rows: dict[int, tuple[int, int]] = {}
+        new_views: dict[int, tuple[int, int]] = {}
+        for b, batch in enumerate(computed.batches):
+            usable = [i for i, r in zip(batch, computed.reasons[b]) if not r]
+            new_rows.update((row_of[i], (b, j)) for j, i in enumerate(usable))
+            if views.n:
+                new_views.update((row_of[i], (b, j)) for j, i in enumerate(i for i in usable if views.wants(i)))
         write_feature_rows(writer, len(row_of), bb.feature_dim, cfg.dtype, new_rows,
-                           {row_of[i]: r for i, r in plan.reuse.items()}, job.target if plan.reuse else None)
+                           {row_of[i]: r for i, r in plan.reuse.items()}, job.target if plan.reuse else None,
+                           load=computed.features)
+        del new_rows
         if views.n:
-            write_views(writer, cfg, bb, plan, computed, row_of, views)
+            write_views(writer, cfg, bb, plan, new_views, row_of, views, load=computed.views)
         order = sorted(row_of, key=row_of.get)
         states = [plan.states[i] for i in order]
         writer.write_columns({

@@ -1,5 +1,6 @@
 """Extraction bookkeeping for ``--augment``: which images get views, how a batch's backbone rows
-split into features and views, and how /views is filled (new rows from batches, the others copied).
+split into features and views, and how /views is filled (new rows from the journal's batches, the
+others copied).
 """
 from __future__ import annotations
 
@@ -51,20 +52,11 @@ def split_rows(feats: np.ndarray, batch: list[int], reasons: list[str], views: V
     return firsts, (np.stack(with_views) if with_views else np.zeros((0, views.n, feats.shape[1]), np.float32))
 
 
-def write_views(writer, cfg, bb, plan, computed, row_of, views: Views) -> None:
-    """/views rows: new ones from the batches' view arrays, the others copied from the previous
+def write_views(writer, cfg, bb, plan, new: dict[int, tuple[int, int]], row_of: dict[int, int], views: Views,
+                load) -> None:
+    """/views rows: new ones read back batch by batch (``new``: final row -> (batch, index into that
+    batch's views array), ``load``: batch -> its views array), the others copied from the previous
     cache (make_plan reused a train image only if that cache holds views of the same recipe)."""
-    by_part: dict[int, list[tuple[int, int]]] = {}
-    for i, (part, j) in computed.items():
-        by_part.setdefault(id(part), []).append((j, i))
-    new: dict[int, tuple[np.ndarray, int]] = {}
-    for members in by_part.values():
-        pos = 0  # index into the part's views: usable images with views, in batch order
-        for _, i in sorted(members):
-            part = computed[i][0]
-            if part.reasons[computed[i][1]] == "" and views.wants(i):
-                new[row_of[i]] = (part.views, pos)
-                pos += 1
     reused = {row_of[i]: r for i, r in plan.reuse.items() if views.wants(i)}
     write_view_rows(writer, len(row_of), views.n, bb.feature_dim, cfg.dtype, new, reused,
-                    cfg.output if reused else None)
+                    cfg.output if reused else None, load=load)
