@@ -15,7 +15,7 @@ import click
 
 from featcache import __version__
 from featcache.pipeline import startup
-from featcache.pipeline.config import SELECT_BY, ExtractConfig, HeadConfig
+from featcache.pipeline.config import FT_AUGMENT, SELECT_BY, ExtractConfig, FinetuneConfig, HeadConfig
 from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.heads import kinds
 from featcache.pipeline.options import float_list, int_list, str_list
@@ -299,11 +299,13 @@ def _c_path(C: str | None, opts: dict) -> tuple[float, ...] | None:
               help="--head knn: temperature (weighted) or majority (one vote per neighbour); comma list sweeps.")
 @click.option("--class-weight", default=None,
               help="balanced (n / (classes * n_class)) or CLASS=WEIGHT,... pairs: weights of the training loss "
-                   "(exact linear probe and logreg).")
+                   "(every head that trains).")
 @click.option("--select-by", type=click.Choice(SELECT_BY), default=HeadConfig.select_by, show_default=True,
               help="Rank configurations by this val score (balanced_accuracy, macro_f1 for imbalanced classes).")
 @click.option("--max-memory", default=HeadConfig.max_memory,
-              help="Refuse a run whose memory plan exceeds this size (e.g. 4G) [default: the memory available].")
+              help="Memory fit-head may use beyond its ~1 GB runtime (e.g. 4G): features that do not fit are "
+                   "streamed from the cache; a run that does not fit streamed is refused [default: the memory "
+                   "available].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
@@ -393,23 +395,33 @@ def export(model, output, as_json) -> None:
 @click.argument("image_dir", metavar="SOURCE", type=click.Path())
 @click.option("--from", "run_dir", required=True, type=click.Path(), help="fit-head RUN_DIR to start from.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Folder for model.pt, model.json, metrics.json.")
-@click.option("--unfreeze", default="all", show_default=True, help="all, or the number of last backbone blocks to train.")
-@click.option("--epochs", default=10, show_default=True, type=int)
-@click.option("--batch-size", default=32, show_default=True, type=int)
-@click.option("--lr", default=1e-4, show_default=True, type=float, help="Head learning rate (AdamW).")
-@click.option("--backbone-lr-mult", default=0.1, show_default=True, type=float, help="Backbone lr = lr x this.")
-@click.option("--weight-decay", default=1e-4, show_default=True, type=float, help="Not on biases or norm parameters.")
-@click.option("--patience", default=3, show_default=True, type=int)
-@click.option("--val-fraction", default=0.2, show_default=True, type=float)
-@click.option("--workers", default=None, type=int,
+@click.option("--unfreeze", default=FinetuneConfig.unfreeze, show_default=True,
+              help="all, or the number of last backbone blocks to train.")
+@click.option("--epochs", default=FinetuneConfig.epochs, show_default=True, type=int,
+              help="Planned epochs: the learning rate warms up, then decays to 0 at the last.")
+@click.option("--batch-size", default=FinetuneConfig.batch_size, show_default=True, type=int)
+@click.option("--lr", default=FinetuneConfig.lr, show_default=True, type=float, help="Head learning rate (AdamW), peak.")
+@click.option("--backbone-lr-mult", default=FinetuneConfig.backbone_lr_mult, show_default=True, type=float,
+              help="Backbone lr = lr x this.")
+@click.option("--weight-decay", default=FinetuneConfig.weight_decay, show_default=True, type=float,
+              help="Not on biases or norm parameters.")
+@click.option("--patience", default=FinetuneConfig.patience, show_default=True, type=int,
+              help="Epochs without a better val accuracy before stopping; 0 = never stop early.")
+@click.option("--val-fraction", default=FinetuneConfig.val_fraction, show_default=True, type=float)
+@click.option("--augment", type=click.Choice(list(FT_AUGMENT)), default=FinetuneConfig.augment, show_default=True,
+              help=f"Random crops + flips: mild (crops of {FT_AUGMENT['mild'][0]:.0%}-100% of the area), "
+                   f"strong ({FT_AUGMENT['strong'][0]:.0%}-100%), none.")
+@click.option("--image-size", default=FinetuneConfig.image_size, type=int,
+              help="Side fed to the backbone, pixels, e.g. the images' own (default: the run's preprocessing).")
+@click.option("--workers", default=FinetuneConfig.workers, type=int,
               help="Decoding processes (default: CUDA: one per spare core, into pinned memory; CPU: 0 = this process).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default=FinetuneConfig.device, show_default=True)
+@click.option("--seed", default=FinetuneConfig.seed, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 def finetune(image_dir, run_dir, output, as_json, **opts) -> None:
     """Fine-tune backbone + trained head on SOURCE (an image folder or a .csv/.tsv manifest, as for
     extract; its classes must be the head's), starting from the cached-feature solution."""
-    from featcache.pipeline.use.finetune import FinetuneConfig, run_finetune
+    from featcache.pipeline.use.finetune import run_finetune
 
     s = run_finetune(FinetuneConfig(image_dir=image_dir, run_dir=run_dir, output=output, **opts),
                      progress=progress_enabled(as_json))

@@ -111,3 +111,38 @@ class HeadConfig(_Recorded):
     class_weight: str | tuple[tuple[str, float], ...] | None = None  # "balanced" | (class name, weight) pairs
     select_by: str = "accuracy"  # rank configurations by val accuracy | balanced_accuracy | macro_f1
     max_memory: str | None = None  # e.g. "4G": refuse a run whose memory plan exceeds it (None = what is available)
+
+
+# FinetuneConfig.augment: training augmentation -> RandomResizedCrop area fraction range (None: no
+# crop, the eval preprocessing). "mild" keeps most of a centred subject in every crop; "strong" is
+# the ImageNet recipe's (0.08, 1), whose small crops cut drawings and icons into unrecognisable pieces.
+FT_AUGMENT: dict[str, tuple[float, float] | None] = {"none": None, "mild": (0.35, 1.0), "strong": (0.08, 1.0)}
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(_Recorded):
+    """finetune options. The schedule is fixed: linear warm-up over the first FT_WARMUP of the planned
+    steps, then cosine decay to 0 at ``epochs``; early stopping only cuts it short."""
+
+    image_dir: str
+    run_dir: str  # --from: a fit-head RUN_DIR
+    output: str
+    unfreeze: str = "all"  # all | N (last N blocks of the backbone that take part in its forward pass)
+    epochs: int = 10
+    batch_size: int = 32
+    # The head starts at fit-head's converged solution, so it gets no more than the backbone's rate
+    # (as in linear-probe-then-fine-tune): on the OpenMoji demo (seed 0, last 3 blocks, 4 epochs) a
+    # 10x head rate (1e-3) scored val 0.7091-0.7364 per epoch, against 0.7091-0.7455 at 1e-4.
+    lr: float = 1e-4  # head learning rate (peak of the schedule)
+    backbone_lr_mult: float = 1.0  # backbone lr = lr x this (blocks left frozen by --unfreeze: 0)
+    weight_decay: float = 1e-4  # AdamW, not on biases or norm parameters
+    patience: int = 3  # epochs without a better val score (accuracy, then loss); <= 0: no early stopping
+    val_fraction: float = 0.2
+    augment: str = "mild"  # none | mild | strong (FT_AUGMENT)
+    image_size: int | None = None  # side fed to the backbone, pixels; None = the run's preprocessing (its crop)
+    workers: int | None = None  # decoding processes; None = decode_workers() chooses for the device
+    device: str = "auto"
+    seed: int = 0
+
+
+FT_WARMUP = 0.1  # fraction of the planned optimizer steps spent warming the learning rate up from ~0
