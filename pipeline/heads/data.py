@@ -277,15 +277,21 @@ def prepare(cache: FeatureCache, val_fraction: float, seed: int, standardize: bo
 def _prepare_streamed(cache: FeatureCache, rows: dict[str, np.ndarray], val_source: str, standardize: bool,
                       device: torch.device, drop_nonfinite: bool, columns: np.ndarray | None,
                       stream: StreamSettings) -> Prepared:
-    """``prepare`` for a cache that stays in its file: one streaming pass over the labeled rows for
-    the training statistics and the non-finite check, then X as a source over every row."""
+    """``prepare`` for a cache that stays in its file (or, ``stream.in_memory``, in memory at its
+    float16 dtype): one pass over the labeled rows for the training statistics and the non-finite
+    check, then X as a source over every row, upcast to float32 chunk by chunk."""
     if cache.features is not None:
         raise FeatcacheError("streaming reads a cache file; these features are already in memory")
     identity = file_identity(cache.path)  # every later pass checks the file is still this one
+    array = None
     with open_checked(cache.path) as f, checked_reads(cache.path):
         _same_cache(f, cache)
+        if stream.in_memory:  # the matrix at its stored dtype (float16), once; chunks are upcast from it
+            array = np.empty(f["features"].shape, f["features"].dtype)
+            for b in _blocks(len(array), array.shape[1] * array.itemsize):
+                f["features"].read_direct(array, b, b)
     used = np.unique(np.concatenate(list(rows.values())))
-    raw = H5Rows(cache.path, used, chunk_rows=stream.chunk_rows, columns=columns, identity=identity)
+    raw = H5Rows(cache.path, used, chunk_rows=stream.chunk_rows, columns=columns, identity=identity, array=array)
     mean, scale, bad_used = streamed_moments(raw, np.searchsorted(used, rows["train"]))
     bad = np.zeros(len(cache.labels), bool)
     bad[used] = bad_used
@@ -294,7 +300,7 @@ def _prepare_streamed(cache: FeatureCache, rows: dict[str, np.ndarray], val_sour
         mean = scale = None
     X = H5Rows(cache.path, np.arange(len(cache.labels)), chunk_rows=stream.chunk_rows, device=device,
                columns=columns, mean=mean, scale=scale, identity=identity, window_rows=stream.window_rows,
-               stats=raw.stats)
+               stats=raw.stats, array=array)
     return Prepared(X, torch.from_numpy(cache.labels).to(device), rows, mean, scale, cache.class_names, val_source,
                     feature_dtype=str(_dtype(cache)))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -136,13 +137,24 @@ def _plan(cfg: HeadConfig, kind: kinds.HeadKind, cache: FeatureCache, sets: list
     why = _no_streaming(cfg, kind, use_views)
     if why:
         in_memory.check(why)
-    streamed = stream_plan(n_rows=len(cache.labels), dim=widths[0], full_dim=full, epochs=kind.by_epochs(cfg),
-                           n_train=n_train, batch_size=cfg.batch_size, budget=budget,
+    def chunked(room: int) -> MemoryPlan:
+        return stream_plan(n_rows=len(cache.labels), dim=widths[0], full_dim=full, epochs=kind.by_epochs(cfg),
+                           n_train=n_train, batch_size=cfg.batch_size, budget=room,
                            solver_of=lambda rows: kind.solver_bytes(cfg, n_train=n_train, dim=widths[0],
                                                                     n_classes=n_classes, pass_rows=rows))
-    streamed.check()
+
     limit = f"{opt('max_memory')} {_gb(budget)}" if budget and budget < in_memory.available else \
         f"the {_gb(in_memory.available)} available"
+    half = len(cache.labels) * full * 2  # a float16 cache held as stored: half its float32 matrix
+    if cache.attrs.get("dtype") == "float16" and in_memory.limit > half:
+        kept = replace(chunked(in_memory.limit - half), features=half, mode="memory16", budget=budget)
+        if kept.fits:
+            warnings.warn(f"the features need {_gb(in_memory.work)} in memory as float32, more than {limit}: "
+                          f"keeping them at float16 ({_gb(half)}) and upcasting {kept.chunk_rows:,} rows at a time",
+                          FeatcacheWarning, stacklevel=3)
+            return kept
+    streamed = chunked(budget)
+    streamed.check()
     warnings.warn(f"the features need {_gb(in_memory.work)} in memory, more than {limit}: streaming them from "
                   f"{cache.path} in chunks of {streamed.chunk_rows:,} rows", FeatcacheWarning, stacklevel=3)
     return streamed
@@ -190,7 +202,8 @@ def fit_sweep(cfg: HeadConfig, cache: FeatureCache, *, progress: bool = False, n
                   for cols in [layer_columns(cache.attrs, names, cache.path)]}  # one entry per distinct set
     sets = list(columns_of.items()) or [(None, None)]
     memory = _plan(cfg, kind, cache, sets, use_views)
-    stream = StreamSettings(memory.chunk_rows, memory.window_rows or 0) if memory.mode == "stream" else None
+    stream = None if memory.mode == "memory" else \
+        StreamSettings(memory.chunk_rows, memory.window_rows or 0, in_memory=memory.mode == "memory16")
     with reporting(progress, f"fit-head {cfg.head}"):  # the solvers tick it: passes over X, epochs
         candidates, set_of, kept = _train_sets(cfg, kind, cache, sets, device, use_views, note, stream)
         ranked = Leaderboard(rank([c.row for c in candidates], cfg.select_by))

@@ -91,7 +91,7 @@ class MemoryPlan:
     available: int
     budget: int | None = None  # max_memory, when given
     stream: int = 0  # streaming buffers (features 0 then)
-    mode: str = "memory"  # memory | stream
+    mode: str = "memory"  # memory | memory16 (a float16 cache kept at float16, upcast per chunk) | stream
     chunk_rows: int | None = None  # streaming: rows per chunk
     window_rows: int | None = None  # streaming, epoch-trained heads: rows of the shuffle window
 

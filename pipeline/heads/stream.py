@@ -41,6 +41,7 @@ class StreamSettings:
 
     chunk_rows: int
     window_rows: int
+    in_memory: bool = False  # a float16 cache held at float16 in memory, read from there (not the file)
 
     def buffer_bytes(self, n_cols: int, full_cols: int, epochs: bool) -> int:
         """Bytes the reader and the shuffle window hold (float32): the ring, one piece of the file's
@@ -87,7 +88,7 @@ class H5Rows:
     def __init__(self, path: str | Path, rows: np.ndarray, *, chunk_rows: int, device: torch.device | str = "cpu",
                  columns: np.ndarray | None = None, mean: np.ndarray | None = None,
                  scale: np.ndarray | None = None, identity: tuple | None = None, piece_rows: int | None = None,
-                 stats: StreamStats | None = None, window_rows: int = 0):
+                 stats: StreamStats | None = None, window_rows: int = 0, array: np.ndarray | None = None):
         """Args:
             path: the cache file; rows: (n,) sorted row indices into /features.
             chunk_rows: most rows per chunk (rounded to whole pieces, at least one piece).
@@ -97,18 +98,23 @@ class H5Rows:
             piece_rows: rows per piece (None = about PIECE_BYTES of whole HDF5 chunks).
             stats: where passes add their cost (shared with ``subset``s); None = a new one.
             window_rows: the epoch trainer's shuffle window (``epoch_batches``), rows.
+            array: the whole /features already in memory at the cache's dtype (a float16 cache kept
+                at float16): chunks are read (and upcast) from it instead of the file.
         """
         self.path, self.rows = Path(path), np.asarray(rows, dtype=np.int64)
         self.columns, self.mean, self.scale = columns, mean, scale
         self._stats_on: tuple[torch.Tensor, torch.Tensor] | None = None  # mean, scale as tensors on the device
         self.identity = identity or file_identity(self.path)
         self.stats = stats if stats is not None else StreamStats()
-        self.window_rows = window_rows
-        with open_checked(self.path) as f:
-            ds = f["features"]
-            n_file, self.full_cols = ds.shape
-            self.itemsize = ds.dtype.itemsize
-            hdf5_rows = ds.chunks[0] if ds.chunks else 1
+        self.window_rows, self.array = window_rows, array
+        if array is not None:
+            (n_file, self.full_cols), self.itemsize, hdf5_rows = array.shape, array.itemsize, 1
+        else:
+            with open_checked(self.path) as f:
+                ds = f["features"]
+                n_file, self.full_cols = ds.shape
+                self.itemsize = ds.dtype.itemsize
+                hdf5_rows = ds.chunks[0] if ds.chunks else 1
         if len(self.rows) and (self.rows[0] < 0 or self.rows[-1] >= n_file or np.any(np.diff(self.rows) <= 0)):
             raise ValueError("H5Rows: rows must be sorted, unique row indices of /features")
         self.piece_rows = piece_rows or _piece_rows(hdf5_rows, self.full_cols, max(int(chunk_rows), 1))
@@ -132,7 +138,7 @@ class H5Rows:
         """The rows at ``positions`` (sorted indices into this source's rows), read alike."""
         return H5Rows(self.path, self.rows[positions], chunk_rows=self.chunk_rows, device=self.device,
                       columns=self.columns, mean=self.mean, scale=self.scale, identity=self.identity,
-                      piece_rows=self.piece_rows, stats=self.stats, window_rows=self.window_rows)
+                      piece_rows=self.piece_rows, stats=self.stats, window_rows=self.window_rows, array=self.array)
 
     # ------------------------------------------------------------------ passes
     def chunks(self) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -240,20 +246,26 @@ class H5Rows:
 
     def _reader(self, groups: list[np.ndarray], free: queue.Queue, ready: queue.Queue) -> None:
         try:
+            if self.array is not None:
+                self._fill(_InMemory(self.array), groups, free, ready)
+                return
             with open_checked(self.path) as f, checked_reads(self.path):
                 if file_identity(self.path) != self.identity:
                     raise FeatcacheError(f"{self.path} changed while featcache was reading it (another extract "
                                          "replaced it); run again once the extract has finished")
-                ds = f["features"]
-                scratch: list[np.ndarray] = []  # one piece of whole rows, for gathers
-                for pieces in groups:
-                    buf = free.get()
-                    if buf is None:
-                        return
-                    n = self._read_group(ds, pieces, buf, scratch)
-                    ready.put((pieces, buf, n))
+                self._fill(f["features"], groups, free, ready)
         except BaseException as e:  # handed to the consumer, raised there
             ready.put(e)
+
+    def _fill(self, ds, groups: list[np.ndarray], free: queue.Queue, ready: queue.Queue) -> None:
+        """Read each group into a free buffer and hand it over, until done or told to stop (None)."""
+        scratch: list[np.ndarray] = []  # one piece of whole rows, for gathers
+        for pieces in groups:
+            buf = free.get()
+            if buf is None:
+                return
+            n = self._read_group(ds, pieces, buf, scratch)
+            ready.put((pieces, buf, n))
 
     def _read_group(self, ds, pieces: np.ndarray, buf: np.ndarray, scratch: list[np.ndarray]) -> int:
         """Read the wanted rows of ``pieces`` into buf, in order; returns how many. Consecutive
@@ -291,6 +303,16 @@ class H5Rows:
         self.stats.stored_bytes += (stop - start) * self.full_cols * self.itemsize
         sel = scratch[0][rows - start]
         out[...] = sel if self.columns is None else sel[:, self.columns]
+
+
+class _InMemory:
+    """/features held in memory, read as h5py reads the file: ``read_direct`` upcasts into float32."""
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.shape = array, array.shape
+
+    def read_direct(self, dest: np.ndarray, source_sel, dest_sel) -> None:
+        dest[dest_sel] = self.array[source_sel]
 
 
 STAT_ROWS = 4096  # rows per statistics update: bounds its float64 temporaries

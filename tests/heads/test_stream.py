@@ -200,3 +200,33 @@ def test_a_pass_holds_a_few_chunks_never_the_matrix(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < 10 * chunk_bytes < feature_bytes / 8, f"peak {peak} bytes, chunks of {chunk_bytes}"
+
+
+def _float16_copy(src, dst):
+    """``src``'s cache with its features stored as float16 (as extract --dtype float16 writes)."""
+    from featcache.cache.store import CacheWriter, read_cache
+
+    c = read_cache(src)
+    w = CacheWriter(dst, len(c.labels), c.features.shape[1], "float16")
+    w.write_features(np.arange(len(c.labels)), c.features.astype(np.float16))
+    w.write_columns({"labels": c.labels, "paths": list(c.paths), "split": list(c.split),
+                     "file_size": np.zeros(len(c.labels), np.int64), "file_mtime_ns": np.zeros(len(c.labels), np.int64),
+                     "file_sha256": [""] * len(c.labels)})
+    w.finish({**{k: c.attrs[k] for k in ("class_names", "backbone", "weights", "layer", "pool", "preprocess",
+                                          "feature_dim", "n_images")}, "fingerprint": "f16", "dtype": "float16"}, [])
+    return dst
+
+
+def test_a_float16_cache_that_fits_only_as_float16_stays_float16_in_memory(wide, tmp_path, small_chunks):
+    """Features 4200 x 64: 1.1 MB as float32, 0.5 MB as stored. With 1M the float32 plan (1.5 MB) does not fit but
+    float16 does: held at float16, upcast chunk by chunk, the file read once; the same C path."""
+    half = _float16_copy(wide, tmp_path / "half.h5")
+    mem = featcache.fit_heads(half)
+    with pytest.warns(FeatcacheWarning, match=r"keeping them at float16 \(0\.5 MB\) and upcasting"):
+        kept = featcache.fit_heads(half, output=tmp_path / "kept", max_memory="1M")
+    memory = json.loads((tmp_path / "kept" / "metrics.json").read_text())["memory"]
+    assert memory["plan"]["mode"] == "memory16" and memory["plan"]["features"] == 4200 * 64 * 2
+    assert memory["plan"]["work"] <= memory["plan"]["limit"] and memory["stream_io"]["passes"] > 10
+    for a, b in zip(sorted(mem.leaderboard, key=lambda r: r["C"]), sorted(kept.leaderboard, key=lambda r: r["C"])):
+        assert abs(a["objective"] - b["objective"]) <= 1e-6 * abs(a["objective"])
+        assert abs(a["val_accuracy"] - b["val_accuracy"]) <= 1 / 600 + 1e-12
