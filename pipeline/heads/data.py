@@ -196,13 +196,13 @@ def _standardize_in_place(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) ->
         X[b] /= scale
 
 
-def _read_features(f, columns: np.ndarray | None) -> np.ndarray:
-    """/features (or ``columns`` of it) as one float32 (N, D) array, read block by block straight
-    into it (HDF5 converts float16 on the way)."""
+def _read_features(f, columns: np.ndarray | None, dtype=np.float32) -> np.ndarray:
+    """/features (or ``columns`` of it) as one (N, D) array of ``dtype``, read block by block straight
+    into it (HDF5 converts float16 to float32 on the way when asked)."""
     ds = f["features"]
     n, d = ds.shape
     if columns is None:
-        out = np.empty((n, d), np.float32)
+        out = np.empty((n, d), dtype)
         for b in _blocks(n, d * 4):
             ds.read_direct(out, b, b)
         return out
@@ -287,9 +287,7 @@ def _prepare_streamed(cache: FeatureCache, rows: dict[str, np.ndarray], val_sour
     with open_checked(cache.path) as f, checked_reads(cache.path):
         _same_cache(f, cache)
         if stream.in_memory:  # the matrix at its stored dtype (float16), once; chunks are upcast from it
-            array = np.empty(f["features"].shape, f["features"].dtype)
-            for b in _blocks(len(array), array.shape[1] * array.itemsize):
-                f["features"].read_direct(array, b, b)
+            array = _read_features(f, None, f["features"].dtype)
     used = np.unique(np.concatenate(list(rows.values())))
     raw = H5Rows(cache.path, used, chunk_rows=stream.chunk_rows, columns=columns, identity=identity, array=array)
     mean, scale, bad_used = streamed_moments(raw, np.searchsorted(used, rows["train"]))

@@ -15,7 +15,7 @@ from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.heads.data import labeled_split_rows
 from featcache.pipeline.heads.headio import StandardizedHead, input_dim, load_head
 from featcache.pipeline.heads.metrics import per_class, predict_proba, proba_scores
-from featcache.pipeline.heads.stream import CHUNK_BYTES, H5Rows, file_identity
+from featcache.pipeline.heads.stream import H5Rows, file_identity
 
 
 def check_head_cache(meta: dict, cache: FeatureCache, head_path: str) -> None:
@@ -41,7 +41,6 @@ def run_evaluate(head_path: str, cache_path: str, device: str = "auto") -> dict:
     check_head_cache(meta, cache, head_path)
     model = StandardizedHead.from_metadata(head, meta)
     dev = resolve_device(device)
-    chunk_rows = max(1, CHUNK_BYTES // (4 * int(cache.attrs["feature_dim"])))
     identity = file_identity(cache.path)
     y = torch.from_numpy(cache.labels).to(dev)
     out: dict = {"head": str(head_path), "cache": str(cache_path)}
@@ -51,7 +50,7 @@ def run_evaluate(head_path: str, cache_path: str, device: str = "auto") -> dict:
         split = "all" if no_splits and split == "train" else split
         if not len(idx):
             continue
-        X = H5Rows(cache.path, idx, chunk_rows=chunk_rows, device=dev, identity=identity)
+        X = H5Rows(cache.path, idx, device=dev, identity=identity)
         proba, yi = predict_proba(model, X), y[torch.as_tensor(idx, device=dev)]
         s = proba_scores(proba, yi)
         out.update({f"{split}_{m}": s[m] for m in ("accuracy", "loss", "balanced_accuracy", "macro_f1")})

@@ -137,14 +137,14 @@ def _plan(cfg: HeadConfig, kind: kinds.HeadKind, cache: FeatureCache, sets: list
     why = _no_streaming(cfg, kind, use_views)
     if why:
         in_memory.check(why)
+
     def chunked(room: int) -> MemoryPlan:
         return stream_plan(n_rows=len(cache.labels), dim=widths[0], full_dim=full, epochs=kind.by_epochs(cfg),
                            n_train=n_train, batch_size=cfg.batch_size, budget=room,
                            solver_of=lambda rows: kind.solver_bytes(cfg, n_train=n_train, dim=widths[0],
                                                                     n_classes=n_classes, pass_rows=rows))
 
-    limit = f"{opt('max_memory')} {_gb(budget)}" if budget and budget < in_memory.available else \
-        f"the {_gb(in_memory.available)} available"
+    limit = in_memory.limit_text
     half = len(cache.labels) * full * 2  # a float16 cache held as stored: half its float32 matrix
     if cache.attrs.get("dtype") == "float16" and in_memory.limit > half:
         kept = replace(chunked(in_memory.limit - half), features=half, mode="memory16", budget=budget)

@@ -113,6 +113,13 @@ class MemoryPlan:
         return {**asdict(self), "total": self.total, "work": self.work, "limit": self.limit}
 
     @property
+    def limit_text(self) -> str:
+        """What bounds the run, for messages: ``--max-memory 4.0 GB`` or ``21.6 GB available``."""
+        if self.budget and self.budget < self.available:
+            return f"{opt('max_memory')} {_gb(self.budget)}"
+        return f"{_gb(self.available)} available"
+
+    @property
     def fits(self) -> bool:
         return self.work <= self.limit
 
@@ -126,8 +133,7 @@ class MemoryPlan:
             return
         parts = ", ".join(f"{k} {_gb(v)}" for k, v in asdict(self).items()
                           if k in ("features", "views", "gathers", "solver", "stream") and v >= self.work // 20)
-        which = f"{opt('max_memory')} {_gb(self.budget)}" if self.budget and self.budget < self.available else \
-            f"{_gb(self.available)} available"
+        which = self.limit_text
         if self.mode == "stream":
             raise FeatcacheError(f"fit-head needs about {_gb(self.work)} even when streaming the cache ({parts}), "
                                  f"{which}; train fewer configurations or columns ({opt('layers')}), or on a "
@@ -174,12 +180,12 @@ def stream_plan(*, n_rows: int, dim: int, full_dim: int, epochs: bool, n_train: 
     Returns:
         The fitting plan, or the smallest one (``check`` then refuses it with its numbers).
     """
-    from featcache.pipeline.heads.stream import CHUNK_BYTES, StreamSettings
+    from featcache.pipeline.heads.stream import StreamSettings, default_chunk_rows
 
     avail = available_bytes()
     limit = min(avail, budget) if budget else avail
     row = dim * 4
-    chunk = max(1, min(CHUNK_BYTES // row, n_rows))
+    chunk = min(default_chunk_rows(dim), max(n_rows, 1))
     while True:
         solver = solver_of(chunk) + n_rows * 32
         ring = StreamSettings(chunk, 0).buffer_bytes(dim, full_dim, epochs=False)

@@ -68,6 +68,11 @@ class StreamStats:
                 "wait_seconds": round(self.wait, 3), "gb_per_s": None if gbps is None else round(gbps, 3)}
 
 
+def default_chunk_rows(n_cols: int) -> int:
+    """Rows of a CHUNK_BYTES chunk of float32 rows n_cols wide (a source's default, the plan's start)."""
+    return max(1, CHUNK_BYTES // (4 * n_cols))
+
+
 def _piece_rows(hdf5_rows: int, full_cols: int, chunk_rows: int) -> int:
     """About PIECE_BYTES of rows and at most a chunk, a whole number of HDF5 chunks when that is at
     least one: each stored chunk is then decoded (and its checksum verified) once per pass (a
@@ -85,13 +90,13 @@ class H5Rows:
     """Rows ``rows`` (sorted, unique) of /features as a RowSource: float32 (n, D'), standardised with
     ``mean``/``scale`` when given, columns ``columns`` only when given, on ``device``."""
 
-    def __init__(self, path: str | Path, rows: np.ndarray, *, chunk_rows: int, device: torch.device | str = "cpu",
+    def __init__(self, path: str | Path, rows: np.ndarray, *, chunk_rows: int | None = None, device: torch.device | str = "cpu",
                  columns: np.ndarray | None = None, mean: np.ndarray | None = None,
                  scale: np.ndarray | None = None, identity: tuple | None = None, piece_rows: int | None = None,
                  stats: StreamStats | None = None, window_rows: int = 0, array: np.ndarray | None = None):
         """Args:
             path: the cache file; rows: (n,) sorted row indices into /features.
-            chunk_rows: most rows per chunk (rounded to whole pieces, at least one piece).
+            chunk_rows: most rows per chunk (at least one piece); None = ``default_chunk_rows``.
             columns: (D',) column indices, or None = every column.
             mean, scale: (D',) float32 standardisation, or None.
             identity: what ``file_identity(path)`` was when the run read the cache's metadata (None = now).
@@ -117,9 +122,10 @@ class H5Rows:
                 hdf5_rows = ds.chunks[0] if ds.chunks else 1
         if len(self.rows) and (self.rows[0] < 0 or self.rows[-1] >= n_file or np.any(np.diff(self.rows) <= 0)):
             raise ValueError("H5Rows: rows must be sorted, unique row indices of /features")
-        self.piece_rows = piece_rows or _piece_rows(hdf5_rows, self.full_cols, max(int(chunk_rows), 1))
         self.n_rows = len(self.rows)
         self.n_cols = self.full_cols if columns is None else len(columns)
+        chunk_rows = max(int(chunk_rows or default_chunk_rows(self.n_cols)), 1)
+        self.piece_rows = piece_rows or _piece_rows(hdf5_rows, self.full_cols, chunk_rows)
         self.chunk_rows = max(int(chunk_rows), self.piece_rows)  # a chunk holds one piece at least
         self.dtype, self.device = torch.float32, torch.device(device)
         # the pieces that hold some of the rows: (window start, first position, end position)
