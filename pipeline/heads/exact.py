@@ -26,7 +26,11 @@ are left out of the solve and get weight 0 in the head; Sigma's eigh falls back 
 jitter, then a scalar H0 (lbfgs.safe_eigh). What was done is the result's ``note``.
 Precision (issue 26): the stopping tests need full float32 matmuls, so every solve pins them
 (``full_fp32``) whatever torch.set_float32_matmul_precision says process-wide, and restores it.
-Folds (``fit_exact_folds``): a fold is a row weight; every fold x C is a head of one stack.
+Folds (``fit_exact_folds``): a fold is a row weight; every fold x C is a head of one stack. Folds
+standardised with their own statistics on few rows for their columns (ROTATE_ROWS) are solved
+each on its own rows in its own eigenbasis (``_rotate_folds``): a fold's heads then never compute
+the held-out rows, and H0 needs no (H*K, D) x (D, D) products (the digits cache's 5 folds x 10 C:
+3.9 s against 4.5 s on one AMD EPYC core, setup included).
 Streaming: X may be a heads.source.RowSource (row chunks); every pass over X loops over chunks.
 """
 from __future__ import annotations
@@ -42,7 +46,7 @@ from torch import nn
 
 from featcache.pipeline.errors import FeatcacheError
 from featcache.pipeline.heads import progress
-from featcache.pipeline.heads.lbfgs import MAX_PRECOND_DIM, History, Preconditioner, lbfgs, sigma_step
+from featcache.pipeline.heads.lbfgs import MAX_PRECOND_DIM, History, Preconditioner, lbfgs, safe_eigh, sigma_step
 from featcache.pipeline.heads.logreg import ABSENT_CLASS_BIAS, LogregResult
 from featcache.pipeline.heads.source import ColumnSubset, RowSource, TensorSource
 
@@ -60,6 +64,9 @@ BLOCK = 2  # C values solved together per pass over X (see bench/linear_probe.py
 # 2 (N, D) x (D, H*K), when N < D (1,078 x 1,280 on the demo cache) and still cost half as much
 # at N = 2 D, over the tens to hundreds of iterations of a path
 ROTATE_ROWS = 2
+# Folds with their own standardisation are rotated each into its own eigenbasis (_rotate_folds)
+# under the same condition, when their copies take at most this many bytes
+FOLD_ROTATE_BYTES = 512 << 20
 # A column is constant when its weighted std is at most this fraction of its root mean square:
 # ~16 float32 ulps, i.e. what varies is rounding (exactly 0 for a dead ReLU channel)
 CONSTANT_STD = 1e-6
@@ -104,6 +111,39 @@ def full_fp32() -> Iterator[None]:
             b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = saved[1], saved[2]
 
 
+def _ce_terms(z: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w64: torch.Tensor, binary: bool,
+              curvature: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The weighted cross-entropy of rows' logits for H heads: data term (H,) float64, gradient
+    factor w (P - onehot(y)) (n, H, K) and, with ``curvature``, A (H, K, K) (see _Loss.__call__).
+
+    Args: z (n, H, K) logits, overwritten; idx (n, H, 1) each row's true class per head; w, w64
+    (n, H) row weights per head (float32 and float64). ``binary``: z holds sklearn's one logit.
+    """
+    if binary:  # softmax over [0, z] is the sigmoid of sklearn's binomial loss
+        z = torch.cat([torch.zeros_like(z), z], 2)
+    # softmax and log-sum-exp from one exp of the max-shifted logits, in place: torch.logsumexp
+    # (which also guards infinite logits; these are assumed finite, and a step that overflows
+    # gives a NaN f, which the line search rejects) took a third of this call on 1,078 rows
+    z.sub_(z.amax(2, keepdim=True))
+    zy = z.gather(2, idx)  # (n, H, 1) shifted logit of the true class
+    g = torch.exp_(z)
+    total = g.sum(2, keepdim=True)
+    data = ((total.log() - zy).squeeze(2).double() * w64).sum(0)
+    g.div_(total)  # softmax probabilities, in place of the logits
+    A = None
+    if curvature:
+        # float64 and renormalised: float32 rows sum to 1 only within 1e-7, which would give the
+        # logits' shift direction (exactly flat) a curvature of that size and H0 a huge step along it
+        p = g.double()
+        p = p / p.sum(2, keepdim=True)
+        p = p[:, :, 1:] if binary else p  # (n, H, K) free-logit probabilities
+        pw = p * w64[:, :, None]
+        A = torch.diag_embed(pw.sum(0)) - torch.einsum("nhk,nhl->hkl", pw, p)
+    g.scatter_add_(2, idx, torch.full_like(idx, -1, dtype=g.dtype))  # P - onehot(y)
+    g.mul_(w[:, :, None])
+    return data, (g[:, :, 1:] if binary else g), A
+
+
 class _Loss:
     """f and its gradient for H heads at once; theta (H, K*(D+1)): K weight rows then K biases,
     K = free logits (n present classes, or 1 for a binary problem), D = the columns of the source
@@ -138,31 +178,8 @@ class _Loss:
         single = self.w.shape[1] == 1  # one fold: its weights broadcast over the heads
         w, w64 = (self.w[rows], self.w64[rows]) if single else (self.w[rows][:, folds], self.w64[rows][:, folds])
         z = torch.addmm(be, Xc, We.t()).view(n, h, k)  # (n, H, K) logits
-        if self.binary:  # softmax over [0, z] is the sigmoid of sklearn's binomial loss
-            z = torch.cat([torch.zeros_like(z), z], 2)
-        # softmax and log-sum-exp from one exp of the max-shifted logits, in place: torch.logsumexp
-        # (which also guards infinite logits; these are assumed finite, and a step that overflows
-        # gives a NaN f, which the line search rejects) took a third of this call on 1,078 rows
-        z.sub_(z.amax(2, keepdim=True))
         idx = self.y[rows].view(-1, 1, 1).expand(-1, h, 1)
-        zy = z.gather(2, idx)  # (n, H, 1) shifted logit of the true class
-        g = torch.exp_(z)
-        total = g.sum(2, keepdim=True)
-        data = ((total.log() - zy).squeeze(2).double() * w64).sum(0)
-        g.div_(total)  # softmax probabilities, in place of the logits
-        A = None
-        if curvature:
-            # float64 and renormalised: float32 rows sum to 1 only within 1e-7, which would give the
-            # logits' shift direction (exactly flat) a curvature of that size and H0 a huge step along it
-            p = g.double()
-            p = p / p.sum(2, keepdim=True)
-            p = p[:, :, 1:] if self.binary else p  # (n, H, K) free-logit probabilities
-            pw = p * w64[:, :, None]
-            A = torch.diag_embed(pw.sum(0)) - torch.einsum("nhk,nhl->hkl", pw, p)
-        g.scatter_add_(2, idx, torch.full_like(idx, -1, dtype=g.dtype))  # P - onehot(y)
-        g.mul_(w[:, :, None])
-        if self.binary:
-            g = g[:, :, 1:]
+        data, g, A = _ce_terms(z, idx, w, w64, self.binary, curvature)
         return data, g.reshape(n, h * k), A
 
     def __call__(self, theta: torch.Tensor, lam: torch.Tensor, heads: torch.Tensor | None = None,
@@ -201,6 +218,143 @@ def _unrotate(theta: torch.Tensor, V: torch.Tensor, k: int) -> torch.Tensor:
     coordinates that a rotation does not preserve, is tested on it."""
     h, r = theta.shape[0], V.shape[1]
     return torch.cat([(theta[:, : k * r].reshape(h * k, r) @ V.t()).view(h, -1), theta[:, k * r:]], 1)
+
+
+@dataclass
+class _FoldRotation:
+    """Every fold's own standardised training rows in its own Sigma's eigenbasis (``_rotate_folds``),
+    padded to common sizes: fold f's rows are Z[f, :n_f], its basis V[f, :, :r_f].
+
+    Attributes:
+        Z: (F, n, r) rotated rows, zero beyond a fold's own; rows: (F, n) their indices in X
+            (padding: 0); valid: (F, n) bool, False on padding; V: (F, d, r) orthonormal columns
+            (zero beyond r_f); lam_d: (F, r) Sigma's eigenvalues along them.
+    """
+
+    Z: torch.Tensor
+    rows: torch.Tensor
+    valid: torch.Tensor
+    V: torch.Tensor
+    lam_d: torch.Tensor
+
+
+def _rotate_folds(X: torch.Tensor, weights: torch.Tensor,
+                  affine: tuple[torch.Tensor, torch.Tensor]) -> _FoldRotation | None:
+    """Each fold's training rows (weight > 0), standardised with its own statistics, in an
+    orthonormal basis of their own span that diagonalises their Sigma (``_own_basis``):
+    Z_f = ((X_f - mu_f) * inv_s_f) V_f, V_f (d, r_f), r_f = min(d, n_f). W = W_r V_f^T is then the
+    fold's problem exactly (its optimum lies in the span of its rows; the penalty is unchanged, V_f
+    being orthonormal), a fold's heads compute only its own rows (the shared pass computes the
+    held-out ones too, at weight 0) and H0 is elementwise: no (H*K, d) x (d, d) products a step.
+    Each fold is written into the padded tensors as it is made (one fold's temporaries at a time).
+    Returns None when some fold's eigh fails (the caller solves the shared way).
+
+    Args: X (N, d) in memory; weights (F, N); affine (mu, inv_s) (F, d).
+    """
+    counts, d = (weights > 0).sum(1).tolist(), X.shape[1]
+    n, r, f_ = max(counts), min(max(counts), d), len(weights)
+    dev = X.device
+    out = _FoldRotation(X.new_zeros(f_, n, r), torch.zeros(f_, n, dtype=torch.long, device=dev),
+                        torch.zeros(f_, n, dtype=torch.bool, device=dev), X.new_zeros(f_, d, r), X.new_zeros(f_, r))
+    for f in range(f_):
+        rows = torch.nonzero(weights[f] > 0).flatten()
+        Zf = (X.index_select(0, rows) - affine[0][f]) * affine[1][f]  # (n_f, d)
+        basis = _own_basis(Zf, weights[f, rows])
+        if basis is None:
+            return None
+        Zr, V, lam = basis
+        nf, rf = Zr.shape
+        out.Z[f, :nf, :rf], out.rows[f, :nf], out.valid[f, :nf] = Zr, rows, True
+        out.V[f, :, :rf], out.lam_d[f, :rf] = V, lam
+    return out
+
+
+def _own_basis(Z: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(Z V (n, r), V (d, r), Sigma's eigenvalues (r,)) for rows Z (n, d) of weights w (n,) > 0:
+    V (orthonormal columns) spans Z's rows and diagonalises Sigma = Z^T diag(w / sum w) Z there,
+    r = min(n, d); None if eigh fails.
+
+    With fewer rows than columns the rows' span comes from a QR of Z^T (Z = R^T Q^T, Q (d, n)) and
+    only the (n, n) Sigma of Q's coordinates, R diag(w) R^T, is decomposed: 151 ms against 241 ms
+    for Sigma's (d, d) eigh at 862 x 1,280 on one core, and no direction is dropped (Sigma's
+    smallest eigenvectors, which would span the null space, are float32 noise).
+    """
+    n, d = Z.shape
+    wn = w / w.sum()
+    if n >= d:
+        eig = safe_eigh((Z * wn[:, None]).t() @ Z)  # (d, d)
+        return None if eig is None else (Z @ eig[1], eig[1], eig[0])
+    Q, R = torch.linalg.qr(Z.t())  # (d, n), (n, n)
+    eig = safe_eigh((R * wn[None, :]) @ R.t())  # Sigma in Q's coordinates, (n, n)
+    if eig is None:
+        return None
+    lam, U, _ = eig
+    return R.t() @ U, Q @ U, lam
+
+
+def fold_rotation_bytes(n: int, d: int, folds: int, itemsize: int = 4) -> int:
+    """Upper bound of ``_rotate_folds``' tensors for N rows, d columns, F folds (kinds/linear.py
+    budgets it): Z and V per fold, plus one fold's standardised rows, Sigma and eigenvectors while
+    they are made."""
+    r = min(n, d)
+    return itemsize * (folds * (n * r + d * r) + n * d + 3 * d * d)
+
+
+class _FoldLoss:
+    """``_Loss`` for heads whose folds were rotated (``_FoldRotation``): head h of fold f = fold_of[h]
+    sees only that fold's rows, rotated, Z_f (n, r). The folds' logits are one batched product
+    (F, n, r) x (F, r, nb*K) over the block's heads (fold-major: head f * nb + i), and so is the
+    gradient. Heads that have stopped are computed with zero weights, not left out: selecting
+    them would need their count on the host (a sync), and these problems are small (ROTATE_ROWS)."""
+
+    def __init__(self, rot: _FoldRotation, fold_ids: list[int], y: torch.Tensor, w: torch.Tensor, n_free: int):
+        """Args: rot: every fold's rotation; fold_ids: the folds of this stack (F'); y (N,) labels
+        in [0, n_free or 2); w (N, F') their row weights, columns summing to 1."""
+        ids = torch.as_tensor(fold_ids, device=w.device)
+        self.Z, rows = rot.Z[ids], rot.rows[ids]  # (F', n, r), (F', n)
+        self.y = y[rows]  # (F', n): padding rows read row 0, with weight 0
+        self.w = torch.where(rot.valid[ids], w[rows, torch.arange(len(ids), device=w.device)[:, None]], 0.0)
+        self.n, self.d, self.k, self.binary = self.Z.shape[1], self.Z.shape[2], n_free, n_free == 1
+        self.fold_of = torch.zeros(1, dtype=torch.long, device=w.device)  # (H,) set per block
+        self._per_head: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _rows_per_head(self, nb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Labels (n, H, 1) and weights (n, H) float32, float64 of each head's rows, for ``nb`` heads per fold."""
+        if self._per_head is None or self._per_head[0] != nb:
+            w = self.w.t().repeat_interleave(nb, 1)
+            self._per_head = (nb, self.y.t().repeat_interleave(nb, 1)[:, :, None], w, w.double())
+        return self._per_head[1:]
+
+    def __call__(self, theta: torch.Tensor, lam: torch.Tensor, heads: torch.Tensor | None = None,
+                 curvature: bool = False):
+        """As ``_Loss.__call__``."""
+        nf, h_all, k, d = self.Z.shape[0], len(self.fold_of), self.k, self.d
+        nb = h_all // nf
+        full = theta if heads is None else theta.new_zeros(h_all, theta.shape[1]).index_copy_(0, heads, theta)
+        W, b = full[:, : k * d].reshape(nf, nb * k, d), full[:, k * d:].reshape(nf, nb * k, 1)
+        progress.tick(unit="pass")  # one pass over every fold's rows for every head of the block
+        # logits transposed, (F', nb*K, n): W Z^T reads Z faster than Z W^T (memory-bound: 2.6 vs 3.7 ms
+        # for 5 folds of 862 x 862 on one core); then rows first for _ce_terms, (n, H, K), a small copy
+        z = torch.baddbmm(b, W, self.Z.transpose(1, 2))
+        z = z.view(nf, nb, k, self.n).permute(3, 0, 1, 2).reshape(self.n, h_all, k)
+        idx, w, w64 = self._rows_per_head(nb)
+        data, g, A = _ce_terms(z, idx, w, w64, self.binary, curvature)
+        g = g.reshape(self.n, nf, nb * k).permute(1, 2, 0).contiguous()  # (F', nb*K, n)
+        gW = torch.bmm(g, self.Z).view(h_all, k * d)  # (F', nb*K, r) as (H, K*r)
+        grad = torch.cat([gW, g.sum(2).view(h_all, k)], 1)
+        if heads is not None:
+            data, grad, A = data[heads], grad[heads], None if A is None else A[heads]
+        Wh = theta[:, : k * d]
+        grad[:, : k * d].add_(Wh * lam.to(Wh.dtype)[:, None])
+        f = data + 0.5 * lam.double() * (Wh.double() ** 2).sum(1)
+        return (f, grad, A) if curvature else (f, grad)
+
+
+def _unrotate_each(theta: torch.Tensor, V: torch.Tensor, k: int) -> torch.Tensor:
+    """``_unrotate`` with a basis per head: theta (H, K*(r+1)), V (H, d, r); returns (H, K*(d+1))."""
+    h, r = theta.shape[0], V.shape[2]
+    W = torch.bmm(theta[:, : k * r].view(h, k, r), V.transpose(1, 2))  # (H, K, d)
+    return torch.cat([W.view(h, -1), theta[:, k * r:]], 1)
 
 
 def _to_head(W: torch.Tensor, b: torch.Tensor, present: np.ndarray, n_classes: int) -> nn.Sequential:
@@ -272,6 +426,7 @@ class _Setup:
     affine: tuple[torch.Tensor, torch.Tensor] | None  # (mu, inv_s), each (F, d), or None
     notes: list[str]  # for every result
     fold_notes: list[list[str]]  # per fold
+    folds: _FoldRotation | None = None  # each fold's rows in its own basis (then src is not read)
 
 
 def _fold_affine(mean: torch.Tensor, var: torch.Tensor, dtype: torch.dtype):
@@ -327,6 +482,11 @@ def _prepare(X: torch.Tensor | RowSource, weights: torch.Tensor, stat_weights: t
     affine, fold_notes = None, [[] for _ in range(len(weights))]
     if stat_weights is not None:
         affine, fold_notes = _fold_affine(mean[1:, keep], var[1:, keep], src.dtype)
+    if affine is not None and mem is not None and rotates_folds(src.n_rows, src.n_cols, len(weights)):
+        folds = _rotate_folds(mem, weights, affine)
+        if folds is not None:
+            precond = Preconditioner.rotated(folds.lam_d, 1)
+            return _Setup(src, keep, d_full, precond, None, affine, notes, fold_notes, folds)
     union_stats = None if affine is None else (mean[0, keep], var[0, keep])
     precond, V = _preconditioner(src, union, notes, union_stats), None
     if (precond is not None and mem is not None and affine is None and precond.step == 1
@@ -336,10 +496,20 @@ def _prepare(X: torch.Tensor | RowSource, weights: torch.Tensor, stat_weights: t
     return _Setup(src, keep, d_full, precond, V, affine, notes, fold_notes)
 
 
+def rotates_folds(n: int, d: int, folds: int) -> bool:
+    """Whether folds standardised with their own statistics are solved on their own rotated rows
+    (``_rotate_folds``): few rows for their columns (as ROTATE_ROWS), a preconditioner at all, and
+    the copies within FOLD_ROTATE_BYTES."""
+    return 0 < d <= MAX_PRECOND_DIM and n <= ROTATE_ROWS * d and fold_rotation_bytes(n, d, folds) <= FOLD_ROTATE_BYTES
+
+
 def _weights_in_x(setup: _Setup, theta: torch.Tensor, k: int, folds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Heads' theta (H, P) as W (H, K, D) over all of X's columns and b (H, K): unrotated, out of
     their fold's standardisation (W * inv_s, b - W . mu), zero on the columns left out."""
-    heads = theta if setup.V is None else _unrotate(theta, setup.V, k)
+    if setup.folds is not None:
+        heads = _unrotate_each(theta, setup.folds.V[folds], k)
+    else:
+        heads = theta if setup.V is None else _unrotate(theta, setup.V, k)
     h, d = heads.shape[0], len(setup.keep)
     W, b = heads[:, : k * d].reshape(h, k, d), heads[:, k * d:]
     if setup.affine is not None:
@@ -363,11 +533,17 @@ def _path(setup: _Setup, cs: list[float], y: torch.Tensor, w: torch.Tensor, pres
     k = len(present) if len(present) > 2 else 1
     sums = w.double().sum(0).tolist()  # (F',) sklearn's sum(w) per fold
     affine = None if setup.affine is None else (setup.affine[0][fold_ids], setup.affine[1][fold_ids])
-    loss = _Loss(setup.src, y, w / w.sum(0), k, affine)
+    ids = torch.as_tensor(fold_ids, device=w.device)
+    if setup.folds is not None:
+        loss = _FoldLoss(setup.folds, fold_ids, y, w / w.sum(0), k)
+        fold_V = setup.folds.V[ids]  # (F', d, r)
+        grad_max = lambda g, heads: _unrotate_each(g, fold_V[loss.fold_of[heads]], k).abs().amax(1)  # noqa: E731
+    else:
+        loss = _Loss(setup.src, y, w / w.sum(0), k, affine)
+        V = setup.V
+        grad_max = None if V is None else (lambda g, heads: _unrotate(g, V, k).abs().amax(1))  # (H,) in X's features
     if setup.precond is not None:
         setup.precond.k = k
-    V = setup.V
-    grad_max = None if V is None else (lambda g: _unrotate(g, V, k).abs().amax(1))  # (H,) in X's features
     nf, p, dev = len(fold_ids), k * (loss.d + 1), w.device
     like = torch.empty(0, dtype=setup.src.dtype, device=dev)
     start, hist, prev, out = like.new_zeros(nf, p), None, 0, {}
@@ -377,6 +553,8 @@ def _path(setup: _Setup, cs: list[float], y: torch.Tensor, w: torch.Tensor, pres
         nb = len(idx)
         t0 = time.perf_counter()
         loss.fold_of = torch.arange(nf, device=dev).repeat_interleave(nb)  # head f * nb + i: fold f, C cs[idx[i]]
+        if setup.folds is not None:
+            setup.precond.head_basis = ids[loss.fold_of]  # each head's own fold's eigenvalues
         lam = torch.tensor([1.0 / (cs[i] * sums[f]) for f in range(nf) for i in idx], dtype=torch.float64, device=dev)
         hist = History.empty(nf * nb, p, like) if hist is None else \
             hist.carried(loss.fold_of * prev + prev - 1, lam, k * loss.d)
@@ -385,7 +563,7 @@ def _path(setup: _Setup, cs: list[float], y: torch.Tensor, w: torch.Tensor, pres
         if dev.type == "cuda":
             torch.cuda.synchronize()
         share = (time.perf_counter() - t0) / (nf * nb)
-        W, b = _weights_in_x(setup, theta, k, torch.as_tensor(fold_ids, device=dev)[loss.fold_of])
+        W, b = _weights_in_x(setup, theta, k, ids[loss.fold_of])
         for hd in range(nf * nb):
             fi, ci = divmod(hd, nb)
             out[fi, int(idx[ci])] = ExactResult(cs[idx[ci]], _to_head(W[hd], b[hd], present, n_classes),
@@ -505,7 +683,9 @@ def fit_exact_folds(c_values: list[float] | tuple[float, ...], X: torch.Tensor |
             keeps float32 logits exact); objective and tol are those of the fold's standardised
             problem, as the pipeline's LogisticRegression sees it. Without it, X as given is the
             fold's X. Sigma (the preconditioner) comes from all rows of any fold, shared: it only
-            shapes the steps, never the optimum. With fold_stats X is never rotated (ROTATE_ROWS).
+            shapes the steps, never the optimum. With fold_stats X itself is never rotated; with
+            few rows for its columns (ROTATE_ROWS) each fold's standardised rows are, into the
+            eigenbasis of their own Sigma (``_rotate_folds``, which then is each fold's H0).
     Returns:
         results[f][c]: an ExactResult per fold and C (input order); seconds = its block's wall time
         shared equally among the block's heads.

@@ -15,7 +15,8 @@ plain L-BFGS took 50-100 per C on 40,000 x 2,048 standardised features (bench/li
   The intercept block is ``A`` alone (pseudo-inverse: the multinomial logits are invariant to a
   common shift, which no gradient ever has). ``safe_eigh`` retries a failed eigh in float64 and
   with jitter (exact.py then turns the preconditioner off): it only ever changes the steps. With
-  folds (exact.fit_exact_folds) one Sigma, of every fold's rows, serves all heads; ``A`` is per head.
+  folds (exact.fit_exact_folds) one Sigma, of every fold's rows, serves all heads, or, where each
+  fold was rotated into its own Sigma's eigenbasis, each head its fold's (``rotated``); ``A`` is per head.
 * **Curvature carried along the path.** Moving from C to a larger C changes the Hessian by exactly
   ``(lam_new - lam_old) I`` on the weights, so a solved head's pairs ``(s, y)`` stay valid for the
   next C after ``y += (lam_new - lam_old) s_W``; a pair that loses ``s.y > 0`` is dropped.
@@ -115,6 +116,21 @@ class Preconditioner:
         self.V, self.lam_d, self.d = None, self.lam_d[self.d - r:], r
         return X @ V, V
 
+    @classmethod
+    def rotated(cls, lam_d: torch.Tensor, k: int) -> "Preconditioner":
+        """H0 for heads whose weights already live in their own rows' eigenbasis (exact.py's
+        per-fold rotation): ``lam_d`` (F, r) each basis's eigenvalues of Sigma; ``head_basis``
+        (set per block) says which row of it each head uses."""
+        pre = cls.__new__(cls)
+        pre.notes, pre.V, pre.lam_d, pre.k, pre.d = [], None, lam_d.clamp_min(0), k, lam_d.shape[1]
+        pre.rank, pre.step = lam_d.shape[1], 1
+        pre.head_basis = torch.zeros(1, dtype=torch.long, device=lam_d.device)
+        return pre
+
+    def _lam_d(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        """Sigma's eigenvalues as they broadcast against (H', K, d): shared (d,) or per head (H', 1, d)."""
+        return self.lam_d if self.lam_d.dim() == 1 else self.lam_d[self.head_basis[rows]][:, None, :]
+
     def set_heads(self, A: torch.Tensor, lam: torch.Tensor) -> None:
         """A (H, K, K) class curvature and lam (H,) penalty of the heads about to be solved."""
         eig = safe_eigh(A.double())
@@ -135,7 +151,7 @@ class Preconditioner:
         E, a, lam = self.E[rows], self.a[rows], self.lam[rows]
         qW = q[:, : k * d].reshape(h * k, d)
         qW = (qW if self.V is None else qW @ self.V).view(h, k, d)  # into Sigma's eigenbasis
-        qW = E.transpose(1, 2) @ qW / (a[:, :, None] * self.lam_d + lam[:, None, None])
+        qW = E.transpose(1, 2) @ qW / (a[:, :, None] * self._lam_d(rows) + lam[:, None, None])
         rW = (E @ qW).view(h * k, d)
         rW = (rW if self.V is None else rW @ self.V.t()).view(h, k * d)
         rb = (E @ ((E.transpose(1, 2) @ q[:, k * d:, None]).squeeze(2) * self.a_inv[rows])[:, :, None]).squeeze(2)
@@ -244,16 +260,18 @@ class _TolTest:
     def eager(self, gr: torch.Tensor) -> torch.Tensor | None:
         return gr.abs().amax(1) <= self.tol if self.grad_max is None else None
 
-    def where(self, gr: torch.Tensor, ask_dev: torch.Tensor, ask: np.ndarray, fl: _Flags) -> tuple[torch.Tensor, np.ndarray]:
+    def where(self, gr: torch.Tensor, heads: torch.Tensor, ask_dev: torch.Tensor, ask: np.ndarray,
+              fl: _Flags) -> tuple[torch.Tensor, np.ndarray]:
         """The test (device, host) for the rows ``ask`` of gr, False elsewhere; ``fl.small`` holds
-        it for every row when it was taken eagerly."""
+        it for every row when it was taken eagerly. ``heads`` (H',): the block's index of each row
+        of gr (``grad_max`` unrotates each head in its own basis)."""
         if self.grad_max is None:
             return fl.dev.small & ask_dev, fl.host.small & ask
         out = torch.zeros_like(ask_dev)
         if not ask.any():
             return out, np.zeros_like(ask)
         idx = _indices(ask_dev, int(ask.sum()))
-        out[idx] = self.grad_max(gr[idx]) <= self.tol
+        out[idx] = self.grad_max(gr[idx], heads[idx]) <= self.tol
         return out, out.cpu().numpy()  # the extra transfer, only on iterations where a head asks
 
 
@@ -322,9 +340,10 @@ def lbfgs(loss: Callable, theta: torch.Tensor, lam: torch.Tensor, hist: History,
     is what a small gradient alone misses: after a warm start from a smaller C, or on nearly
     separable rows at large C, |grad| is under tol while f is still well above its minimum
     (sklearn stopped 0.5-16 % above it on the demo cache). With d from the preconditioned
-    two-loop it costs nothing: d is the next step anyway. ``grad_max(g)`` gives max |grad| (H',) in
-    the caller's coordinates when theta's are rotated (exact.py); it is asked only of heads that
-    pass the other test, so its cost does not recur every iteration.
+    two-loop it costs nothing: d is the next step anyway. ``grad_max(g, heads)`` gives max |grad|
+    (H',) of the heads ``heads`` (block indices) in the caller's coordinates when theta's are
+    rotated (exact.py); it is asked only of heads that pass the other test, so its cost does not
+    recur every iteration.
 
     ``loss(theta, lam, heads=None, curvature=False)`` returns f (H',) float64 and grad (H', P) of
     the heads ``heads`` (indices into theta's rows; None = all), and with ``curvature`` also the
@@ -355,7 +374,7 @@ def lbfgs(loss: Callable, theta: torch.Tensor, lam: torch.Tensor, hist: History,
             break
         rows = slice(None) if len(act.host) == h else act.dev  # a view, not a copy, of the history when all are active
         ga, fa, th = g[rows], f[rows], theta[rows]
-        d, slope, stop, stop_dev = _direction_and_stops(ga, fa, hist, rows, h0, tol_test)
+        d, slope, stop, stop_dev = _direction_and_stops(ga, fa, hist, rows, h0, tol_test, act.dev)
         converged[act.host[stop]] = True
         if stop.all() or it == max_iter:
             break
@@ -392,10 +411,11 @@ def _flat(f0: torch.Tensor, f1: torch.Tensor) -> torch.Tensor:
 
 
 def _direction_and_stops(ga: torch.Tensor, fa: torch.Tensor, hist: History, rows: torch.Tensor | slice,
-                         h0: Callable, tol_test: _TolTest):
+                         h0: Callable, tol_test: _TolTest, heads: torch.Tensor):
     """The L-BFGS direction d (H', P) of the active heads, its slope g.d (H',), and which heads stop
     here, on the host and on the device: max |grad| <= tol and an expected decrease -g.d / 2 <=
-    GAP * |f|. One host transfer; another where d fell back to steepest descent, or grad_max was asked."""
+    GAP * |f|. One host transfer; another where d fell back to steepest descent, or grad_max was asked.
+    ``heads`` (H',): the block's index of each active head."""
     d = _direction(ga, hist, rows, h0)
     slope = (ga * d).sum(1)
     gap = lambda sl: -0.5 * sl.double() <= GAP * fa.abs()  # noqa: E731
@@ -405,7 +425,7 @@ def _direction_and_stops(ga: torch.Tensor, fa: torch.Tensor, hist: History, rows
         slope = (ga * d).sum(1)
         fl.dev.gap = gap(slope)
         fl.host.gap = fl.dev.gap.cpu().numpy()  # one more transfer, in this rare case only
-    stop_dev, stop = tol_test.where(ga, fl.dev.gap, fl.host.gap, fl)
+    stop_dev, stop = tol_test.where(ga, heads, fl.dev.gap, fl.host.gap, fl)
     return d, slope, stop, stop_dev
 
 
@@ -426,7 +446,7 @@ def _done(act: _Active, fl: _Flags, new_g: torch.Tensor, tol_test: _TolTest, con
     within tol. Updates ``converged``; returns the heads that go on."""
     stalled = getattr(fl.dev, "stalled", torch.zeros_like(fl.dev.flat))  # only after a backtracking
     stalled_host = getattr(fl.host, "stalled", np.zeros_like(fl.host.flat))
-    small_dev, small = tol_test.where(new_g, fl.dev.flat | stalled, fl.host.flat | stalled_host, fl)  # where it decides
+    small_dev, small = tol_test.where(new_g, act.dev, fl.dev.flat | stalled, fl.host.flat | stalled_host, fl)  # where it decides
     floor = (fl.host.flat & small) | stalled_host
     converged[act.host] |= floor & small
     if not floor.any():

@@ -19,6 +19,18 @@ from featcache.pipeline.heads.exact import fit_exact, fit_exact_folds
 CS = [0.01, 0.3, 10.0]
 
 
+@pytest.fixture(autouse=True, params=["shared", "rotated"])
+def fold_path(request, monkeypatch):
+    """Every test on both ways of solving folds with their own statistics: one pass over the shared
+    X (exact._Loss) and, as fit-head takes it when rows are few for their columns, each fold's own
+    rows in its own eigenbasis (exact._rotate_folds; forced here on rows that are not few)."""
+    if request.param == "shared":
+        monkeypatch.setattr(exact, "FOLD_ROTATE_BYTES", 0)
+    else:
+        monkeypatch.setattr(exact, "ROTATE_ROWS", 10 ** 6)
+    return request.param
+
+
 def _raw(n_classes: int, n: int = 200, d: int = 12, seed: int = 0):
     """Features with class-dependent means, unequal scales and non-zero offsets (so a fold's own
     mean and std differ from the whole set's)."""
@@ -163,3 +175,33 @@ def test_bad_fold_weights_are_one_line_errors_naming_the_parameter():
         fit_exact_folds([1.0], Xt, yt, 3, one_class)
     with pytest.raises(FeatcacheError, match="sample_weight"):
         fit_exact_folds([1.0], Xt, yt, 3, fw, sample_weight=np.ones(59))
+
+
+@pytest.mark.parametrize("fold_path", ["rotated"], indirect=True)  # it compares both paths itself
+def test_few_rows_for_their_columns_solve_each_fold_in_its_own_basis(monkeypatch, fold_path):
+    """61 rows x 80 columns (N <= ROTATE_ROWS * D, as fit-head's small caches; each fold's ~49 rows
+    fewer than its columns: the QR way of exact._own_basis; the module's forced rotation
+    of 200 x 12 covers the other): folds with their own statistics are solved each on its own rows
+    in its own eigenbasis, folds of unequal sizes padded to one stack and a row of sample weight 0
+    left out of its folds, with the shared pass's optimum."""
+    monkeypatch.undo()  # the module's default ROTATE_ROWS: this problem qualifies on its own
+    X, y = _raw(3, n=61, d=80, seed=5)
+    Xs, yt = torch.from_numpy(_standardised(X)), torch.from_numpy(y)
+    splits, fw = _folds(y)
+    sw = np.ones(len(y))
+    sw[7] = 0.0
+    calls = []
+    real = exact._rotate_folds
+    monkeypatch.setattr(exact, "_rotate_folds", lambda *a: calls.append(1) or real(*a))
+    tight = dict(fold_stats=True, sample_weight=sw, tol=1e-6)
+    own = fit_exact_folds(CS, Xs, yt, 3, fw, **tight)
+    assert calls == [1]
+    monkeypatch.setattr(exact, "FOLD_ROTATE_BYTES", 0)
+    shared = fit_exact_folds(CS, Xs, yt, 3, fw, **tight)
+    assert calls == [1]
+    for f, (_, ho) in enumerate(splits):
+        for a, b in zip(own[f], shared[f]):
+            assert a.converged and b.converged
+            assert abs(a.objective - b.objective) / b.objective < 1e-5
+            lb = _logits(b.head, Xs[ho].numpy())
+            assert_predictions_agree(_logits(a.head, Xs[ho].numpy()).argmax(1), lb.argmax(1), lb)

@@ -132,6 +132,9 @@ CASES = {
     "rotated (grad_max)": lambda: fit_exact([0.05, 1.0], *_problem(4, 60, 64, seed=8), 4, block=1),
     "folds, fold statistics": lambda: fit_exact_folds([0.01, 0.3, 10.0], *_problem(3, 200, 12), 3, _folds(200),
                                                       fold_stats=True),
+    # few rows for their columns: each fold on its own rows, in its own basis (exact._rotate_folds)
+    "folds, own bases": lambda: fit_exact_folds([0.01, 0.3, 10.0], *_problem(3, 60, 64, seed=3), 3, _folds(60),
+                                                fold_stats=True),
 }
 
 

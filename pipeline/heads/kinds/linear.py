@@ -159,14 +159,17 @@ class Linear(EpochKind):
         epochs = super().solver_bytes(cfg, n_train=n_train, dim=dim, n_classes=n_classes, pass_rows=pass_rows)
         if self.by_epochs(cfg):
             return epochs
-        from featcache.pipeline.heads.exact import BLOCK
+        from featcache.pipeline.heads.exact import BLOCK, fold_rotation_bytes, rotates_folds
         from featcache.pipeline.heads.lbfgs import MAX_PRECOND_DIM
 
-        heads = BLOCK * max(cfg.cv, 1) * (1 + len(cfg.train_sizes))  # folds x sizes x C block, one stack
+        folds = max(cfg.cv, 1) * (1 + len(cfg.train_sizes))  # folds x sizes, one stack
+        heads = BLOCK * folds
         theta = heads * n_classes * (dim + 1) * 4
         sigma = 3 * dim * dim * 4 if dim <= MAX_PRECOND_DIM else 0
-        # X in Sigma's eigenbasis (exact.ROTATE_ROWS), in memory only
+        # X in Sigma's eigenbasis (exact.ROTATE_ROWS), in memory only; with --cv each fold's own rows in its own
         rotated = n_train * dim * 4 if n_train <= 2 * dim and pass_rows is None else 0
+        if cfg.cv >= 2 and cfg.standardize and pass_rows is None and rotates_folds(n_train, dim, folds):
+            rotated = fold_rotation_bytes(n_train, dim, folds)
         rows = n_train if pass_rows is None else min(pass_rows, n_train)
         return 4 * rows * heads * n_classes * 4 + n_train * 8 * 4 + theta * 30 + sigma + rotated
 
