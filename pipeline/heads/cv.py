@@ -121,7 +121,7 @@ def train_torch(cfg: HeadConfig, data: Prepared) -> list[Candidate]:
         extra = {"train_size": "all" if size == ALL else size, "n_train_rows": round(float(np.mean(n_rows)), 1),
                  "views": use}
         if cfg.cv >= 2:
-            row = _cv_row(n, res, data, cfg.cv)
+            row = _cv_row(n, res, cfg.cv)
         else:
             row = _plain_row(n, res[0], data)
         out.append(Candidate({**row, **extra}, res[0].head, res[0].history, res[0].params))
@@ -135,10 +135,11 @@ def _plain_row(n: int, r: FitResult, data: Prepared) -> dict:
     return {**row, "status": "failed" if r.failed else "ok"}
 
 
-def _cv_row(n: int, res: list[FitResult], data: Prepared, k: int) -> dict:
-    """Mean/std over folds of the held-out accuracy and loss at each fold's kept epoch."""
-    row = torch_row(n, res[0], data)
-    row = {key: v for key, v in row.items() if not key.endswith(("_accuracy", "_loss"))}
+def _cv_row(n: int, res: list[FitResult], k: int) -> dict:
+    """Mean/std over folds of the held-out accuracy and loss at each fold's kept epoch. No split is
+    scored: a fold head saw 1/k fewer rows than the head fit-head saves, so only the winner's refit
+    gets train/val/test scores (``refit_cv_winner``)."""
+    row = torch_row(n, res[0], None)
     failed = any(r.failed for r in res)
     acc = [r.history[r.best_epoch - 1]["val_accuracy"] for r in res if r.best_epoch]
     loss = [r.history[r.best_epoch - 1]["val_loss"] for r in res if r.best_epoch]
@@ -151,7 +152,6 @@ def _cv_row(n: int, res: list[FitResult], data: Prepared, k: int) -> dict:
         "fold_best_epochs": epochs, "best_epoch": max(1, round(statistics.median(epochs))),
         "epochs_run": max(len(r.history) for r in res), "seconds": round(sum(r.seconds for r in res), 4),
         "status": "failed" if failed else "ok",
-        **{f"{s}_{m}": None for s in ("train", "val", "test") for m in ("loss", "accuracy")},
     })
     return row
 

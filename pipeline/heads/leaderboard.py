@@ -21,19 +21,23 @@ from featcache.pipeline.heads.train import FitResult
 SPLITS = ("train", "val", "test")
 
 
-def split_scores(head: nn.Module, data: Prepared) -> dict:
+METRICS = ("loss", "accuracy", "balanced_accuracy", "macro_f1")
+
+
+def split_scores(head: nn.Module, data: Prepared | None) -> dict:
     """train/val/test accuracy, mean cross-entropy, balanced accuracy and macro-F1 of ``head``;
-    None for a split with no rows."""
+    None for a split with no rows, and for every split when ``data`` is None (a row not scored)."""
     row: dict = {}
     for split in SPLITS:
-        s = score(head, *data.split(split))
-        for m in ("loss", "accuracy", "balanced_accuracy", "macro_f1"):
+        s = {} if data is None else score(head, *data.split(split))
+        for m in METRICS:
             row[f"{split}_{m}"] = s.get(m)
     return row
 
 
-def torch_row(i: int, res: FitResult, data: Prepared) -> dict:
-    """Leaderboard row of a linear/mlp configuration (``hidden`` as "512,256", "0" for linear)."""
+def torch_row(i: int, res: FitResult, data: Prepared | None) -> dict:
+    """Leaderboard row of a linear/mlp configuration (``hidden`` as "512,256", "0" for linear);
+    ``data`` None: the split scores are None (a cross-validated row, scored on its folds)."""
     p = asdict(res.params)
     return {"index": i, "head": "mlp" if res.params.hidden else "linear", **p,
             "hidden": ",".join(map(str, res.params.hidden)) or "0",

@@ -17,7 +17,14 @@ in a lone run on z-scored rows), and autograd differentiates through whichever f
 - an MLP standardises the shared batch once per distinct statistics set (heads of one fold share
   theirs: S sets, not K heads), each set's heads multiplying their own (B, D) copy: S x B x D
   numbers a step, where folding would rewrite all K x D x H first-layer weights and their gradient
-  several times a step (measured: +50% step time at K = 20, D = 1,280, H = 512).
+  several times a step (measured: +50% step time at K = 20, D = 1,280, H = 512). Each run of heads
+  writes its products straight into one (K, B, H) output and its weight gradient into one (K, D, H)
+  gradient (``_RunMatmul``): no concatenation of the parts forward, nor of their gradients backward.
+
+In training an MLP stack may take a (G, B, D) input instead of a shared (B, D) batch: row group g
+holds the batch rows of one training-row set (a fold), padded with rows of zero weight, and each
+head reads its own group's rows (``forward``'s ``groups``), so a fold head computes its own rows
+of the batch and not the held-out ones (see ``masks.BatchRows``).
 
 Both are the same function; ``to_sequential`` exports the folded form, which takes raw inputs.
 
@@ -44,15 +51,52 @@ def _linear_init(k_seeds: list[int], layer: int, fan_in: int, fan_out: int) -> t
     return torch.stack(ws), torch.stack(bs)
 
 
-def _runs(ids: list[int]) -> list[tuple[int, int]]:
+def _runs(ids: list) -> list[tuple[int, int]]:
     """[start, end) of each maximal run of equal values in ``ids``."""
     cuts = [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]]
     return list(zip([0, *cuts], [*cuts, len(ids)]))
 
 
+def head_span(heads: torch.Tensor) -> slice | torch.Tensor:
+    """``heads`` (long indices) as a slice when they are one ascending run (a fold's heads, every
+    head of a stack), so that t[...] is a view, not a gathered copy of (h, D, H) weights; else
+    ``heads`` itself."""
+    ids = heads.tolist()
+    return slice(ids[0], ids[0] + len(ids)) if ids and ids == list(range(ids[0], ids[0] + len(ids))) else heads
+
+
 def _picker(heads: torch.Tensor | None):
-    """t -> t[heads] (the rows of the chosen heads), or the identity for every head."""
-    return (lambda t: t) if heads is None else (lambda t: t[heads])
+    """t -> t[heads] (the rows of the chosen heads, a view when they are one run), or the identity
+    for every head."""
+    if heads is None:
+        return lambda t: t
+    span = head_span(heads)
+    return lambda t: t[span]
+
+
+class _RunMatmul(torch.autograd.Function):
+    """(K, B, H) = for each run [a, b) of heads, xs[r] (B, D) @ w[a:b] (b - a, D, H), each run's
+    product written into its slice of one output and, backward, its weight gradient into its slice
+    of one (K, D, H) gradient: splitting w and concatenating the parts would copy both again (the
+    gradient's concatenation alone moves K x D x H numbers a step). The inputs xs take no gradient
+    (rows and their statistics)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, runs: list[tuple[int, int]], *xs: torch.Tensor) -> torch.Tensor:
+        out = w.new_empty(w.shape[0], xs[0].shape[0], w.shape[2])
+        for (a, b), x in zip(runs, xs):
+            torch.bmm(x.expand(b - a, -1, -1), w[a:b], out=out[a:b])  # the run's heads share x: no copy
+        ctx.runs = runs
+        ctx.save_for_backward(*xs)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        xs = ctx.saved_tensors
+        gw = grad.new_empty(grad.shape[0], xs[0].shape[1], grad.shape[2])  # (K, D, H)
+        for (a, b), x in zip(ctx.runs, xs):
+            torch.bmm(x.t().expand(b - a, -1, -1), grad[a:b], out=gw[a:b])
+        return (gw, None, *[None] * len(xs))
 
 
 class StackedHead(nn.Module):
@@ -158,14 +202,16 @@ class StackedHead(nn.Module):
         return [*biases, *self.bn_weights, *self.bn_biases]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                heads: torch.Tensor | None = None) -> torch.Tensor:
+                heads: torch.Tensor | None = None, groups: list[int] | None = None) -> torch.Tensor:
         """Logits (K, B, C).
 
         Args:
-            x: (B, D) shared by all heads, or (K, B, D).
+            x: (B, D) shared by all heads, (K, B, D), or (G, B, D) row groups (``groups``).
             mask: (K, B) float 0/1, the rows of the batch each head trains on (batch norm statistics
                 are taken over those only); None = every row. Used in training mode only.
             heads: (h,) long indices: compute only those heads (eval mode only), None = all K.
+            groups: (K,) per head the row group of x it reads (an MLP's training batch gathered per
+                training-row set, see ``masks.BatchRows``); None = x is (B, D) or (K, B, D).
         """
         if heads is not None and self.training:
             raise ValueError("heads: a subset of the stack is computed in eval mode only")
@@ -173,8 +219,8 @@ class StackedHead(nn.Module):
         h = x
         last = len(self.weights) - 1
         for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
-            if layer == 0 and self.standardizes and x.dim() == 2 and self.hidden:
-                h = self._standardised_first(x, heads)  # (K, B, H) without bias
+            if layer == 0 and self.hidden and (groups is not None or (self.standardizes and x.dim() == 2)):
+                h = self._first_by_runs(x, heads, groups)  # (K, B, H) without bias
                 b = pick(b) if self._has_bias(0) else None
             else:
                 if layer == 0:
@@ -205,24 +251,25 @@ class StackedHead(nn.Module):
                 h = h * keep / (1.0 - p)
         return h
 
-    def _standardised_first(self, x: torch.Tensor, heads: torch.Tensor | None) -> torch.Tensor:
-        """(K, B, H): x (B, D) standardised once per run of heads with equal statistics, times each
-        head's first-layer weights (bias not added).
+    def _first_by_runs(self, x: torch.Tensor, heads: torch.Tensor | None, groups: list[int] | None) -> torch.Tensor:
+        """(K, B, H): the first layer (bias not added) of each run of heads with equal statistics and
+        row group, on that group's rows standardised once for the run.
 
-        Args: heads: (h,) long indices on the CPU (a subset, in eval), or None = all K.
+        Args:
+            x: (B, D) shared, or (G, B, D) row groups (``groups``).
+            heads: (h,) long indices on the CPU (a subset, in eval), or None = all K.
+            groups: (K,) row group of each head, or None (x shared).
         """
         idx = list(range(self.k)) if heads is None else heads.tolist()
-        runs = _runs([self._set_ids[i] for i in idx])
-        if heads is None:  # split, not slices: its backward is one concatenation of the gradients,
-            ws = torch.split(self.weights[0], [b - a for a, b in runs])  # not a zero-filled (K, D, H) per run
-        else:
-            ws = [self.weights[0][torch.tensor(idx[a:b])] for a, b in runs]
-        parts = []
-        for (a, _), w in zip(runs, ws):
-            j = idx[a]  # any head of the run: they share mean and scale
-            xs = (x - self.in_mean[j]) / self.in_scale[j]  # (B, D)
-            parts.append(torch.matmul(xs, w))  # (run, B, H)
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        stats = [self._set_ids[i] for i in idx] if self.standardizes else [-1] * len(idx)
+        rows = [0] * len(idx) if groups is None else list(groups)
+        runs = _runs(list(zip(stats, rows)))
+        xs = [self._standardised(x if groups is None else x[rows[a]], idx[a]) for a, _ in runs]  # (B, D) each
+        return _RunMatmul.apply(_picker(heads)(self.weights[0]), runs, *xs)
+
+    def _standardised(self, x: torch.Tensor, head: int) -> torch.Tensor:
+        """x (B, D) z-scored with head ``head``'s input statistics (x itself without statistics)."""
+        return (x - self.in_mean[head]) / self.in_scale[head] if self.standardizes else x
 
     def _masked_batch_norm(self, h: torch.Tensor, layer: int, mask: torch.Tensor, eps: float = 1e-5,
                            momentum: float = 0.1) -> torch.Tensor:

@@ -9,7 +9,8 @@ for it: a batched sweep does the arithmetic of the sequential one, in fewer, wid
 Cross-validation folds and learning-curve sizes are more heads of the same stack: they share its
 shuffled mini-batches and weight the rows outside their own training set zero (``masks``), so a
 5-fold sweep is one pass of 5x as many heads, each fold folding its own standardisation into its
-first layer. Plain configurations (no rows of their own) train exactly as before, with no mask.
+first layer; an MLP stack's batches come gathered per row set, so a fold head computes its own rows
+of each batch only. Plain configurations (no rows of their own) train exactly as before, with no mask.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from featcache.pipeline.heads import progress
 from featcache.pipeline.heads.masks import (
+    BatchRows,
     HeadTask,
     RowSets,
     as_task,
@@ -35,7 +37,7 @@ from featcache.pipeline.heads.masks import (
 )
 from featcache.pipeline.heads.optim import StackedOptimizer
 from featcache.pipeline.heads.source import RowSource
-from featcache.pipeline.heads.stacked import StackedHead
+from featcache.pipeline.heads.stacked import StackedHead, head_span
 from featcache.pipeline.heads.train_types import FitResult, HeadParams, TrainData, TrainSettings
 
 __all__ = ["FitResult", "HeadParams", "HeadTask", "TrainData", "TrainSettings", "evaluate_stacked", "train_group",
@@ -45,7 +47,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.
 
 
 def stacked_logits(model: StackedHead, x: torch.Tensor, mask: torch.Tensor | None = None,
-                   heads: torch.Tensor | None = None) -> torch.Tensor:
+                   heads: torch.Tensor | None = None, groups: list[int] | None = None) -> torch.Tensor:
     """Logits of every head laid out (B, C, K) for a shared input x (B, D).
 
     A linear stack is computed as one (B, D) @ (D, C*K) GEMM: ``torch.matmul`` would broadcast x to
@@ -55,15 +57,16 @@ def stacked_logits(model: StackedHead, x: torch.Tensor, mask: torch.Tensor | Non
     so folds with their own standardisation share the GEMM too.
 
     Args:
-        model: the stack; x: (B, D).
+        model: the stack; x: (B, D), or (G, B, D) row groups of an MLP's training batch (``groups``).
         mask: (K, B) float row weights for batch norm (training), or None.
         heads: (h,) long: only those heads (evaluation), or None = all; then K = h.
+        groups: (K,) per head its row group of x (``StackedHead.forward``), or None.
     """
     if not model.hidden and x.dim() == 2:
         w, b = model.first_layer(heads)  # (K, D, C), (K, C)
         k, d, c = w.shape
         return torch.addmm(b.t().reshape(c * k), x, w.permute(1, 2, 0).reshape(d, c * k)).view(-1, c, k)
-    return model(x, mask, heads).permute(1, 2, 0)
+    return model(x, mask, heads, groups).permute(1, 2, 0)
 
 
 def evaluate_stacked(model: StackedHead, X: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,8 +84,9 @@ def _flush_subnormal(grad: torch.Tensor) -> torch.Tensor:
 
 
 def _weight_norm(model: StackedHead) -> torch.Tensor:
-    """Frobenius norm of all weight matrices per head (K,): the regularisation diagnostic."""
-    return torch.sqrt(sum((w.detach() ** 2).sum(dim=(1, 2)) for w in model.weights))
+    """Frobenius norm of all weight matrices per head (K,): the regularisation diagnostic. One
+    reduction per matrix: squaring first would write a (K, D, H) temporary."""
+    return torch.sqrt(sum(torch.linalg.vector_norm(w.detach(), dim=(1, 2)) ** 2 for w in model.weights))
 
 
 def _replace_state(model: StackedHead, state: dict[str, torch.Tensor]) -> None:
@@ -93,6 +97,21 @@ def _replace_state(model: StackedHead, state: dict[str, torch.Tensor]) -> None:
 def _optimizer(model: StackedHead, kind: str, hp: dict[str, torch.Tensor]) -> StackedOptimizer:
     return StackedOptimizer(model.decay_parameters(), model.other_parameters(), kind,
                             hp["lr"], hp["weight_decay"], hp["momentum"])
+
+
+def _save_heads(best: dict[str, torch.Tensor], model: StackedHead, rows: torch.Tensor,
+                local: torch.Tensor | None = None) -> None:
+    """Copy the stack's heads ``local`` (CPU indices into the stack; None = every head) into the
+    all-heads state ``best`` at ``rows`` (their global indices, CPU). Runs of consecutive heads,
+    the usual case, copy slice to slice: no gathered (k, D, H) temporary, no scatter."""
+    dst = head_span(rows)
+    src = slice(None) if local is None else head_span(local)
+    for name, t in model.state_dict().items():
+        part = t.detach()[src if isinstance(src, slice) else src.to(t.device)]
+        if isinstance(dst, slice):
+            best[name][dst].copy_(part)
+        else:
+            best[name][dst.to(t.device)] = part
 
 
 def _drop_stopped(model: StackedHead, opt: StackedOptimizer, hp: dict[str, torch.Tensor],
@@ -140,55 +159,90 @@ def _build(tasks: list[HeadTask], data: TrainData) -> tuple[StackedHead, Stacked
 
 @dataclass
 class _Batch:
-    """One shared mini-batch: rows (B, D), labels (B,), per-head 0/1 row masks (K, B) or None (all
-    1), the heads that take the step ((K,) bool on the device, or None = all) and the rows' loss
-    weights (B,) (``TrainData.sample_weight``) or None (all 1)."""
+    """One mini-batch: rows (B, D) shared by every head, labels (B,), per-head 0/1 row masks (K, B)
+    or None (all 1), the heads that take the step ((K,) bool on the device, or None = all) and the
+    rows' loss weights (B,) (``TrainData.sample_weight``) or None (all 1).
+
+    Gathered per row set (``masks.BatchRows``): x is (G, B, D), row group g's rows, ``groups`` the
+    group of each head, and y and row_weight are each head's, (B, K)."""
 
     x: torch.Tensor
     y: torch.Tensor
     weights: torch.Tensor | None
     active: torch.Tensor | None
     row_weight: torch.Tensor | None = None
+    groups: list[int] | None = None
+
+    def targets(self, k: int) -> torch.Tensor:
+        """(B, K) label of each row for each head."""
+        return self.y if self.y.dim() == 2 else self.y[:, None].expand(-1, k)
 
     def loss_weights(self) -> torch.Tensor | None:
         """(B, K) or (B, 1) weight of each row in each head's loss: its mask times its row weight;
         None = every row 1 (the plain mean)."""
+        rw = self.row_weight if self.row_weight is None or self.row_weight.dim() == 2 else self.row_weight[:, None]
         if self.weights is None:
-            return None if self.row_weight is None else self.row_weight[:, None]
+            return rw
         wt = self.weights.t()
-        return wt if self.row_weight is None else wt * self.row_weight[:, None]
+        return wt if rw is None else wt * rw
 
 
 def _batches(src: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, bs: int, sets: RowSets | None,
-             heads: torch.Tensor | None, min_rows: int, sample_weight: torch.Tensor | None = None):
+             heads: torch.Tensor | None, min_rows: int, sample_weight: torch.Tensor | None = None,
+             gather: bool = False):
     """This epoch's shared batches in the order ``perm`` (CPU). ``heads``: (k,) CPU row-set index of
     each head in the stack. With row sets, heads with fewer than ``min_rows`` rows in a batch sit it
     out (weights 0, not ``active``); a batch nobody can use is skipped (batch norm cannot normalise
-    one row). ``sample_weight``: (N,) loss weight of each pool row, or None."""
+    one row). ``sample_weight``: (N,) loss weight of each pool row, or None. ``gather`` (an MLP
+    stack): a batch whose row sets all leave rows out comes gathered per set (``masks.BatchRows``)."""
     dev = src.device
     perm_dev = perm.to(dev)
     if sets is not None:
         counts = sets.batch_counts(perm, bs, heads)  # (k, steps) on the CPU: gating needs no device sync
         heads_dev = heads.to(dev)
+        plan = sets.gathered(perm, bs, heads) if gather else None
     for step, s in enumerate(range(0, len(perm), bs)):
         idx = perm_dev[s: s + bs]
-        if sets is None and len(idx) < min_rows:
-            continue
-        # index_select: the same rows as src[idx], ~5x faster on the CPU (186 -> 35 us for 256 x 1,280)
-        xb, yb = torch.index_select(src, 0, idx), torch.index_select(y, 0, idx)
-        wb = None if sample_weight is None else torch.index_select(sample_weight, 0, idx)
         if sets is None:
-            yield _Batch(xb, yb, None, None, wb)
+            if len(idx) >= min_rows:
+                yield _shared_batch(src, y, idx, sample_weight)
             continue
         live = counts[:, step] >= min_rows  # (k,) CPU bool
         if not bool(live.any()):
             continue
-        w = sets.batch_mask(idx, heads_dev)
-        if bool(live.all()):
-            yield _Batch(xb, yb, w, None, wb)
+        if plan is not None and plan.width[step] < len(idx):  # every set leaves rows of this batch out
+            b = _gathered_batch(src, y, sample_weight, plan, step)
         else:
+            b = _shared_batch(src, y, idx, sample_weight)
+            b.weights = sets.batch_mask(idx, heads_dev)
+        if not bool(live.all()):
             on = live.to(dev)
-            yield _Batch(xb, yb, w * on[:, None], on, wb)
+            b.weights, b.active = b.weights * on[:, None], on
+        yield b
+
+
+def _shared_batch(src: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, sample_weight: torch.Tensor | None) -> _Batch:
+    """The pool rows ``idx`` (device, (B,)) as one batch every head reads (no masks yet)."""
+    # index_select: the same rows as src[idx], ~5x faster on the CPU (186 -> 35 us for 256 x 1,280)
+    wb = None if sample_weight is None else torch.index_select(sample_weight, 0, idx)
+    return _Batch(torch.index_select(src, 0, idx), torch.index_select(y, 0, idx), None, None, wb)
+
+
+def _gathered_batch(src: torch.Tensor, y: torch.Tensor, sample_weight: torch.Tensor | None, plan: BatchRows,
+                    step: int) -> _Batch:
+    """Step ``step``'s batch as each row set's own rows (``masks.BatchRows``): x (G, W, D), each
+    head's labels and row weights (W, K), its 0/1 weights (K, W)."""
+    rows, mask = plan.step(step)  # (G, W), (K, W)
+    g, width = rows.shape
+    flat = rows.reshape(-1)
+    x = torch.index_select(src, 0, flat).view(g, width, -1)
+    per_head = plan.of_head
+
+    def heads_of(t: torch.Tensor) -> torch.Tensor:  # (N,) pool values -> (W, K) each head's rows
+        return torch.index_select(torch.index_select(t, 0, flat).view(g, width), 0, per_head).t()
+
+    rw = None if sample_weight is None else heads_of(sample_weight)
+    return _Batch(x, heads_of(y), mask, None, rw, plan.groups)
 
 
 def _stream_batches(src, y: torch.Tensor, bs: int, gen: torch.Generator, min_rows: int,
@@ -228,11 +282,12 @@ def _step(model: StackedHead, opt: StackedOptimizer, b: _Batch, l1: torch.Tensor
     exactly as none, and balanced weights only shift which rows the mean leans on.
     """
     k = model.k
-    logits = stacked_logits(model, b.x, b.weights)  # (B, C, K); batch norm takes the 0/1 masks, not weights
+    logits = stacked_logits(model, b.x, b.weights, groups=b.groups)  # (B, C, K); batch norm takes the 0/1 masks
     if flush:
         logits.register_hook(_flush_subnormal)
-    ce = F.cross_entropy(logits, b.y[:, None].expand(-1, k), reduction="none")  # (B, K)
-    hit = logits.detach().max(1).indices == b.y[:, None]
+    y = b.targets(k)  # (B, K)
+    ce = F.cross_entropy(logits, y, reduction="none")  # (B, K)
+    hit = logits.detach().max(1).indices == y
     wt = b.loss_weights()  # (B, K) or (B, 1), or None
     if wt is None:
         cnt: torch.Tensor | int = len(b.y)
@@ -349,7 +404,7 @@ def train_group(tasks: list[HeadTask | HeadParams], *, data: TrainData, settings
             src = _epoch_rows(data, view_gen, keep_gen) if use_views else X
             perm = torch.randperm(n, generator=order_gen)
             batches = _batches(src, y, perm, bs, sets, None if sets is None else sets.of_head[active], min_rows,
-                               data.sample_weight)
+                               data.sample_weight, gather=bool(model.hidden))
         loss_sum, correct = _train_epoch(model, opt, batches, l1, flush)
         act_dev = active.to(dev)
         # the loss as trained (weighted mean over the head's rows), the accuracy plain (a share of rows)
@@ -373,17 +428,15 @@ def train_group(tasks: list[HeadTask | HeadParams], *, data: TrainData, settings
             best_epoch[active[improved]] = epoch
             wait[active] = torch.where(improved, 0, wait[active] + 1)
             if bool(improved.any()):
-                imp = improved.nonzero().squeeze(1).to(dev)
-                for name, t in model.state_dict().items():  # copy the improved heads' weights aside
-                    best_state[name][active.to(dev)[imp]] = t.detach()[imp]
+                imp = improved.nonzero().squeeze(1)
+                _save_heads(best_state, model, active[imp], imp)  # copy the improved heads' weights aside
             keep = ((wait[active] < settings.patience) & finite).nonzero().squeeze(1)
         else:
             best_epoch[active[finite]] = epoch
             keep = finite.nonzero().squeeze(1)
         seconds[active] += (time.perf_counter() - t_epoch) / k
         if len(keep) < k and not early:  # the last finite weights of the heads leaving the stack
-            for name, t in model.state_dict().items():
-                best_state[name][active.to(dev)] = t.detach()
+            _save_heads(best_state, model, active)
         if len(keep) == 0:
             break
         if len(keep) < k:  # some heads stopped: train only the others from now on
@@ -391,8 +444,7 @@ def train_group(tasks: list[HeadTask | HeadParams], *, data: TrainData, settings
             active = active[keep]
     else:
         if not early:  # every epoch ran: the survivors keep their last weights
-            for name, t in model.state_dict().items():
-                best_state[name][active.to(dev)] = t.detach()
+            _save_heads(best_state, model, active)
     _replace_state(model, best_state)
     return [FitResult(params[j], model.to_sequential(j), int(best_epoch[j]), histories[j], float(seconds[j]),
                       bool(failed[j])) for j in range(k_all)]
