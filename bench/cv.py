@@ -1,7 +1,7 @@
 """Benchmark: what --cv 5 costs over the same sweep without it, in-process, in one run (issue 23).
 
     .venv/bin/python bench/cv.py [--cache demo-out/digits.h5] [--folds 5] [--epochs 30] [--repeat 2]
-                                 [--threads N] [--no-mlp]
+                                 [--threads N] [--no-mlp] [--no-exact] [--no-sklearn]
 
 For each sweep (the issue's 4 linear configurations, lr 1e-3,1e-2 x weight decay 0,1e-3, 30 epochs,
 ``solver="epochs"``; then the same grid as MLP-512 heads) it times, best of ``--repeat``:
@@ -13,6 +13,12 @@ For each sweep (the issue's 4 linear configurations, lr 1e-3,1e-2 x weight decay
    ``train_many`` sweep of the configurations early-stopped on the held-out fold, the way CV would
    be done by hand. It also prints the largest and mean difference of held-out fold accuracy
    between (2)'s fold heads and (3) (shared batches: equal within noise, not bitwise).
+
+Then the exact linear probe (fit-head's default head): its 10-C path through ``fit_heads`` with and
+without ``cv=5`` (every fold x C one head of one L-BFGS stack, then the winner refitted on all
+train rows): the issue's target is <= 3x; per C the mean held-out accuracy against scikit-learn's
+``cross_val_score(make_pipeline(StandardScaler(), LogisticRegression(C)))`` on the same folds
+(target: within 1 point), unless ``--no-sklearn``.
 
 The features are the cache's train split, prepared exactly as fit-head prepares them. The cache is
 made by ``make demo-digits`` (EfficientNet-Lite0 features of scikit-learn's 1,797 digits).
@@ -36,6 +42,7 @@ from sweep import machine  # noqa: E402
 
 import featcache  # noqa: E402
 from featcache.cache.store import read_cache  # noqa: E402
+from featcache.pipeline.config import HeadConfig  # noqa: E402
 from featcache.pipeline.heads.cv import fold_splits  # noqa: E402
 from featcache.pipeline.heads.data import prepare  # noqa: E402
 from featcache.pipeline.heads.masks import HeadTask  # noqa: E402
@@ -106,6 +113,37 @@ def run_sweep(name: str, cache, data, options: dict, params: list[HeadParams], a
           f"largest |difference| {max(abs(g) for g in gaps):.4f} over {len(gaps)} fold heads")
 
 
+def run_exact(cache, data, args) -> None:
+    """The exact probe's C path through fit_heads, with and without cv; CV means against sklearn's."""
+    t_plain, plain = best_of(args.repeat, lambda: featcache.fit_heads(cache, device="cpu"))
+    t_cv, cv = best_of(args.repeat, lambda: featcache.fit_heads(cache, cv=args.folds, device="cpu"))
+    rows = sorted((r for r in cv.leaderboard), key=lambda r: r["C"])
+    print(f"\nexact linear probe: the {len(rows)}-C path (seconds: wall-clock / CPU)")
+    print(f"  path (fit_heads):                        {_secs(t_plain)}   best val accuracy "
+          f"{plain.leaderboard[0]['val_accuracy']:.4f} at C {plain.leaderboard[0]['C']:g}")
+    print(f"  same with cv={args.folds} (fit_heads):              {_secs(t_cv)} = {_ratio(t_cv, t_plain)} the path "
+          f"(target <= 3x); best mean CV accuracy {cv.leaderboard[0]['cv_accuracy_mean']:.4f} at C "
+          f"{cv.leaderboard[0]['C']:g}, refitted in {cv.leaderboard[0]['refit_seconds']:.2f} s")
+    ours = [100 * r["cv_accuracy_mean"] for r in rows]
+    print("  CV accuracy per C (featcache): " + " ".join(f"{a:6.2f}" for a in ours))
+    if args.no_sklearn:
+        return
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = (t.numpy() for t in data.split("train"))
+    folds = fold_splits(y, args.folds, seed=0)  # fit-head's folds (seed 0)
+    t0 = time.perf_counter()
+    ref = [100 * cross_val_score(make_pipeline(StandardScaler(), LogisticRegression(C=r["C"], max_iter=1000)),
+                                 X, y, cv=folds).mean() for r in rows]
+    print("  CV accuracy per C (sklearn):    " + " ".join(f"{a:6.2f}" for a in ref)
+          + f"   ({time.perf_counter() - t0:.1f} s)")
+    gap = max(abs(a - b) for a, b in zip(ours, ref))
+    print(f"  largest difference {gap:.2f} points (target <= 1)")
+
+
 def _secs(t: tuple[float, float]) -> str:
     return f"{t[0]:7.2f} / {t[1]:7.2f} s"
 
@@ -123,6 +161,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--hidden", type=int, default=512, help="MLP hidden width")
     ap.add_argument("--no-mlp", action="store_true", help="the linear sweep only")
+    ap.add_argument("--no-exact", action="store_true", help="skip the exact probe's C path")
+    ap.add_argument("--no-sklearn", action="store_true", help="skip scikit-learn's cross_val_score per C")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,8 +177,12 @@ def main() -> None:
     linear = [HeadParams(lr=lr, weight_decay=wd) for lr in LRS for wd in WDS]
     run_sweep("linear", cache, data, grid, linear, args)
     if not args.no_mlp:
-        mlp = [HeadParams(hidden=(args.hidden,), lr=lr, weight_decay=wd) for lr in LRS for wd in WDS]
+        # fit-head's default dropout (HeadConfig), so that the three MLP runs train the same heads
+        drop = HeadConfig().dropout[0]
+        mlp = [HeadParams(hidden=(args.hidden,), lr=lr, weight_decay=wd, dropout=drop) for lr in LRS for wd in WDS]
         run_sweep(f"MLP-{args.hidden}", cache, data, {**grid, "head": "mlp", "hidden": [args.hidden]}, mlp, args)
+    if not args.no_exact:
+        run_exact(cache, data, args)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ demo cache) is far above the optimum, so its accuracy there is that of an early 
 
 --cv K (issue 23): the cost of K-fold CV as one stack (exact.fit_exact_folds) on a synthetic
 --n x --dim training set (default 1,797 x 1,280): seconds of the 10-C path on all rows, then of
-K folds x 10 C, with and without each fold's own standardisation (fold_stats), and the ratio
+K folds x 10 C, with and without each fold's own standardisation (fold_stats; where the folds
+qualify for being solved each on its own rotated rows, exact.FOLD_ROTATE_ROWS, also with that
+turned off, to compare: --n 400, 700, 1000 ... 1800 shows where it pays), and the ratio
 (target <= 3x), in wall-clock and in CPU seconds of this process (steadier on a shared machine,
 with --threads 1); per C the mean held-out accuracy, and with --reference on sklearn's
 cross_val_score(make_pipeline(StandardScaler(), LogisticRegression(C))) on the same folds.
@@ -161,6 +163,7 @@ def cross_validation(n: int, d: int, folds: int, block: int, reference: bool) ->
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    from featcache.pipeline.heads import exact
     from featcache.pipeline.heads.exact import fit_exact_folds
 
     Xn, yn, _, _, k = synthetic(n, d, train=1.0)
@@ -175,13 +178,20 @@ def cross_validation(n: int, d: int, folds: int, block: int, reference: bool) ->
     alone = fit_exact(cs, X, y, k, block=block)
     base, base_cpu = time.perf_counter() - t0, time.process_time() - c0
     print(f"path on all rows: {base:.2f} s ({base_cpu:.2f} s CPU), iterations {[r.n_iter for r in alone]}")
-    for fold_stats in (False, True):
+    own = exact.rotates_folds(int(fw.sum(1).max()), d, folds)  # each fold on its own rotated rows
+    runs = [(False, ""), (True, ", each fold on its own rows" if own else ", sharing X")]
+    if own:
+        runs.append((True, ", sharing X (forced, to compare)"))
+    for fold_stats, how in runs:
+        saved = exact.FOLD_ROTATE_BYTES
+        exact.FOLD_ROTATE_BYTES = 0 if "forced" in how else saved
         t0, c0 = time.perf_counter(), time.process_time()
         res = fit_exact_folds(cs, X, y, k, fw, fold_stats=fold_stats, block=block)
         sec, cpu = time.perf_counter() - t0, time.process_time() - c0
+        exact.FOLD_ROTATE_BYTES = saved
         acc = [np.mean([(res[f][c].head(X[ho]).argmax(1).numpy() == yn[ho]).mean() for f, (_, ho) in enumerate(splits)])
                for c in range(len(cs))]
-        print(f"{folds} folds x 10 C, fold_stats={fold_stats}: {sec:.2f} s = {sec / base:.2f}x the path, "
+        print(f"{folds} folds x 10 C, fold_stats={fold_stats}{how}: {sec:.2f} s = {sec / base:.2f}x the path, "
               f"{cpu:.2f} s CPU = {cpu / base_cpu:.2f}x (target <= 3x: {'MET' if sec <= 3 * base else 'MISSED'}); "
               "all converged: "
               f"{all(r.converged for row in res for r in row)}; max iterations per C "

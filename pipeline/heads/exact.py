@@ -27,10 +27,10 @@ jitter, then a scalar H0 (lbfgs.safe_eigh). What was done is the result's ``note
 Precision (issue 26): the stopping tests need full float32 matmuls, so every solve pins them
 (``full_fp32``) whatever torch.set_float32_matmul_precision says process-wide, and restores it.
 Folds (``fit_exact_folds``): a fold is a row weight; every fold x C is a head of one stack. Folds
-standardised with their own statistics on few rows for their columns (ROTATE_ROWS) are solved
-each on its own rows in its own eigenbasis (``_rotate_folds``): a fold's heads then never compute
-the held-out rows, and H0 needs no (H*K, D) x (D, D) products (the digits cache's 5 folds x 10 C:
-3.9 s against 4.5 s on one AMD EPYC core, setup included).
+standardised with their own statistics with fewer rows than 3/4 of their columns (FOLD_ROTATE_ROWS)
+are solved each on its own rows in its own eigenbasis (``_rotate_folds``): a fold's heads then never
+compute the held-out rows, and H0 needs no (H*K, D) x (D, D) products (2-4x faster at a quarter to
+a half of D rows per fold; 14 % at 0.62 D, the digits cache's folds).
 Streaming: X may be a heads.source.RowSource (row chunks); every pass over X loops over chunks.
 """
 from __future__ import annotations
@@ -64,8 +64,14 @@ BLOCK = 2  # C values solved together per pass over X (see bench/linear_probe.py
 # 2 (N, D) x (D, H*K), when N < D (1,078 x 1,280 on the demo cache) and still cost half as much
 # at N = 2 D, over the tens to hundreds of iterations of a path
 ROTATE_ROWS = 2
-# Folds with their own standardisation are rotated each into its own eigenbasis (_rotate_folds)
-# under the same condition, when their copies take at most this many bytes
+# Folds with their own standardisation are each solved on their own rows, rotated (_rotate_folds),
+# when the largest fold has at most FOLD_ROTATE_ROWS * D rows and the copies take at most
+# FOLD_ROTATE_BYTES. A fold's rows are then read once per fold (F narrow, memory-bound products)
+# instead of X once for all folds (one wide product) plus the preconditioner's (d, d) products.
+# fit_exact_folds, 5 folds x 10 C, 1,280 columns, one AMD EPYC core (CPU s, own rows / shared):
+# fold rows 0.25 D 0.54 / 2.09, 0.44 D 1.26 / 2.76, 0.62 D 3.01 / 3.51, 0.72 D 3.46 / 3.79,
+# 0.81 D 4.82 / 4.04, 1.0 D 5.92 / 4.14
+FOLD_ROTATE_ROWS = 0.75
 FOLD_ROTATE_BYTES = 512 << 20
 # A column is constant when its weighted std is at most this fraction of its root mean square:
 # ~16 float32 ulps, i.e. what varies is rounding (exactly 0 for a dead ReLU channel)
@@ -293,7 +299,7 @@ def _own_basis(Z: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def fold_rotation_bytes(n: int, d: int, folds: int, itemsize: int = 4) -> int:
-    """Upper bound of ``_rotate_folds``' tensors for N rows, d columns, F folds (kinds/linear.py
+    """Upper bound of ``_rotate_folds``' tensors for the largest fold's n rows, d columns, F folds (kinds/linear.py
     budgets it): Z and V per fold, plus one fold's standardised rows, Sigma and eigenvectors while
     they are made."""
     r = min(n, d)
@@ -305,7 +311,7 @@ class _FoldLoss:
     sees only that fold's rows, rotated, Z_f (n, r). The folds' logits are one batched product
     (F, n, r) x (F, r, nb*K) over the block's heads (fold-major: head f * nb + i), and so is the
     gradient. Heads that have stopped are computed with zero weights, not left out: selecting
-    them would need their count on the host (a sync), and these problems are small (ROTATE_ROWS)."""
+    them would need their count on the host (a sync), and these problems are small (FOLD_ROTATE_ROWS)."""
 
     def __init__(self, rot: _FoldRotation, fold_ids: list[int], y: torch.Tensor, w: torch.Tensor, n_free: int):
         """Args: rot: every fold's rotation; fold_ids: the folds of this stack (F'); y (N,) labels
@@ -482,7 +488,8 @@ def _prepare(X: torch.Tensor | RowSource, weights: torch.Tensor, stat_weights: t
     affine, fold_notes = None, [[] for _ in range(len(weights))]
     if stat_weights is not None:
         affine, fold_notes = _fold_affine(mean[1:, keep], var[1:, keep], src.dtype)
-    if affine is not None and mem is not None and rotates_folds(src.n_rows, src.n_cols, len(weights)):
+    largest = int((weights > 0).sum(1).max())  # rows of the largest fold
+    if affine is not None and mem is not None and rotates_folds(largest, src.n_cols, len(weights)):
         folds = _rotate_folds(mem, weights, affine)
         if folds is not None:
             precond = Preconditioner.rotated(folds.lam_d, 1)
@@ -497,10 +504,11 @@ def _prepare(X: torch.Tensor | RowSource, weights: torch.Tensor, stat_weights: t
 
 
 def rotates_folds(n: int, d: int, folds: int) -> bool:
-    """Whether folds standardised with their own statistics are solved on their own rotated rows
-    (``_rotate_folds``): few rows for their columns (as ROTATE_ROWS), a preconditioner at all, and
-    the copies within FOLD_ROTATE_BYTES."""
-    return 0 < d <= MAX_PRECOND_DIM and n <= ROTATE_ROWS * d and fold_rotation_bytes(n, d, folds) <= FOLD_ROTATE_BYTES
+    """Whether ``folds`` folds standardised with their own statistics, the largest of ``n`` rows,
+    are solved on their own rotated rows (``_rotate_folds``): n <= FOLD_ROTATE_ROWS * d, a
+    preconditioner at all, and the copies within FOLD_ROTATE_BYTES."""
+    return (0 < d <= MAX_PRECOND_DIM and n <= FOLD_ROTATE_ROWS * d
+            and fold_rotation_bytes(n, d, folds) <= FOLD_ROTATE_BYTES)
 
 
 def _weights_in_x(setup: _Setup, theta: torch.Tensor, k: int, folds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -684,8 +692,8 @@ def fit_exact_folds(c_values: list[float] | tuple[float, ...], X: torch.Tensor |
             problem, as the pipeline's LogisticRegression sees it. Without it, X as given is the
             fold's X. Sigma (the preconditioner) comes from all rows of any fold, shared: it only
             shapes the steps, never the optimum. With fold_stats X itself is never rotated; with
-            few rows for its columns (ROTATE_ROWS) each fold's standardised rows are, into the
-            eigenbasis of their own Sigma (``_rotate_folds``, which then is each fold's H0).
+            few rows for its columns (FOLD_ROTATE_ROWS) each fold's standardised rows are, into
+            the eigenbasis of their own Sigma (``_rotate_folds``, which then is each fold's H0).
     Returns:
         results[f][c]: an ExactResult per fold and C (input order); seconds = its block's wall time
         shared equally among the block's heads.

@@ -27,7 +27,7 @@ def fold_path(request, monkeypatch):
     if request.param == "shared":
         monkeypatch.setattr(exact, "FOLD_ROTATE_BYTES", 0)
     else:
-        monkeypatch.setattr(exact, "ROTATE_ROWS", 10 ** 6)
+        monkeypatch.setattr(exact, "FOLD_ROTATE_ROWS", 10 ** 6)
     return request.param
 
 
@@ -179,12 +179,12 @@ def test_bad_fold_weights_are_one_line_errors_naming_the_parameter():
 
 @pytest.mark.parametrize("fold_path", ["rotated"], indirect=True)  # it compares both paths itself
 def test_few_rows_for_their_columns_solve_each_fold_in_its_own_basis(monkeypatch, fold_path):
-    """61 rows x 80 columns (N <= ROTATE_ROWS * D, as fit-head's small caches; each fold's ~49 rows
-    fewer than its columns: the QR way of exact._own_basis; the module's forced rotation
-    of 200 x 12 covers the other): folds with their own statistics are solved each on its own rows
-    in its own eigenbasis, folds of unequal sizes padded to one stack and a row of sample weight 0
-    left out of its folds, with the shared pass's optimum."""
-    monkeypatch.undo()  # the module's default ROTATE_ROWS: this problem qualifies on its own
+    """61 rows x 80 columns (each fold's ~49 rows <= FOLD_ROTATE_ROWS * D, as a small cache's folds:
+    the QR way of exact._own_basis; the module's forced rotation of 200 x 12 covers the other):
+    folds with their own statistics are solved each on its own rows in its own eigenbasis, folds
+    of unequal sizes padded to one stack and a row of sample weight 0 left out of its folds, with
+    the shared pass's optimum."""
+    monkeypatch.undo()  # the module's default FOLD_ROTATE_ROWS: this problem qualifies on its own
     X, y = _raw(3, n=61, d=80, seed=5)
     Xs, yt = torch.from_numpy(_standardised(X)), torch.from_numpy(y)
     splits, fw = _folds(y)

@@ -133,7 +133,7 @@ CASES = {
     "folds, fold statistics": lambda: fit_exact_folds([0.01, 0.3, 10.0], *_problem(3, 200, 12), 3, _folds(200),
                                                       fold_stats=True),
     # few rows for their columns: each fold on its own rows, in its own basis (exact._rotate_folds)
-    "folds, own bases": lambda: fit_exact_folds([0.01, 0.3, 10.0], *_problem(3, 60, 64, seed=3), 3, _folds(60),
+    "folds, own bases": lambda: fit_exact_folds([0.01, 0.3, 10.0], *_problem(3, 60, 72, seed=3), 3, _folds(60),
                                                 fold_stats=True),
 }
 

@@ -168,8 +168,9 @@ class Linear(EpochKind):
         sigma = 3 * dim * dim * 4 if dim <= MAX_PRECOND_DIM else 0
         # X in Sigma's eigenbasis (exact.ROTATE_ROWS), in memory only; with --cv each fold's own rows in its own
         rotated = n_train * dim * 4 if n_train <= 2 * dim and pass_rows is None else 0
-        if cfg.cv >= 2 and cfg.standardize and pass_rows is None and rotates_folds(n_train, dim, folds):
-            rotated = fold_rotation_bytes(n_train, dim, folds)
+        largest = n_train - n_train // max(cfg.cv, 1)  # rows of the largest fold
+        if cfg.cv >= 2 and cfg.standardize and pass_rows is None and rotates_folds(largest, dim, folds):
+            rotated = fold_rotation_bytes(largest, dim, folds)
         rows = n_train if pass_rows is None else min(pass_rows, n_train)
         return 4 * rows * heads * n_classes * 4 + n_train * 8 * 4 + theta * 30 + sigma + rotated
 
