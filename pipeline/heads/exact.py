@@ -27,10 +27,10 @@ jitter, then a scalar H0 (lbfgs.safe_eigh). What was done is the result's ``note
 Precision (issue 26): the stopping tests need full float32 matmuls, so every solve pins them
 (``full_fp32``) whatever torch.set_float32_matmul_precision says process-wide, and restores it.
 Folds (``fit_exact_folds``): a fold is a row weight; every fold x C is a head of one stack. Folds
-standardised with their own statistics with fewer rows than 3/4 of their columns (FOLD_ROTATE_ROWS)
+standardised with their own statistics with fewer rows than 4/5 of their columns (FOLD_ROTATE_ROWS)
 are solved each on its own rows in its own eigenbasis (``_rotate_folds``): a fold's heads then never
 compute the held-out rows, and H0 needs no (H*K, D) x (D, D) products (2-4x faster at a quarter to
-a half of D rows per fold; 14 % at 0.62 D, the digits cache's folds).
+a half of D rows per fold; 14 % at 0.79 D, the digits cache's folds).
 Streaming: X may be a heads.source.RowSource (row chunks); every pass over X loops over chunks.
 """
 from __future__ import annotations
@@ -68,10 +68,12 @@ ROTATE_ROWS = 2
 # when the largest fold has at most FOLD_ROTATE_ROWS * D rows and the copies take at most
 # FOLD_ROTATE_BYTES. A fold's rows are then read once per fold (F narrow, memory-bound products)
 # instead of X once for all folds (one wide product) plus the preconditioner's (d, d) products.
-# fit_exact_folds, 5 folds x 10 C, 1,280 columns, one AMD EPYC core (CPU s, own rows / shared):
-# fold rows 0.25 D 0.54 / 2.09, 0.44 D 1.26 / 2.76, 0.62 D 3.01 / 3.51, 0.72 D 3.46 / 3.79,
-# 0.81 D 4.82 / 4.04, 1.0 D 5.92 / 4.14
-FOLD_ROTATE_ROWS = 0.75
+# fit_exact_folds, 5 folds x 10 C, one AMD EPYC core (CPU s, own rows / shared): synthetic, 1,280
+# columns: fold rows 0.25 D 0.54 / 2.09, 0.44 D 1.26 / 2.76, 0.62 D 3.01 / 3.51, 0.72 D 3.46 /
+# 3.79, 0.81 D 4.82 / 4.04, 1.0 D 5.92 / 4.14; the digits cache's folds, 0.79 D (863 rows, 1,095
+# non-constant columns): 3.9 / 4.5 (fewer iterations with each fold's own H0). The break-even
+# lies near 0.8 D.
+FOLD_ROTATE_ROWS = 0.8
 FOLD_ROTATE_BYTES = 512 << 20
 # A column is constant when its weighted std is at most this fraction of its root mean square:
 # ~16 float32 ulps, i.e. what varies is rounding (exactly 0 for a dead ReLU channel)
