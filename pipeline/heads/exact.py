@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -244,6 +244,7 @@ class _FoldRotation:
     valid: torch.Tensor
     V: torch.Tensor
     lam_d: torch.Tensor
+    notes: list[str] = field(default_factory=list)  # eigh fallbacks taken (lbfgs.safe_eigh), for the results
 
 
 def _rotate_folds(X: torch.Tensor, weights: torch.Tensor,
@@ -270,17 +271,19 @@ def _rotate_folds(X: torch.Tensor, weights: torch.Tensor,
         basis = _own_basis(Zf, weights[f, rows])
         if basis is None:
             return None
-        Zr, V, lam = basis
+        Zr, V, lam, note = basis
+        if note and note not in out.notes:
+            out.notes.append(note)
         nf, rf = Zr.shape
         out.Z[f, :nf, :rf], out.rows[f, :nf], out.valid[f, :nf] = Zr, rows, True
         out.V[f, :, :rf], out.lam_d[f, :rf] = V, lam
     return out
 
 
-def _own_basis(Z: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(Z V (n, r), V (d, r), Sigma's eigenvalues (r,)) for rows Z (n, d) of weights w (n,) > 0:
-    V (orthonormal columns) spans Z's rows and diagonalises Sigma = Z^T diag(w / sum w) Z there,
-    r = min(n, d); None if eigh fails.
+def _own_basis(Z: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str | None] | None:
+    """(Z V (n, r), V (d, r), Sigma's eigenvalues (r,), eigh's fallback note or None) for rows Z
+    (n, d) of weights w (n,) > 0: V (orthonormal columns) spans Z's rows and diagonalises
+    Sigma = Z^T diag(w / sum w) Z there, r = min(n, d); None if eigh fails.
 
     With fewer rows than columns the rows' span comes from a QR of Z^T (Z = R^T Q^T, Q (d, n)) and
     only the (n, n) Sigma of Q's coordinates, R diag(w) R^T, is decomposed: 151 ms against 241 ms
@@ -291,19 +294,20 @@ def _own_basis(Z: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     wn = w / w.sum()
     if n >= d:
         eig = safe_eigh((Z * wn[:, None]).t() @ Z)  # (d, d)
-        return None if eig is None else (Z @ eig[1], eig[1], eig[0])
+        return None if eig is None else (Z @ eig[1], eig[1], eig[0], eig[2])
     Q, R = torch.linalg.qr(Z.t())  # (d, n), (n, n)
     eig = safe_eigh((R * wn[None, :]) @ R.t())  # Sigma in Q's coordinates, (n, n)
     if eig is None:
         return None
-    lam, U, _ = eig
-    return R.t() @ U, Q @ U, lam
+    lam, U, note = eig
+    return R.t() @ U, Q @ U, lam, note
 
 
 def fold_rotation_bytes(n: int, d: int, folds: int, itemsize: int = 4) -> int:
-    """Upper bound of ``_rotate_folds``' tensors for the largest fold's n rows, d columns, F folds (kinds/linear.py
-    budgets it): Z and V per fold, plus one fold's standardised rows, Sigma and eigenvectors while
-    they are made."""
+    """Upper bound of ``_rotate_folds``' tensors for the largest fold's n rows, d columns, F folds
+    (kinds/linear.py budgets it): Z and V per fold, plus one fold's standardised rows, Sigma and
+    eigenvectors while they are made. The solve reads them as views; only folds grouped apart by
+    their classes (one lacks a class) take a copy of their group's share while it is solved."""
     r = min(n, d)
     return itemsize * (folds * (n * r + d * r) + n * d + 3 * d * d)
 
@@ -318,10 +322,9 @@ class _FoldLoss:
     def __init__(self, rot: _FoldRotation, fold_ids: list[int], y: torch.Tensor, w: torch.Tensor, n_free: int):
         """Args: rot: every fold's rotation; fold_ids: the folds of this stack (F'); y (N,) labels
         in [0, n_free or 2); w (N, F') their row weights, columns summing to 1."""
-        ids = torch.as_tensor(fold_ids, device=w.device)
-        self.Z, rows = rot.Z[ids], rot.rows[ids]  # (F', n, r), (F', n)
+        self.Z, rows, valid = (_of_folds(t, fold_ids) for t in (rot.Z, rot.rows, rot.valid))  # (F', n, r), (F', n) x2
         self.y = y[rows]  # (F', n): padding rows read row 0, with weight 0
-        self.w = torch.where(rot.valid[ids], w[rows, torch.arange(len(ids), device=w.device)[:, None]], 0.0)
+        self.w = torch.where(valid, w[rows, torch.arange(len(fold_ids), device=w.device)[:, None]], 0.0)
         self.n, self.d, self.k, self.binary = self.Z.shape[1], self.Z.shape[2], n_free, n_free == 1
         self.fold_of = torch.zeros(1, dtype=torch.long, device=w.device)  # (H,) set per block
         self._per_head: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -358,11 +361,20 @@ class _FoldLoss:
         return (f, grad, A) if curvature else (f, grad)
 
 
-def _unrotate_each(theta: torch.Tensor, V: torch.Tensor, k: int) -> torch.Tensor:
-    """``_unrotate`` with a basis per head: theta (H, K*(r+1)), V (H, d, r); returns (H, K*(d+1))."""
-    h, r = theta.shape[0], V.shape[2]
-    W = torch.bmm(theta[:, : k * r].view(h, k, r), V.transpose(1, 2))  # (H, K, d)
-    return torch.cat([W.view(h, -1), theta[:, k * r:]], 1)
+def _of_folds(t: torch.Tensor, fold_ids: list[int]) -> torch.Tensor:
+    """The rows ``fold_ids`` of a per-fold tensor: a view when they are one ascending run (every
+    fold, the usual case), a copy of those folds only otherwise (folds grouped by their classes)."""
+    a = fold_ids[0]
+    return t[a: a + len(fold_ids)] if fold_ids == list(range(a, a + len(fold_ids))) else t[torch.as_tensor(fold_ids)]
+
+
+def _unrotate_folds(theta: torch.Tensor, V: torch.Tensor, k: int) -> torch.Tensor:
+    """``_unrotate`` with a basis per fold: theta (H, K*(r+1)) of a block's heads, fold-major
+    (F' folds x nb heads), V (F', d, r); returns (H, K*(d+1)). One batched product per fold,
+    never a (H, d, r) copy of the bases."""
+    h, (nf, d, r) = theta.shape[0], V.shape
+    W = torch.bmm(theta[:, : k * r].reshape(nf, h // nf * k, r), V.transpose(1, 2))  # (F', nb*K, d)
+    return torch.cat([W.reshape(h, k * d), theta[:, k * r:]], 1)
 
 
 def _to_head(W: torch.Tensor, b: torch.Tensor, present: np.ndarray, n_classes: int) -> nn.Sequential:
@@ -491,10 +503,12 @@ def _prepare(X: torch.Tensor | RowSource, weights: torch.Tensor, stat_weights: t
     if stat_weights is not None:
         affine, fold_notes = _fold_affine(mean[1:, keep], var[1:, keep], src.dtype)
     largest = int((weights > 0).sum(1).max())  # rows of the largest fold
-    if affine is not None and mem is not None and rotates_folds(largest, src.n_cols, len(weights)):
+    if (affine is not None and mem is not None
+            and rotates_folds(largest, src.n_cols, len(weights), itemsize=mem.element_size())):
         folds = _rotate_folds(mem, weights, affine)
         if folds is not None:
             precond = Preconditioner.rotated(folds.lam_d, 1)
+            precond.notes = [f"preconditioner: {n}" for n in folds.notes]
             return _Setup(src, keep, d_full, precond, None, affine, notes, fold_notes, folds)
     union_stats = None if affine is None else (mean[0, keep], var[0, keep])
     precond, V = _preconditioner(src, union, notes, union_stats), None
@@ -505,19 +519,21 @@ def _prepare(X: torch.Tensor | RowSource, weights: torch.Tensor, stat_weights: t
     return _Setup(src, keep, d_full, precond, V, affine, notes, fold_notes)
 
 
-def rotates_folds(n: int, d: int, folds: int) -> bool:
+def rotates_folds(n: int, d: int, folds: int, *, itemsize: int = 4) -> bool:
     """Whether ``folds`` folds standardised with their own statistics, the largest of ``n`` rows,
     are solved on their own rotated rows (``_rotate_folds``): n <= FOLD_ROTATE_ROWS * d, a
     preconditioner at all, and the copies within FOLD_ROTATE_BYTES."""
     return (0 < d <= MAX_PRECOND_DIM and n <= FOLD_ROTATE_ROWS * d
-            and fold_rotation_bytes(n, d, folds) <= FOLD_ROTATE_BYTES)
+            and fold_rotation_bytes(n, d, folds, itemsize) <= FOLD_ROTATE_BYTES)
 
 
-def _weights_in_x(setup: _Setup, theta: torch.Tensor, k: int, folds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _weights_in_x(setup: _Setup, theta: torch.Tensor, k: int, folds: torch.Tensor,
+                  fold_V: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Heads' theta (H, P) as W (H, K, D) over all of X's columns and b (H, K): unrotated, out of
-    their fold's standardisation (W * inv_s, b - W . mu), zero on the columns left out."""
+    their fold's standardisation (W * inv_s, b - W . mu), zero on the columns left out.
+    ``fold_V`` (F', d, r): the block's folds' own bases (``_rotate_folds``; heads fold-major)."""
     if setup.folds is not None:
-        heads = _unrotate_each(theta, setup.folds.V[folds], k)
+        heads = _unrotate_folds(theta, fold_V, k)
     else:
         heads = theta if setup.V is None else _unrotate(theta, setup.V, k)
     h, d = heads.shape[0], len(setup.keep)
@@ -543,11 +559,16 @@ def _path(setup: _Setup, cs: list[float], y: torch.Tensor, w: torch.Tensor, pres
     k = len(present) if len(present) > 2 else 1
     sums = w.double().sum(0).tolist()  # (F',) sklearn's sum(w) per fold
     affine = None if setup.affine is None else (setup.affine[0][fold_ids], setup.affine[1][fold_ids])
-    ids = torch.as_tensor(fold_ids, device=w.device)
+    ids, fold_V = torch.as_tensor(fold_ids, device=w.device), None
     if setup.folds is not None:
         loss = _FoldLoss(setup.folds, fold_ids, y, w / w.sum(0), k)
-        fold_V = setup.folds.V[ids]  # (F', d, r)
-        grad_max = lambda g, heads: _unrotate_each(g, fold_V[loss.fold_of[heads]], k).abs().amax(1)  # noqa: E731
+        fold_V = _of_folds(setup.folds.V, fold_ids)  # (F', d, r)
+
+        def grad_max(g: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+            """(H',) max |grad| of ``heads`` in their folds' coordinates: the block's gradients
+            (zero for the heads not asked) unrotated fold by fold, then those rows."""
+            full = g.new_zeros(len(loss.fold_of), g.shape[1]).index_copy_(0, heads, g)
+            return _unrotate_folds(full, fold_V, k)[heads].abs().amax(1)
     else:
         loss = _Loss(setup.src, y, w / w.sum(0), k, affine)
         V = setup.V
@@ -573,7 +594,7 @@ def _path(setup: _Setup, cs: list[float], y: torch.Tensor, w: torch.Tensor, pres
         if dev.type == "cuda":
             torch.cuda.synchronize()
         share = (time.perf_counter() - t0) / (nf * nb)
-        W, b = _weights_in_x(setup, theta, k, ids[loss.fold_of])
+        W, b = _weights_in_x(setup, theta, k, ids[loss.fold_of], fold_V)
         for hd in range(nf * nb):
             fi, ci = divmod(hd, nb)
             out[fi, int(idx[ci])] = ExactResult(cs[idx[ci]], _to_head(W[hd], b[hd], present, n_classes),
@@ -688,14 +709,16 @@ def fit_exact_folds(c_values: list[float] | tuple[float, ...], X: torch.Tensor |
         fold_stats: standardise each fold with its own training rows' weighted mean and std
             (weights fold_weights[f], population std; std <= CONSTANT_STD * rms: weight 0), as
             sklearn's make_pipeline(StandardScaler(), LogisticRegression(C)) fitted on those rows
-            does, inside the loss (X is never copied). The heads returned take X as given (pass
-            it standardised with whole-train statistics: the fold's shift is then small, which
-            keeps float32 logits exact); objective and tol are those of the fold's standardised
-            problem, as the pipeline's LogisticRegression sees it. Without it, X as given is the
-            fold's X. Sigma (the preconditioner) comes from all rows of any fold, shared: it only
-            shapes the steps, never the optimum. With fold_stats X itself is never rotated; with
-            few rows for its columns (FOLD_ROTATE_ROWS) each fold's standardised rows are, into
-            the eigenbasis of their own Sigma (``_rotate_folds``, which then is each fold's H0).
+            does, inside the loss (or on each fold's rotated copy, below). The heads returned
+            take X as given (pass it standardised with whole-train statistics: the fold's shift
+            is then small, which keeps float32 logits exact); objective and tol are those of the
+            fold's standardised problem, as the pipeline's LogisticRegression sees it. Without
+            it, X as given is the fold's X. Sigma (the preconditioner) comes from all rows of any
+            fold, shared: it only shapes the steps, never the optimum. With fold_stats X itself
+            is never rotated; with few rows for its columns (FOLD_ROTATE_ROWS) each fold's
+            standardised rows are copied once, rotated into the eigenbasis of their own Sigma
+            (``_rotate_folds``, which then is each fold's H0; fold_rotation_bytes says how much
+            that takes).
     Returns:
         results[f][c]: an ExactResult per fold and C (input order); seconds = its block's wall time
         shared equally among the block's heads.

@@ -58,9 +58,9 @@ def _runs(ids: list) -> list[tuple[int, int]]:
 
 
 def head_span(heads: torch.Tensor) -> slice | torch.Tensor:
-    """``heads`` (long indices) as a slice when they are one ascending run (a fold's heads, every
-    head of a stack), so that t[...] is a view, not a gathered copy of (h, D, H) weights; else
-    ``heads`` itself."""
+    """``heads`` (long indices, on the CPU: reading them is free there) as a slice when they are
+    one ascending run (a fold's heads, every head of a stack), so that t[...] is a view, not a
+    gathered copy of (h, D, H) weights; else ``heads`` itself."""
     ids = heads.tolist()
     return slice(ids[0], ids[0] + len(ids)) if ids and ids == list(range(ids[0], ids[0] + len(ids))) else heads
 
@@ -78,8 +78,8 @@ class _RunMatmul(torch.autograd.Function):
     """(K, B, H) = for each run [a, b) of heads, xs[r] (B, D) @ w[a:b] (b - a, D, H), each run's
     product written into its slice of one output and, backward, its weight gradient into its slice
     of one (K, D, H) gradient: splitting w and concatenating the parts would copy both again (the
-    gradient's concatenation alone moves K x D x H numbers a step). The inputs xs take no gradient
-    (rows and their statistics)."""
+    gradient's concatenation alone moves K x D x H numbers a step). The inputs xs (rows and their
+    statistics) get theirs only when they ask for it: training never does."""
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, runs: list[tuple[int, int]], *xs: torch.Tensor) -> torch.Tensor:
@@ -87,16 +87,19 @@ class _RunMatmul(torch.autograd.Function):
         for (a, b), x in zip(runs, xs):
             torch.bmm(x.expand(b - a, -1, -1), w[a:b], out=out[a:b])  # the run's heads share x: no copy
         ctx.runs = runs
-        ctx.save_for_backward(*xs)
+        ctx.save_for_backward(w, *xs)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        xs = ctx.saved_tensors
+        w, *xs = ctx.saved_tensors
         gw = grad.new_empty(grad.shape[0], xs[0].shape[1], grad.shape[2])  # (K, D, H)
-        for (a, b), x in zip(ctx.runs, xs):
+        gx: list[torch.Tensor | None] = []
+        for i, ((a, b), x) in enumerate(zip(ctx.runs, xs)):
             torch.bmm(x.t().expand(b - a, -1, -1), grad[a:b], out=gw[a:b])
-        return (gw, None, *[None] * len(xs))
+            # the run's heads all read x: its gradient is the sum of theirs, (B, D)
+            gx.append(torch.bmm(grad[a:b], w[a:b].transpose(1, 2)).sum(0) if ctx.needs_input_grad[2 + i] else None)
+        return (gw, None, *gx)
 
 
 class StackedHead(nn.Module):

@@ -85,3 +85,13 @@ def test_run_matmul_equals_per_run_products_forward_and_backward():
     (gref,) = torch.autograd.grad(ref, w, grad)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(gw, gref)
+
+
+def test_run_matmul_gives_its_inputs_their_gradient_when_asked():
+    """Training never asks (rows take no gradient), but StackedHead is a module: an input that
+    requires a gradient gets the sum over its run's heads, as torch.matmul's would be."""
+    g = torch.Generator().manual_seed(1)
+    runs = [(0, 2), (2, 5)]
+    xs = [torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in runs]
+    w = torch.randn(5, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w_, *x: _RunMatmul.apply(w_, runs, *x), (w, *xs))

@@ -205,3 +205,33 @@ def test_few_rows_for_their_columns_solve_each_fold_in_its_own_basis(monkeypatch
             assert abs(a.objective - b.objective) / b.objective < 1e-5
             lb = _logits(b.head, Xs[ho].numpy())
             assert_predictions_agree(_logits(a.head, Xs[ho].numpy()).argmax(1), lb.argmax(1), lb)
+
+
+@pytest.mark.parametrize("fold_path", ["rotated"], indirect=True)  # it compares both paths itself
+@pytest.mark.parametrize("case", ["binary", "a fold without a class"])
+def test_own_rows_of_few_rows_binary_and_folds_grouped_by_their_classes(monkeypatch, fold_path, case):
+    """The QR way of exact._own_basis (each fold's ~40 rows < 4/5 of 64 columns) for a binary probe
+    (one logit) and for folds stacked apart by their classes (fold 1 lacks class 2: its group's
+    folds are a subset, [1] and [0, 2, 3, 4]): the shared pass's optimum."""
+    monkeypatch.undo()
+    n_classes = 2 if case == "binary" else 3
+    X, y = _raw(n_classes, n=50, d=64, seed=6)
+    Xs, yt = torch.from_numpy(_standardised(X)), torch.from_numpy(y)
+    splits, fw = _folds(y)
+    if case != "binary":
+        fw[1, y == 2] = 0
+    calls = []
+    real = exact._rotate_folds
+    monkeypatch.setattr(exact, "_rotate_folds", lambda *a: calls.append(1) or real(*a))
+    own = fit_exact_folds(CS, Xs, yt, n_classes, fw, fold_stats=True, tol=1e-6)
+    monkeypatch.setattr(exact, "FOLD_ROTATE_BYTES", 0)
+    shared = fit_exact_folds(CS, Xs, yt, n_classes, fw, fold_stats=True, tol=1e-6)
+    assert calls == [1]
+    for f, (_, ho) in enumerate(splits):
+        for a, b in zip(own[f], shared[f]):
+            assert a.converged and b.converged
+            assert abs(a.objective - b.objective) / b.objective < 1e-5
+            lb = _logits(b.head, Xs[ho].numpy())
+            assert_predictions_agree(_logits(a.head, Xs[ho].numpy()).argmax(1), lb.argmax(1), lb)
+    if case != "binary":
+        assert all(r.head[0].bias[2].item() == exact.ABSENT_CLASS_BIAS for r in own[1])

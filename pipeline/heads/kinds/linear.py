@@ -155,7 +155,10 @@ class Linear(EpochKind):
         """Epochs: the stack's (EpochKind). Exact: per pass over X, BLOCK heads' (rows, H, K) logits
         and probabilities (4 temporaries) for every train row in memory, for a chunk's
         (``pass_rows``) streamed; the L-BFGS history of the path (2 x 10 slots) and Sigma's (D, D)
-        eigendecomposition (3 matrices; none above lbfgs.MAX_PRECOND_DIM)."""
+        eigendecomposition (3 matrices; none above lbfgs.MAX_PRECOND_DIM); X rotated into Sigma's
+        eigenbasis when rows are few, or with --cv each fold's own rotated rows
+        (exact.fold_rotation_bytes; D counts every column, an upper bound of the non-constant ones
+        the solver keeps)."""
         epochs = super().solver_bytes(cfg, n_train=n_train, dim=dim, n_classes=n_classes, pass_rows=pass_rows)
         if self.by_epochs(cfg):
             return epochs
@@ -166,7 +169,8 @@ class Linear(EpochKind):
         heads = BLOCK * folds
         theta = heads * n_classes * (dim + 1) * 4
         sigma = 3 * dim * dim * 4 if dim <= MAX_PRECOND_DIM else 0
-        # X in Sigma's eigenbasis (exact.ROTATE_ROWS), in memory only; with --cv each fold's own rows in its own
+        # X in Sigma's eigenbasis (exact.ROTATE_ROWS), in memory only; with --cv instead each fold's
+        # own rows in its own basis (exact.FOLD_ROTATE_ROWS)
         rotated = n_train * dim * 4 if n_train <= 2 * dim and pass_rows is None else 0
         largest = n_train - n_train // max(cfg.cv, 1)  # rows of the largest fold
         if cfg.cv >= 2 and cfg.standardize and pass_rows is None and rotates_folds(largest, dim, folds):
