@@ -155,7 +155,10 @@ class EpochKind(SequentialKind):
         widths = max(sum(h) + n_classes for h in self.architectures(cfg))
         evaluation = min(n_train * heads * widths * 4, EVAL_BUDGET) * 2  # masks.eval_chunk_rows caps it
         folded = heads * dim * n_classes * 4 * 2 if cfg.cv >= 2 and cfg.standardize else 0  # linear: W/sigma + grad
-        per_fold = max(cfg.cv, 1) * (1 + len(cfg.train_sizes)) * (cfg.batch_size * dim * 4 + n_train * 5)
+        # per row set: a batch standardised with its statistics, its (N,) masks (float + bool), and an
+        # MLP's epoch plan of gathered rows (masks.BatchRows: long rows + float mask, 12 bytes a row,
+        # as much again of CPU temporaries while it is built)
+        per_fold = max(cfg.cv, 1) * (1 + len(cfg.train_sizes)) * (cfg.batch_size * dim * 4 + n_train * (5 + 24))
         weights = n_train * 4 * 2 if cfg.class_weight is not None else 0
         return (heads * params * 4 * 5 + heads * cfg.batch_size * widest * 4 * 4 + evaluation + folded + per_fold
                 + (n_train * dim * 4 if pass_rows is None else 0) + weights)
