@@ -177,6 +177,27 @@ def test_bad_fold_weights_are_one_line_errors_naming_the_parameter():
         fit_exact_folds([1.0], Xt, yt, 3, fw, sample_weight=np.ones(59))
 
 
+def _own_rows_solve_the_shared_problem(monkeypatch, Xs, yt, n_classes, fw, splits, **kw) -> list:
+    """Solve the folds (fold statistics, tol 1e-6) on their own rows, checking that path was taken,
+    then with it turned off: every fold x C converged on both, objectives within 1e-5, held-out
+    predictions equal where the margin is clear. Returns the own-rows results."""
+    calls = []
+    real = exact._rotate_folds
+    monkeypatch.setattr(exact, "_rotate_folds", lambda *a: calls.append(1) or real(*a))
+    own = fit_exact_folds(CS, Xs, yt, n_classes, fw, fold_stats=True, tol=1e-6, **kw)
+    assert calls == [1]
+    monkeypatch.setattr(exact, "FOLD_ROTATE_BYTES", 0)
+    shared = fit_exact_folds(CS, Xs, yt, n_classes, fw, fold_stats=True, tol=1e-6, **kw)
+    assert calls == [1]
+    for f, (_, ho) in enumerate(splits):
+        for a, b in zip(own[f], shared[f]):
+            assert a.converged and b.converged
+            assert abs(a.objective - b.objective) / b.objective < 1e-5
+            lb = _logits(b.head, Xs[ho].numpy())
+            assert_predictions_agree(_logits(a.head, Xs[ho].numpy()).argmax(1), lb.argmax(1), lb)
+    return own
+
+
 @pytest.mark.parametrize("fold_path", ["rotated"], indirect=True)  # it compares both paths itself
 def test_few_rows_for_their_columns_solve_each_fold_in_its_own_basis(monkeypatch, fold_path):
     """61 rows x 80 columns (each fold's ~49 rows <= FOLD_ROTATE_ROWS * D, as a small cache's folds:
@@ -190,21 +211,7 @@ def test_few_rows_for_their_columns_solve_each_fold_in_its_own_basis(monkeypatch
     splits, fw = _folds(y)
     sw = np.ones(len(y))
     sw[7] = 0.0
-    calls = []
-    real = exact._rotate_folds
-    monkeypatch.setattr(exact, "_rotate_folds", lambda *a: calls.append(1) or real(*a))
-    tight = dict(fold_stats=True, sample_weight=sw, tol=1e-6)
-    own = fit_exact_folds(CS, Xs, yt, 3, fw, **tight)
-    assert calls == [1]
-    monkeypatch.setattr(exact, "FOLD_ROTATE_BYTES", 0)
-    shared = fit_exact_folds(CS, Xs, yt, 3, fw, **tight)
-    assert calls == [1]
-    for f, (_, ho) in enumerate(splits):
-        for a, b in zip(own[f], shared[f]):
-            assert a.converged and b.converged
-            assert abs(a.objective - b.objective) / b.objective < 1e-5
-            lb = _logits(b.head, Xs[ho].numpy())
-            assert_predictions_agree(_logits(a.head, Xs[ho].numpy()).argmax(1), lb.argmax(1), lb)
+    _own_rows_solve_the_shared_problem(monkeypatch, Xs, yt, 3, fw, splits, sample_weight=sw)
 
 
 @pytest.mark.parametrize("fold_path", ["rotated"], indirect=True)  # it compares both paths itself
@@ -220,18 +227,6 @@ def test_own_rows_of_few_rows_binary_and_folds_grouped_by_their_classes(monkeypa
     splits, fw = _folds(y)
     if case != "binary":
         fw[1, y == 2] = 0
-    calls = []
-    real = exact._rotate_folds
-    monkeypatch.setattr(exact, "_rotate_folds", lambda *a: calls.append(1) or real(*a))
-    own = fit_exact_folds(CS, Xs, yt, n_classes, fw, fold_stats=True, tol=1e-6)
-    monkeypatch.setattr(exact, "FOLD_ROTATE_BYTES", 0)
-    shared = fit_exact_folds(CS, Xs, yt, n_classes, fw, fold_stats=True, tol=1e-6)
-    assert calls == [1]
-    for f, (_, ho) in enumerate(splits):
-        for a, b in zip(own[f], shared[f]):
-            assert a.converged and b.converged
-            assert abs(a.objective - b.objective) / b.objective < 1e-5
-            lb = _logits(b.head, Xs[ho].numpy())
-            assert_predictions_agree(_logits(a.head, Xs[ho].numpy()).argmax(1), lb.argmax(1), lb)
+    own = _own_rows_solve_the_shared_problem(monkeypatch, Xs, yt, n_classes, fw, splits)
     if case != "binary":
         assert all(r.head[0].bias[2].item() == exact.ABSENT_CLASS_BIAS for r in own[1])
