@@ -49,6 +49,7 @@ from featcache.pipeline.heads import progress
 from featcache.pipeline.heads.lbfgs import MAX_PRECOND_DIM, History, Preconditioner, lbfgs, safe_eigh, sigma_step
 from featcache.pipeline.heads.logreg import ABSENT_CLASS_BIAS, LogregResult
 from featcache.pipeline.heads.source import ColumnSubset, RowSource, TensorSource
+from featcache.pipeline.heads.stacked import head_span
 
 # 10 values, 1e-4 .. 10 (three per decade and a half). On standardised features 1e-4 is a
 # near-prior head (||W|| ~ C * ||X^T (Y - P)||, argmax close to class means) and 10 is already
@@ -213,10 +214,17 @@ class _Loss:
                 A += Ac
         if s is not None:  # back through the fold's standardisation: d/dW = (X^T G - mu sum G) * inv_s
             gW = (gW - gb[:, None] * mu) * s
-        gW.add_(W * lam.to(W.dtype).repeat_interleave(k)[:, None])
-        grad = torch.cat([gW.view(h, k * d), gb.view(h, k)], 1)
-        f = data + 0.5 * lam.double() * (W.double().view(h, -1) ** 2).sum(1)
+        f, grad = _penalised(data, torch.cat([gW.view(h, k * d), gb.view(h, k)], 1), theta, lam, k * d)
         return (f, grad, A) if curvature else (f, grad)
+
+
+def _penalised(data: torch.Tensor, grad: torch.Tensor, theta: torch.Tensor, lam: torch.Tensor,
+               n_weights: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """f (H,) float64 = the data term plus lam / 2 ||W||^2, and grad (H, P) with lam W added in
+    place, W = theta's first ``n_weights`` entries (the weights; the biases are not penalised)."""
+    W = theta[:, :n_weights]
+    grad[:, :n_weights].add_(W * lam.to(W.dtype)[:, None])
+    return data + 0.5 * lam.double() * (W.double() ** 2).sum(1), grad
 
 
 def _unrotate(theta: torch.Tensor, V: torch.Tensor, k: int) -> torch.Tensor:
@@ -355,17 +363,14 @@ class _FoldLoss:
         grad = torch.cat([gW, g.sum(2).view(h_all, k)], 1)
         if heads is not None:
             data, grad, A = data[heads], grad[heads], None if A is None else A[heads]
-        Wh = theta[:, : k * d]
-        grad[:, : k * d].add_(Wh * lam.to(Wh.dtype)[:, None])
-        f = data + 0.5 * lam.double() * (Wh.double() ** 2).sum(1)
+        f, grad = _penalised(data, grad, theta, lam, k * d)
         return (f, grad, A) if curvature else (f, grad)
 
 
 def _of_folds(t: torch.Tensor, fold_ids: list[int]) -> torch.Tensor:
     """The rows ``fold_ids`` of a per-fold tensor: a view when they are one ascending run (every
     fold, the usual case), a copy of those folds only otherwise (folds grouped by their classes)."""
-    a = fold_ids[0]
-    return t[a: a + len(fold_ids)] if fold_ids == list(range(a, a + len(fold_ids))) else t[torch.as_tensor(fold_ids)]
+    return t[head_span(torch.as_tensor(fold_ids))]
 
 
 def _unrotate_folds(theta: torch.Tensor, V: torch.Tensor, k: int) -> torch.Tensor:

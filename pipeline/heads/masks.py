@@ -153,6 +153,10 @@ class RowSets:
         on the device, (k,))."""
         return torch.index_select(torch.index_select(self.masks, 1, idx), 0, heads)
 
+    def covers_pool(self, heads: torch.Tensor) -> bool:
+        """Whether one of the sets of ``heads`` (CPU set indices) holds every row of the pool."""
+        return bool(self.masks_cpu[torch.unique(heads)].all(1).any())
+
     def gathered(self, perm: torch.Tensor, batch_size: int, heads: torch.Tensor) -> BatchRows:
         """Each batch of this epoch's order ``perm`` (CPU, (N,)) as the rows of each distinct set of
         ``heads`` (CPU set indices, (k,)): computed once an epoch on the CPU, moved once."""

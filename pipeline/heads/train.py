@@ -200,7 +200,8 @@ def _batches(src: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, bs: int, se
     if sets is not None:
         counts = sets.batch_counts(perm, bs, heads)  # (k, steps) on the CPU: gating needs no device sync
         heads_dev = heads.to(dev)
-        plan = sets.gathered(perm, bs, heads) if gather else None
+        # a set of every row never leaves a row out: no step would gather, so no plan is made
+        plan = sets.gathered(perm, bs, heads) if gather and not sets.covers_pool(heads) else None
     for step, s in enumerate(range(0, len(perm), bs)):
         idx = perm_dev[s: s + bs]
         if sets is None:
